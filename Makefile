@@ -1,0 +1,58 @@
+# loft: build / run / test scaffolding.  `make` (or `make help`) lists targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+CARGO     ?= cargo
+BIN       := target/release/loft
+RUN_DIR   ?= runs/make-run
+RUN_ARGS  ?= --arch preresnet18 --base-width 8 --dataset fashion-mnist --epochs 1 \
+             --batch-size 128 --lr 0.05 --warmup-epochs 0 --seed 1 --out $(RUN_DIR)
+BENCH_ARGS ?=
+
+# Lets the MPI launcher run as root (containers, CI) for MPI-based tests.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+
+.PHONY: help deps build run test bench doctor fmt lint clean
+
+help: ## List targets (default)
+	@echo "loft make targets:"
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
+	    awk 'BEGIN {FS = ":.*## "} {printf "  %-8s %s\n", $$1, $$2}'
+	@echo "Variables: RUN_ARGS=\"...\" (train flags), RUN_DIR=$(RUN_DIR), BENCH_ARGS=\"...\", CARGO=$(CARGO)"
+
+deps: ## Install missing system packages (MPI, HDF5, libclang, Fashion-MNIST)
+	@bash scripts/install-deps.sh
+
+build: deps ## Build the release binary (target/release/loft)
+	$(CARGO) build --release
+
+run: build ## Train preresnet18 on Fashion-MNIST for 1 epoch (override RUN_ARGS / RUN_DIR)
+	$(BIN) train $(RUN_ARGS)
+	@out="$(RUN_DIR)"; set -- $(RUN_ARGS); \
+	while [ $$# -gt 0 ]; do \
+	    case "$$1" in --out) out="$${2:-$$out}"; shift ;; --out=*) out="$${1#--out=}" ;; esac; shift; \
+	done; \
+	echo "run directory: $$out"
+
+test: deps ## Run the test suite in release mode
+	$(CARGO) test --release
+
+# The build runs with its output sent to stderr, so `make bench > table.md` captures
+# only the Markdown table.
+bench: ## Print the benchmark Markdown table to stdout (paste into BENCHMARKS.md)
+	@$(MAKE) --no-print-directory build >&2
+	@$(BIN) bench $(BENCH_ARGS)
+
+doctor: ## Show what this machine has (toolchain, MPI, HDF5, data, GPU)
+	@bash scripts/doctor.sh
+
+fmt: ## Format the code with rustfmt
+	$(CARGO) fmt
+
+lint: ## cargo fmt --check and clippy with warnings as errors
+	$(CARGO) fmt --check
+	$(CARGO) clippy --release --all-targets -- -D warnings
+
+clean: ## Remove build outputs (cargo clean)
+	$(CARGO) clean

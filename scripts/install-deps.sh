@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Install the Debian packages loft needs to build, test and run.
+# Idempotent: when everything is already present it only runs dpkg-query
+# (no apt-get update, no network).
+set -euo pipefail
+
+PACKAGES=(libopenmpi-dev openmpi-bin libclang-dev libhdf5-dev pkg-config dataset-fashion-mnist)
+
+is_installed() {
+    local status
+    status=$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)
+    [[ "$status" == "install ok installed" ]]
+}
+
+if ! command -v dpkg-query >/dev/null 2>&1; then
+    echo "install-deps: dpkg-query not found; this script supports Debian/Ubuntu only." >&2
+    echo "install-deps: please install the equivalents of: ${PACKAGES[*]}" >&2
+    exit 1
+fi
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    if is_installed "$pkg"; then
+        printf '  %-24s installed\n' "$pkg"
+    else
+        printf '  %-24s missing\n' "$pkg"
+        missing+=("$pkg")
+    fi
+done
+
+if ((${#missing[@]} > 0)); then
+    apt_install=(apt-get install -y --no-install-recommends "${missing[@]}")
+    if [[ $(id -u) -eq 0 ]]; then
+        sudo_cmd=()
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo_cmd=(sudo)
+    else
+        echo "install-deps: missing packages: ${missing[*]}" >&2
+        echo "install-deps: not root and sudo is not available; run as root:" >&2
+        echo "    apt-get update && DEBIAN_FRONTEND=noninteractive ${apt_install[*]}" >&2
+        exit 1
+    fi
+    echo "install-deps: installing ${missing[*]} ..."
+    "${sudo_cmd[@]}" apt-get update -qq
+    "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive "${apt_install[@]}"
+    still_missing=()
+    for pkg in "${missing[@]}"; do
+        is_installed "$pkg" || still_missing+=("$pkg")
+    done
+    if ((${#still_missing[@]} > 0)); then
+        echo "install-deps: failed to install: ${still_missing[*]}" >&2
+        exit 1
+    fi
+    echo "install-deps: installed ${#missing[@]} package(s); all ${#PACKAGES[@]} system packages present."
+else
+    echo "install-deps: all ${#PACKAGES[@]} system packages present."
+fi
+
+if command -v cargo >/dev/null 2>&1; then
+    echo "install-deps: $(cargo --version)"
+else
+    echo "install-deps: cargo not found on PATH." >&2
+    if [[ -f "$HOME/.cargo/env" ]]; then
+        echo "install-deps: rustup seems installed; run: source \"\$HOME/.cargo/env\"" >&2
+    else
+        echo "install-deps: install the Rust toolchain with rustup:" >&2
+        echo "    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y" >&2
+        echo "    source \"\$HOME/.cargo/env\"" >&2
+    fi
+    exit 1
+fi

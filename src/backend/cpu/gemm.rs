@@ -1,0 +1,105 @@
+//! Thin, safe wrapper over the `gemm` crate for row-major and strided matrices.
+
+use super::real::Real;
+use gemm::Parallelism;
+
+/// A read-only matrix: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub struct Mat<'a, T> {
+    pub data: &'a [T],
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a, T> Mat<'a, T> {
+    /// A row-major `(rows, cols)` matrix.
+    pub fn rm(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Mat { data, rows, cols, rs: cols, cs: 1 }
+    }
+    /// The transpose of a row-major `(cols, rows)` matrix stored in `data`.
+    pub fn rm_t(data: &'a [T], rows: usize, cols: usize) -> Self {
+        Mat { data, rows, cols, rs: 1, cs: rows }
+    }
+    fn max_index(&self) -> usize {
+        if self.rows == 0 || self.cols == 0 {
+            0
+        } else {
+            (self.rows - 1) * self.rs + (self.cols - 1) * self.cs
+        }
+    }
+}
+
+/// `dst (m, n) row-major with row stride ld = a (m, k) @ b (k, n)`, added to dst when
+/// `accumulate`. `threads` > 1 lets gemm split the output among rayon threads; the result does
+/// not depend on it (each output element is summed by one thread in a fixed order).
+pub fn matmul<T: Real>(dst: &mut [T], ld: usize, a: Mat<'_, T>, b: Mat<'_, T>, accumulate: bool, threads: usize) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "matmul: inner dimensions differ");
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(ld >= n && dst.len() > (m - 1) * ld + n - 1, "matmul: dst too small");
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                dst[i * ld..i * ld + n].fill(T::ZERO);
+            }
+        }
+        return;
+    }
+    assert!(a.data.len() > a.max_index(), "matmul: lhs too small");
+    assert!(b.data.len() > b.max_index(), "matmul: rhs too small");
+    let par = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the asserts above check that every index gemm touches, (m-1)*ld + (n-1) in dst,
+    // (m-1)*a.rs + (k-1)*a.cs in a and (k-1)*b.rs + (n-1)*b.cs in b, is in bounds; dst is
+    // borrowed mutably and cannot alias a or b.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            ld as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_matches_naive_with_transposes() {
+        let (m, k, n) = (5, 7, 3);
+        let a: Vec<f64> = (0..m * k).map(|i| (i as f64 * 0.37).sin()).collect();
+        let bt: Vec<f64> = (0..n * k).map(|i| (i as f64 * 0.11).cos()).collect(); // (n, k)
+        let mut c = vec![1.0; m * n];
+        matmul(&mut c, n, Mat::rm(&a, m, k), Mat::rm_t(&bt, k, n), true, 2);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f64 = 1.0 + (0..k).map(|p| a[i * k + p] * bt[j * k + p]).sum::<f64>();
+                assert!((c[i * n + j] - want).abs() < 1e-12);
+            }
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! The CPU backend: the reference implementation of every op, multi-threaded with rayon.
+//!
+//! Generic over the scalar ([`Real`]): `CpuBackend<f32>` trains, `CpuBackend<f64>` runs the
+//! gradient checks. Buffers are plain `Vec<T>`; views are slices.
+
+pub mod conv;
+pub mod elementwise;
+pub mod gemm;
+pub mod norm;
+pub mod real;
+
+pub use real::Real;
+
+use super::Backend;
+use crate::ops::{BatchNorm, Conv2d, Linear, Pool2d, Sgd};
+use crate::Result;
+use std::sync::Mutex;
+
+/// The CPU backend. Holds the convolution scratch buffers, which grow to the largest layer once.
+pub struct CpuBackend<T: Real> {
+    threads: usize,
+    /// im2col scratch `(k, cols)` and chunk gather scratch `(c_out, cols)`.
+    scratch: Mutex<(Vec<T>, Vec<T>)>,
+}
+
+impl<T: Real> CpuBackend<T> {
+    /// A backend using the current rayon pool (its size is the thread count).
+    pub fn new() -> Self {
+        CpuBackend {
+            threads: rayon::current_num_threads(),
+            scratch: Mutex::new((Vec::new(), Vec::new())),
+        }
+    }
+    /// Bytes held by the scratch buffers.
+    pub fn scratch_bytes(&self) -> usize {
+        let s = self.scratch.lock().expect("scratch lock");
+        (s.0.len() + s.1.len()) * std::mem::size_of::<T>()
+    }
+}
+
+impl<T: Real> Default for CpuBackend<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Real> Backend for CpuBackend<T> {
+    type Buf = Vec<T>;
+    type View<'a> = &'a [T];
+    type ViewMut<'a> = &'a mut [T];
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads, {})", self.threads, std::any::type_name::<T>())
+    }
+    fn alloc(&self, len: usize) -> Result<Vec<T>> {
+        Ok(vec![T::ZERO; len])
+    }
+    fn buf_len(&self, b: &Vec<T>) -> usize {
+        b.len()
+    }
+    fn upload(&self, host: &[f32], dst: &mut Vec<T>) -> Result<()> {
+        for (d, &h) in dst.iter_mut().zip(host) {
+            *d = T::from_f32(h);
+        }
+        Ok(())
+    }
+    fn upload_f64(&self, host: &[f64], dst: &mut Vec<T>) -> Result<()> {
+        for (d, &h) in dst.iter_mut().zip(host) {
+            *d = T::from_f64(h);
+        }
+        Ok(())
+    }
+    fn download(&self, src: &Vec<T>) -> Result<Vec<f32>> {
+        Ok(src.iter().map(|v| v.to_f32()).collect())
+    }
+    fn download_f64(&self, src: &Vec<T>) -> Result<Vec<f64>> {
+        Ok(src.iter().map(|v| v.to_f64()).collect())
+    }
+    fn view<'a>(&self, b: &'a Vec<T>, off: usize, len: usize) -> &'a [T] {
+        &b[off..off + len]
+    }
+    fn view_mut<'a>(&self, b: &'a mut Vec<T>, off: usize, len: usize) -> &'a mut [T] {
+        &mut b[off..off + len]
+    }
+    fn split_mut<'a>(&self, v: &'a mut [T], at: usize) -> (&'a mut [T], &'a mut [T])
+    where
+        Self: 'a,
+    {
+        v.split_at_mut(at)
+    }
+    fn fill(&self, x: &mut [T], value: f32) {
+        x.fill(T::from_f32(value));
+    }
+    fn copy(&self, src: &[T], dst: &mut [T], accumulate: bool) {
+        elementwise::copy(src, dst, accumulate);
+    }
+
+    fn conv2d_forward(&self, s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) {
+        let mut g = self.scratch.lock().expect("scratch lock");
+        let (col, tmp) = &mut *g;
+        conv::forward(s, x, w, y, col, tmp, self.threads);
+    }
+    fn conv2d_backward_data(&self, s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T], accumulate: bool) {
+        let mut g = self.scratch.lock().expect("scratch lock");
+        let (col, tmp) = &mut *g;
+        conv::backward_data(s, dy, w, dx, accumulate, col, tmp, self.threads);
+    }
+    fn conv2d_backward_filter(&self, s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], accumulate: bool) {
+        let mut g = self.scratch.lock().expect("scratch lock");
+        let (col, tmp) = &mut *g;
+        conv::backward_filter(s, x, dy, dw, accumulate, col, tmp, self.threads);
+    }
+
+    fn batchnorm_forward_train(
+        &self,
+        s: &BatchNorm,
+        x: &[T],
+        gamma: &[T],
+        beta: &[T],
+        running_mean: &mut [T],
+        running_var: &mut [T],
+        y: &mut [T],
+        save_mean: &mut [T],
+        save_invstd: &mut [T],
+    ) {
+        norm::forward_train(s, x, gamma, beta, running_mean, running_var, y, save_mean, save_invstd);
+    }
+    fn batchnorm_forward_eval(
+        &self,
+        s: &BatchNorm,
+        x: &[T],
+        gamma: &[T],
+        beta: &[T],
+        running_mean: &[T],
+        running_var: &[T],
+        y: &mut [T],
+    ) {
+        norm::forward_eval(s, x, gamma, beta, running_mean, running_var, y);
+    }
+    fn batchnorm_backward(
+        &self,
+        s: &BatchNorm,
+        x: &[T],
+        dy: &[T],
+        gamma: &[T],
+        save_mean: &[T],
+        save_invstd: &[T],
+        dx: &mut [T],
+        dgamma: &mut [T],
+        dbeta: &mut [T],
+        accumulate_dx: bool,
+    ) {
+        norm::backward(s, x, dy, gamma, save_mean, save_invstd, dx, dgamma, dbeta, accumulate_dx);
+    }
+
+    fn relu_forward(&self, x: &[T], y: &mut [T]) {
+        elementwise::relu_forward(x, y);
+    }
+    fn relu_backward(&self, y: &[T], dy: &[T], dx: &mut [T], accumulate: bool) {
+        elementwise::relu_backward(y, dy, dx, accumulate);
+    }
+    fn add_forward(&self, a: &[T], b: &[T], y: &mut [T]) {
+        elementwise::add_forward(a, b, y);
+    }
+    fn maxpool_forward(&self, s: &Pool2d, x: &[T], y: &mut [T]) {
+        elementwise::maxpool_forward(s, x, y);
+    }
+    fn maxpool_backward(&self, s: &Pool2d, x: &[T], _y: &[T], dy: &[T], dx: &mut [T], accumulate: bool) {
+        elementwise::maxpool_backward(s, x, dy, dx, accumulate);
+    }
+    fn avgpool_forward(&self, n: usize, c: usize, hw: usize, x: &[T], y: &mut [T]) {
+        elementwise::avgpool_forward(hw, &x[..n * c * hw], &mut y[..n * c]);
+    }
+    fn avgpool_backward(&self, n: usize, c: usize, hw: usize, dy: &[T], dx: &mut [T], accumulate: bool) {
+        elementwise::avgpool_backward(hw, &dy[..n * c], &mut dx[..n * c * hw], accumulate);
+    }
+    fn linear_forward(&self, s: &Linear, x: &[T], w: &[T], b: &[T], y: &mut [T]) {
+        elementwise::linear_forward(s, x, w, b, y);
+    }
+    fn linear_backward(
+        &self,
+        s: &Linear,
+        x: &[T],
+        w: &[T],
+        dy: &[T],
+        dx: Option<&mut [T]>,
+        dw: &mut [T],
+        db: &mut [T],
+        accumulate_dx: bool,
+    ) {
+        elementwise::linear_backward(s, x, w, dy, dx, dw, db, accumulate_dx);
+    }
+    fn softmax_xent(
+        &self,
+        n: usize,
+        classes: usize,
+        logits: &[T],
+        labels: &[T],
+        dlogits: Option<&mut [T]>,
+        stats: &mut [T],
+    ) {
+        elementwise::softmax_xent(n, classes, logits, labels, dlogits, stats);
+    }
+    fn sgd_step(&self, hp: &Sgd, params: &mut [T], grads: &mut [T], momentum: &mut [T]) {
+        elementwise::sgd_step(hp, params, grads, momentum);
+    }
+    fn apply_mask(&self, x: &mut [T], mask: &[T]) {
+        elementwise::apply_mask(x, mask);
+    }
+}

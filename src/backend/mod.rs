@@ -1,0 +1,195 @@
+//! The backend interface: device buffers and the ops the layer walk is written against.
+//!
+//! The model, the trainer and (later) LoFT never touch tensor elements: they allocate device
+//! buffers, take views into them and call ops. A backend is the CPU reference
+//! ([`cpu::CpuBackend`], generic over f32/f64 so gradient checks run in f64) or a GPU.
+//! Every op's geometry comes from [`crate::ops`]; backends do no shape arithmetic of their own.
+//! Ops with an `accumulate` flag add into their output instead of overwriting it.
+
+pub mod cpu;
+
+use crate::ops::{BatchNorm, Conv2d, Linear, Pool2d, Sgd};
+use crate::Result;
+
+/// A compute device with its buffers and ops. Buffers hold the backend's scalar type; the
+/// host side always speaks f32 (or f64 for checks).
+pub trait Backend: Send + Sync {
+    /// An owned device buffer.
+    type Buf: Send + Sync;
+    /// A read-only view of part of a buffer.
+    type View<'a>: Copy
+    where
+        Self: 'a;
+    /// A writable view of part of a buffer.
+    type ViewMut<'a>
+    where
+        Self: 'a;
+
+    /// Human-readable device name.
+    fn name(&self) -> String;
+    /// A zero-filled buffer of `len` elements.
+    fn alloc(&self, len: usize) -> Result<Self::Buf>;
+    /// Number of elements of a buffer.
+    fn buf_len(&self, b: &Self::Buf) -> usize;
+    /// Copy host values into the start of `dst`.
+    fn upload(&self, host: &[f32], dst: &mut Self::Buf) -> Result<()>;
+    /// Copy host f64 values into the start of `dst` (rounding if the device is f32).
+    fn upload_f64(&self, host: &[f64], dst: &mut Self::Buf) -> Result<()>;
+    /// Copy a buffer to the host as f32.
+    fn download(&self, src: &Self::Buf) -> Result<Vec<f32>>;
+    /// Copy a buffer to the host as f64.
+    fn download_f64(&self, src: &Self::Buf) -> Result<Vec<f64>>;
+    /// View of `len` elements at `off`.
+    fn view<'a>(&self, b: &'a Self::Buf, off: usize, len: usize) -> Self::View<'a>;
+    /// Writable view of `len` elements at `off`.
+    fn view_mut<'a>(&self, b: &'a mut Self::Buf, off: usize, len: usize) -> Self::ViewMut<'a>;
+    /// Split a writable view at element `at` into `[0, at)` and `[at, len)`.
+    fn split_mut<'a>(&self, v: Self::ViewMut<'a>, at: usize) -> (Self::ViewMut<'a>, Self::ViewMut<'a>)
+    where
+        Self: 'a;
+    /// Set every element of the view to `value`.
+    fn fill(&self, x: Self::ViewMut<'_>, value: f32);
+    /// `dst = src` or `dst += src`.
+    fn copy(&self, src: Self::View<'_>, dst: Self::ViewMut<'_>, accumulate: bool);
+
+    /// Convolution forward: x `(n, c_in, h, w)`, w `(c_out, c_in, kh, kw)` -> y `(n, c_out, ho, wo)`.
+    fn conv2d_forward(&self, s: &Conv2d, x: Self::View<'_>, w: Self::View<'_>, y: Self::ViewMut<'_>);
+    /// Gradient of the input: dy `(n, c_out, ho, wo)`, w -> dx `(n, c_in, h, w)`.
+    fn conv2d_backward_data(
+        &self,
+        s: &Conv2d,
+        dy: Self::View<'_>,
+        w: Self::View<'_>,
+        dx: Self::ViewMut<'_>,
+        accumulate: bool,
+    );
+    /// Gradient of the weight: x, dy -> dw `(c_out, c_in, kh, kw)`.
+    fn conv2d_backward_filter(
+        &self,
+        s: &Conv2d,
+        x: Self::View<'_>,
+        dy: Self::View<'_>,
+        dw: Self::ViewMut<'_>,
+        accumulate: bool,
+    );
+
+    /// Batch norm in training mode: normalise x `(n, c, hw)` with batch statistics, write y,
+    /// save mean and 1/std `(c)` for the backward pass, and update the running statistics
+    /// (running variance unbiased, as PyTorch does).
+    #[allow(clippy::too_many_arguments)]
+    fn batchnorm_forward_train(
+        &self,
+        s: &BatchNorm,
+        x: Self::View<'_>,
+        gamma: Self::View<'_>,
+        beta: Self::View<'_>,
+        running_mean: Self::ViewMut<'_>,
+        running_var: Self::ViewMut<'_>,
+        y: Self::ViewMut<'_>,
+        save_mean: Self::ViewMut<'_>,
+        save_invstd: Self::ViewMut<'_>,
+    );
+    /// Batch norm in evaluation mode (running statistics).
+    #[allow(clippy::too_many_arguments)]
+    fn batchnorm_forward_eval(
+        &self,
+        s: &BatchNorm,
+        x: Self::View<'_>,
+        gamma: Self::View<'_>,
+        beta: Self::View<'_>,
+        running_mean: Self::View<'_>,
+        running_var: Self::View<'_>,
+        y: Self::ViewMut<'_>,
+    );
+    /// Batch norm backward (training mode): dx, dgamma, dbeta from x, dy and the saved statistics.
+    #[allow(clippy::too_many_arguments)]
+    fn batchnorm_backward(
+        &self,
+        s: &BatchNorm,
+        x: Self::View<'_>,
+        dy: Self::View<'_>,
+        gamma: Self::View<'_>,
+        save_mean: Self::View<'_>,
+        save_invstd: Self::View<'_>,
+        dx: Self::ViewMut<'_>,
+        dgamma: Self::ViewMut<'_>,
+        dbeta: Self::ViewMut<'_>,
+        accumulate_dx: bool,
+    );
+
+    /// `y = max(x, 0)`.
+    fn relu_forward(&self, x: Self::View<'_>, y: Self::ViewMut<'_>);
+    /// `dx (+)= dy * [y > 0]`, from the forward output y.
+    fn relu_backward(&self, y: Self::View<'_>, dy: Self::View<'_>, dx: Self::ViewMut<'_>, accumulate: bool);
+    /// `y = a + b`.
+    fn add_forward(&self, a: Self::View<'_>, b: Self::View<'_>, y: Self::ViewMut<'_>);
+
+    /// Max pooling forward.
+    fn maxpool_forward(&self, s: &Pool2d, x: Self::View<'_>, y: Self::ViewMut<'_>);
+    /// Max pooling backward: the gradient goes to the first maximum of each window.
+    fn maxpool_backward(
+        &self,
+        s: &Pool2d,
+        x: Self::View<'_>,
+        y: Self::View<'_>,
+        dy: Self::View<'_>,
+        dx: Self::ViewMut<'_>,
+        accumulate: bool,
+    );
+    /// Global average pool: x `(n, c, hw)` -> y `(n, c)`.
+    fn avgpool_forward(&self, n: usize, c: usize, hw: usize, x: Self::View<'_>, y: Self::ViewMut<'_>);
+    /// Global average pool backward.
+    #[allow(clippy::too_many_arguments)]
+    fn avgpool_backward(
+        &self,
+        n: usize,
+        c: usize,
+        hw: usize,
+        dy: Self::View<'_>,
+        dx: Self::ViewMut<'_>,
+        accumulate: bool,
+    );
+
+    /// Linear forward: `y = x w^T + b`.
+    fn linear_forward(
+        &self,
+        s: &Linear,
+        x: Self::View<'_>,
+        w: Self::View<'_>,
+        b: Self::View<'_>,
+        y: Self::ViewMut<'_>,
+    );
+    /// Linear backward: dx (optional), dw, db.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        s: &Linear,
+        x: Self::View<'_>,
+        w: Self::View<'_>,
+        dy: Self::View<'_>,
+        dx: Option<Self::ViewMut<'_>>,
+        dw: Self::ViewMut<'_>,
+        db: Self::ViewMut<'_>,
+        accumulate_dx: bool,
+    );
+
+    /// Softmax cross-entropy averaged over the batch: logits `(n, classes)`, labels `(n)` (class
+    /// indices stored as floats) -> dlogits `(n, classes)` (gradient of the mean loss) and
+    /// stats `(2)` = [sum of per-sample losses, number of correct top-1 predictions].
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_xent(
+        &self,
+        n: usize,
+        classes: usize,
+        logits: Self::View<'_>,
+        labels: Self::View<'_>,
+        dlogits: Option<Self::ViewMut<'_>>,
+        stats: Self::ViewMut<'_>,
+    );
+
+    /// One SGD step over a flat buffer: `g += wd p; m = mu m + g; p -= lr m`.
+    fn sgd_step(&self, hp: &Sgd, params: Self::ViewMut<'_>, grads: Self::ViewMut<'_>, momentum: Self::ViewMut<'_>);
+    /// Multiply every element by `value` where `mask` is 0, leave it where the mask is 1;
+    /// i.e. `x *= mask` for a 0/1 mask.
+    fn apply_mask(&self, x: Self::ViewMut<'_>, mask: Self::View<'_>);
+}

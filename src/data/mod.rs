@@ -1,0 +1,303 @@
+//! Image classification data sets: in-memory storage, file formats, synthetic data and batching.
+//!
+//! A [`Dataset`] holds every image of one half (train or test) as `u8` pixels in
+//! `(n, channels, height, width)` order. [`load`] reads a [`DatasetKind`] from disk (IDX for
+//! Fashion-MNIST, the binary CIFAR formats) or generates it ([`synthetic`]), and a
+//! [`Loader`] turns a data set into normalised, augmented `f32` mini-batches.
+
+pub mod cifar;
+pub mod idx;
+pub mod loader;
+pub mod synthetic;
+
+pub use loader::{Augment, Loader};
+
+use crate::error::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// An in-memory image classification set. pixels: (n, channels, height, width) u8, row-major.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    /// Name of the data set (the CLI name, e.g. "cifar10").
+    pub name: String,
+    /// Channels per image.
+    pub channels: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// Image width in pixels.
+    pub width: usize,
+    /// Number of classes; every label is below this.
+    pub classes: usize,
+    /// All pixels, `len() * image_len()` bytes.
+    pub pixels: Vec<u8>,
+    /// One label per image, each `< classes`.
+    pub labels: Vec<u32>,
+}
+
+impl Dataset {
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    /// Whether the set holds no samples.
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    /// Values per image: channels * height * width.
+    pub fn image_len(&self) -> usize {
+        self.channels * self.height * self.width
+    }
+
+    /// Per-channel mean and std of pixel/255 over the whole set (f64 accumulation), as f32.
+    ///
+    /// The std is the population standard deviation. An empty set gives mean 0 and std 1.
+    pub fn channel_stats(&self) -> (Vec<f32>, Vec<f32>) {
+        let c = self.channels;
+        let plane = self.height * self.width;
+        let n = self.len();
+        if n == 0 || self.image_len() == 0 {
+            return (vec![0.0; c], vec![1.0; c]);
+        }
+        // Integer sums are exact: even 1e6 images of 1e4 pixels stay far below u64::MAX.
+        let mut sum = vec![0u64; c];
+        let mut sum_sq = vec![0u64; c];
+        for image in self.pixels.chunks_exact(self.image_len()).take(n) {
+            for (ch, values) in image.chunks_exact(plane).enumerate() {
+                let (mut s, mut q) = (0u64, 0u64);
+                for &p in values {
+                    let p = p as u64;
+                    s += p;
+                    q += p * p;
+                }
+                sum[ch] += s;
+                sum_sq[ch] += q;
+            }
+        }
+        let count = (n * plane) as f64;
+        let mut mean = Vec::with_capacity(c);
+        let mut std = Vec::with_capacity(c);
+        for ch in 0..c {
+            let m = sum[ch] as f64 / 255.0 / count;
+            let m2 = sum_sq[ch] as f64 / (255.0 * 255.0) / count;
+            mean.push(m as f32);
+            std.push((m2 - m * m).max(0.0).sqrt() as f32);
+        }
+        (mean, std)
+    }
+
+    /// Keep only the first n samples (n >= len is a no-op).
+    pub fn truncate(&mut self, n: usize) {
+        if n < self.len() {
+            self.labels.truncate(n);
+            self.pixels.truncate(n * self.image_len());
+        }
+    }
+}
+
+/// Train and test halves of a data set.
+#[derive(Clone, Debug)]
+pub struct Split {
+    /// The training half.
+    pub train: Dataset,
+    /// The held-out test half.
+    pub test: Dataset,
+}
+
+/// Which data set to load.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum DatasetKind {
+    /// Fashion-MNIST: 28x28 grey images, 10 classes (IDX files).
+    FashionMnist,
+    /// CIFAR-10: 32x32 colour images, 10 classes (binary version).
+    Cifar10,
+    /// CIFAR-100: 32x32 colour images, 100 fine classes (binary version).
+    Cifar100,
+    /// A generated, learnable set (no files).
+    Synthetic(synthetic::SyntheticSpec),
+}
+
+/// The CLI names accepted by [`DatasetKind::parse`].
+const KIND_NAMES: &str = "fashion-mnist, cifar10, cifar100, synthetic";
+
+impl DatasetKind {
+    /// Parse the CLI names "fashion-mnist", "cifar10", "cifar100", "synthetic" (synthetic uses
+    /// SyntheticSpec::default()). Unknown name -> Error::config listing the valid names.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "fashion-mnist" => Ok(DatasetKind::FashionMnist),
+            "cifar10" => Ok(DatasetKind::Cifar10),
+            "cifar100" => Ok(DatasetKind::Cifar100),
+            "synthetic" => Ok(DatasetKind::Synthetic(synthetic::SyntheticSpec::default())),
+            other => Err(Error::config(format!(
+                "unknown data set `{other}`; valid names: {KIND_NAMES}"
+            ))),
+        }
+    }
+
+    /// The CLI name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DatasetKind::FashionMnist => "fashion-mnist",
+            DatasetKind::Cifar10 => "cifar10",
+            DatasetKind::Cifar100 => "cifar100",
+            DatasetKind::Synthetic(_) => "synthetic",
+        }
+    }
+
+    /// Where the files are looked for when no `--data-dir` is given (empty for synthetic).
+    pub fn default_dir(&self) -> PathBuf {
+        match self {
+            DatasetKind::FashionMnist => PathBuf::from("/usr/share/datasets/fashion-mnist"),
+            DatasetKind::Cifar10 => PathBuf::from("data/cifar-10-batches-bin"),
+            DatasetKind::Cifar100 => PathBuf::from("data/cifar-100-binary"),
+            DatasetKind::Synthetic(_) => PathBuf::new(),
+        }
+    }
+
+    /// (channels, height, width, classes) without loading.
+    pub fn shape(&self) -> (usize, usize, usize, usize) {
+        match self {
+            DatasetKind::FashionMnist => (1, 28, 28, 10),
+            DatasetKind::Cifar10 => (3, 32, 32, 10),
+            DatasetKind::Cifar100 => (3, 32, 32, 100),
+            DatasetKind::Synthetic(s) => (s.channels, s.height, s.width, s.classes),
+        }
+    }
+
+    /// Default augmentation: fashion-mnist crop_pad 2 + flip; cifar crop_pad 4 + flip;
+    /// synthetic none.
+    pub fn default_augment(&self) -> Augment {
+        match self {
+            DatasetKind::FashionMnist => Augment {
+                crop_pad: 2,
+                flip: true,
+            },
+            DatasetKind::Cifar10 | DatasetKind::Cifar100 => Augment {
+                crop_pad: 4,
+                flip: true,
+            },
+            DatasetKind::Synthetic(_) => Augment::none(),
+        }
+    }
+}
+
+/// Load both halves. `dir` is where the files are (ignored for synthetic data).
+pub fn load(kind: &DatasetKind, dir: &Path) -> Result<Split> {
+    match kind {
+        DatasetKind::FashionMnist => idx::load_fashion_mnist(dir),
+        DatasetKind::Cifar10 => cifar::load_cifar10(dir),
+        DatasetKind::Cifar100 => cifar::load_cifar100(dir),
+        DatasetKind::Synthetic(spec) => {
+            spec.validate()?;
+            Ok(synthetic::generate(spec))
+        }
+    }
+}
+
+/// Read a whole data file; a missing file gives a format error carrying `missing_hint`.
+pub(crate) fn read_data_file(path: &Path, missing_hint: &str) -> Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(Error::format(path, format!("missing file; {missing_hint}")))
+        }
+        Err(e) => Err(Error::io(path, e)),
+    }
+}
+
+/// A fresh, empty directory under the system temp dir for one test.
+#[cfg(test)]
+pub(crate) fn test_dir(tag: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let k = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("loft-data-{}-{tag}-{k}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create test dir");
+    dir
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> Dataset {
+        // 2 images, 2 channels, 1x2 pixels.
+        Dataset {
+            name: "tiny".into(),
+            channels: 2,
+            height: 1,
+            width: 2,
+            classes: 3,
+            pixels: vec![0, 255, 51, 51, 255, 255, 51, 102],
+            labels: vec![0, 2],
+        }
+    }
+
+    #[test]
+    fn channel_stats_on_known_set() {
+        let (mean, std) = tiny().channel_stats();
+        // channel 0: 0, 1, 1, 1 -> mean 0.75, var 0.1875
+        assert!((mean[0] - 0.75).abs() < 1e-6, "{mean:?}");
+        assert!((std[0] - 0.1875f32.sqrt()).abs() < 1e-6, "{std:?}");
+        // channel 1: 0.2, 0.2, 0.2, 0.4 -> mean 0.25, var 0.0075
+        assert!((mean[1] - 0.25).abs() < 1e-6, "{mean:?}");
+        assert!((std[1] - 0.0075f32.sqrt()).abs() < 1e-6, "{std:?}");
+    }
+
+    #[test]
+    fn truncate_keeps_prefix() {
+        let mut d = tiny();
+        d.truncate(5);
+        assert_eq!(d.len(), 2);
+        d.truncate(1);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d.pixels, vec![0, 255, 51, 51]);
+        assert_eq!(d.labels, vec![0]);
+        assert!(!d.is_empty());
+        d.truncate(0);
+        assert!(d.is_empty());
+        assert!(d.pixels.is_empty());
+    }
+
+    #[test]
+    fn kinds_parse_and_name() {
+        for name in ["fashion-mnist", "cifar10", "cifar100", "synthetic"] {
+            assert_eq!(DatasetKind::parse(name).unwrap().name(), name);
+        }
+        let msg = DatasetKind::parse("mnist").unwrap_err().to_string();
+        assert!(msg.contains("mnist") && msg.contains("cifar100"), "{msg}");
+        assert_eq!(DatasetKind::Cifar100.shape(), (3, 32, 32, 100));
+        assert_eq!(DatasetKind::FashionMnist.shape(), (1, 28, 28, 10));
+        assert_eq!(DatasetKind::Cifar10.default_augment().crop_pad, 4);
+        assert_eq!(DatasetKind::FashionMnist.default_augment().crop_pad, 2);
+        assert_eq!(
+            DatasetKind::parse("synthetic").unwrap().default_augment(),
+            Augment::none()
+        );
+    }
+
+    #[test]
+    fn kind_serde_round_trip() {
+        let k = DatasetKind::parse("synthetic").unwrap();
+        let s = serde_json::to_string(&k).unwrap();
+        let back: DatasetKind = serde_json::from_str(&s).unwrap();
+        assert_eq!(k, back);
+    }
+
+    #[test]
+    fn load_synthetic_validates() {
+        let mut spec = synthetic::SyntheticSpec {
+            train: 20,
+            test: 10,
+            ..Default::default()
+        };
+        let split = load(&DatasetKind::Synthetic(spec.clone()), Path::new("")).unwrap();
+        assert_eq!((split.train.len(), split.test.len()), (20, 10));
+        spec.classes = 0;
+        let err = load(&DatasetKind::Synthetic(spec), Path::new("")).unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{err}");
+    }
+}

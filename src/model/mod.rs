@@ -1,0 +1,335 @@
+//! A network on a backend: its flat buffers and the forward and backward walks over its ops.
+//!
+//! Buffers (all on the backend's device):
+//! - `params`, `grads`, `momentum`: `(graph.params.total)`, one layout;
+//! - `stats`: BN running statistics `(graph.stats.total)`;
+//! - `acts[t]`, `dacts[t]`: activation tensor t and its gradient, `(capacity, c, h, w)`;
+//! - `saves[i]`: mean and 1/std of BN op i from the last training forward, `(2, c)`;
+//! - `labels`: `(capacity)` class indices as floats; `loss_stats`: `(2)` = [loss sum, correct].
+//!
+//! Nothing here touches tensor elements from the host except `init`, `set_batch` and the two
+//! loss numbers read back per step.
+
+pub mod arch;
+pub mod graph;
+pub mod init;
+pub mod layout;
+
+pub use arch::{ArchSpec, BlockInfo, Family, Stem};
+pub use graph::{Graph, Op, TensorId};
+pub use layout::{Entry, Layout, Role};
+
+use crate::backend::Backend;
+use crate::ops::{BatchNorm, Linear, Sgd};
+use crate::{Error, Result};
+use std::sync::Arc;
+
+/// BN epsilon (PyTorch default).
+pub const BN_EPS: f32 = 1e-5;
+/// BN running-statistics momentum (PyTorch default).
+pub const BN_MOMENTUM: f32 = 0.1;
+
+/// A network with its buffers on a backend, for batches of up to `capacity` samples.
+pub struct Model<B: Backend> {
+    pub be: Arc<B>,
+    pub graph: Graph,
+    pub capacity: usize,
+    pub params: B::Buf,
+    pub grads: B::Buf,
+    pub momentum: B::Buf,
+    pub stats: B::Buf,
+    acts: Vec<Option<B::Buf>>,
+    dacts: Vec<Option<B::Buf>>,
+    saves: Vec<B::Buf>,
+    labels: B::Buf,
+    loss_stats: B::Buf,
+}
+
+/// Take buffer `i` out of a list for the duration of an op (put it back with `put`).
+fn take<T>(v: &mut [Option<T>], i: usize) -> T {
+    v[i].take().expect("activation buffer in use twice")
+}
+
+impl<B: Backend> Model<B> {
+    /// Allocate every buffer for batches of up to `capacity` samples (parameters zeroed; see
+    /// [`Model::init`]).
+    pub fn new(be: Arc<B>, graph: Graph, capacity: usize) -> Result<Self> {
+        if capacity == 0 {
+            return Err(Error::config("batch capacity must be at least 1"));
+        }
+        let mut acts = Vec::new();
+        let mut dacts = Vec::new();
+        for (t, spec) in graph.tensors.iter().enumerate() {
+            acts.push(Some(be.alloc(capacity * spec.len())?));
+            dacts.push(if t == graph.input { None } else { Some(be.alloc(capacity * spec.len())?) });
+        }
+        let mut saves = Vec::new();
+        for op in &graph.ops {
+            if let Op::Bn { c, .. } = op {
+                saves.push(be.alloc(2 * c)?);
+            }
+        }
+        Ok(Model {
+            params: be.alloc(graph.params.total)?,
+            grads: be.alloc(graph.params.total)?,
+            momentum: be.alloc(graph.params.total)?,
+            stats: be.alloc(graph.stats.total)?,
+            labels: be.alloc(capacity)?,
+            loss_stats: be.alloc(2)?,
+            acts,
+            dacts,
+            saves,
+            capacity,
+            graph,
+            be,
+        })
+    }
+
+    /// Bytes held by the model's device buffers.
+    pub fn device_bytes(&self) -> usize {
+        let mut n = 3 * self.graph.params.total + self.graph.stats.total + self.capacity + 2;
+        for (t, spec) in self.graph.tensors.iter().enumerate() {
+            n += self.capacity * spec.len() * if t == self.graph.input { 1 } else { 2 };
+        }
+        n += self.saves.iter().map(|s| self.be.buf_len(s)).sum::<usize>();
+        n * 4
+    }
+
+    /// Initialise parameters and statistics from the seed (see [`init`]); momentum zeroed.
+    pub fn init(&mut self, seed: u64) -> Result<()> {
+        let (p, s) = init::initial_values(&self.graph, seed);
+        self.be.upload(&p, &mut self.params)?;
+        self.be.upload(&s, &mut self.stats)?;
+        self.reset_momentum();
+        Ok(())
+    }
+
+    /// Zero the momentum buffer.
+    pub fn reset_momentum(&mut self) {
+        let n = self.graph.params.total;
+        let v = self.be.view_mut(&mut self.momentum, 0, n);
+        self.be.fill(v, 0.0);
+    }
+
+    /// Copy a batch in: x `(n, c, h, w)` normalised images, y `(n)` labels.
+    pub fn set_batch(&mut self, n: usize, x: &[f32], y: &[u32]) -> Result<()> {
+        let spec = &self.graph.tensors[self.graph.input];
+        if n == 0 || n > self.capacity || x.len() < n * spec.len() || y.len() < n {
+            return Err(Error::Shape(format!(
+                "batch of {n} (x {} values, y {}) for capacity {} and {} values per sample",
+                x.len(),
+                y.len(),
+                self.capacity,
+                spec.len()
+            )));
+        }
+        let buf = self.acts[self.graph.input].as_mut().expect("input buffer");
+        self.be.upload(&x[..n * spec.len()], buf)?;
+        let classes = self.graph.spec.classes;
+        let labels: Vec<f32> = y[..n].iter().map(|&l| l as f32).collect();
+        if let Some(&bad) = y[..n].iter().find(|&&l| l as usize >= classes) {
+            return Err(Error::Shape(format!("label {bad} out of range for {classes} classes")));
+        }
+        self.be.upload(&labels, &mut self.labels)?;
+        Ok(())
+    }
+
+    fn act_len(&self, t: TensorId, n: usize) -> usize {
+        n * self.graph.tensors[t].len()
+    }
+
+    /// Forward walk for a batch of `n`; `train` uses batch statistics (and updates the running
+    /// ones), otherwise running statistics.
+    pub fn forward(&mut self, n: usize, train: bool) {
+        let be = self.be.clone();
+        let be = &*be;
+        for op in self.graph.ops.clone().iter() {
+            let y_id = op.output();
+            let ylen = self.act_len(y_id, n);
+            let mut ybuf = take(&mut self.acts, y_id);
+            {
+                let yv = be.view_mut(&mut ybuf, 0, ylen);
+                match *op {
+                    Op::Conv { x, w, geom, .. } => {
+                        let g = geom.with_n(n);
+                        let e = &self.graph.params.entries[w];
+                        let xb = self.acts[x].as_ref().expect("x");
+                        be.conv2d_forward(&g, be.view(xb, 0, g.x_len()), be.view(&self.params, e.offset, e.len), yv);
+                    }
+                    Op::Bn { x, gamma, mean, c, hw, save, .. } => {
+                        let s = BatchNorm { n, c, hw, eps: BN_EPS, momentum: BN_MOMENTUM };
+                        let ge = &self.graph.params.entries[gamma];
+                        let me = &self.graph.stats.entries[mean];
+                        let xv = be.view(self.acts[x].as_ref().expect("x"), 0, s.len());
+                        let gv = be.view(&self.params, ge.offset, c);
+                        let bv = be.view(&self.params, ge.offset + c, c);
+                        if train {
+                            let st = be.view_mut(&mut self.stats, me.offset, 2 * c);
+                            let (rm, rv) = be.split_mut(st, c);
+                            let sv = be.view_mut(&mut self.saves[save], 0, 2 * c);
+                            let (sm, si) = be.split_mut(sv, c);
+                            be.batchnorm_forward_train(&s, xv, gv, bv, rm, rv, yv, sm, si);
+                        } else {
+                            let rm = be.view(&self.stats, me.offset, c);
+                            let rv = be.view(&self.stats, me.offset + c, c);
+                            be.batchnorm_forward_eval(&s, xv, gv, bv, rm, rv, yv);
+                        }
+                    }
+                    Op::Relu { x, .. } => {
+                        let xv = be.view(self.acts[x].as_ref().expect("x"), 0, ylen);
+                        be.relu_forward(xv, yv);
+                    }
+                    Op::Add { a, b, .. } => {
+                        let av = be.view(self.acts[a].as_ref().expect("a"), 0, ylen);
+                        let bv = be.view(self.acts[b].as_ref().expect("b"), 0, ylen);
+                        be.add_forward(av, bv, yv);
+                    }
+                    Op::MaxPool { x, geom, .. } => {
+                        let g = crate::ops::Pool2d { n, ..geom };
+                        let xv = be.view(self.acts[x].as_ref().expect("x"), 0, n * g.c * g.h * g.w);
+                        be.maxpool_forward(&g, xv, yv);
+                    }
+                    Op::AvgPool { x, c, hw, .. } => {
+                        let xv = be.view(self.acts[x].as_ref().expect("x"), 0, n * c * hw);
+                        be.avgpool_forward(n, c, hw, xv, yv);
+                    }
+                    Op::Linear { x, w, d_in, d_out, .. } => {
+                        let s = Linear { n, d_in, d_out };
+                        let e = &self.graph.params.entries[w];
+                        let xv = be.view(self.acts[x].as_ref().expect("x"), 0, n * d_in);
+                        let wv = be.view(&self.params, e.offset, d_out * d_in);
+                        let bv = be.view(&self.params, e.offset + d_out * d_in, d_out);
+                        be.linear_forward(&s, xv, wv, bv, yv);
+                    }
+                }
+            }
+            self.acts[y_id] = Some(ybuf);
+        }
+    }
+
+    /// Loss of the last forward against the labels of the batch: (sum of per-sample losses,
+    /// correct predictions). With `grad`, also writes the gradient of the mean loss into the
+    /// logits' gradient.
+    pub fn loss(&mut self, n: usize, grad: bool) -> Result<(f64, usize)> {
+        let be = &*self.be;
+        let classes = self.graph.spec.classes;
+        let lt = self.graph.logits;
+        let logits = be.view(self.acts[lt].as_ref().expect("logits"), 0, n * classes);
+        let labels = be.view(&self.labels, 0, n);
+        let stats = be.view_mut(&mut self.loss_stats, 0, 2);
+        let dl = if grad {
+            Some(be.view_mut(self.dacts[lt].as_mut().expect("dlogits"), 0, n * classes))
+        } else {
+            None
+        };
+        be.softmax_xent(n, classes, logits, labels, dl, stats);
+        let s = be.download_f64(&self.loss_stats)?;
+        Ok((s[0], s[1].round() as usize))
+    }
+
+    /// Backward walk for a batch of `n` after `forward(n, true)` and `loss(n, true)`: fills
+    /// `grads` (overwritten, not accumulated).
+    pub fn backward(&mut self, n: usize) {
+        let be = self.be.clone();
+        let be = &*be;
+        let input = self.graph.input;
+        for (i, op) in self.graph.ops.clone().iter().enumerate().rev() {
+            let acc = self.graph.accumulate[i].clone();
+            let y_id = op.output();
+            let ylen = self.act_len(y_id, n);
+            let dybuf = take(&mut self.dacts, y_id);
+            let dy = be.view(&dybuf, 0, ylen);
+            match *op {
+                Op::Conv { x, w, geom, .. } => {
+                    let g = geom.with_n(n);
+                    let e = self.graph.params.entries[w].clone();
+                    let xv = be.view(self.acts[x].as_ref().expect("x"), 0, g.x_len());
+                    be.conv2d_backward_filter(&g, xv, dy, be.view_mut(&mut self.grads, e.offset, e.len), false);
+                    if x != input {
+                        let dx = be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, g.x_len());
+                        be.conv2d_backward_data(&g, dy, be.view(&self.params, e.offset, e.len), dx, acc[0]);
+                    }
+                }
+                Op::Bn { x, gamma, c, hw, save, .. } => {
+                    let s = BatchNorm { n, c, hw, eps: BN_EPS, momentum: BN_MOMENTUM };
+                    let off = self.graph.params.entries[gamma].offset;
+                    let xv = be.view(self.acts[x].as_ref().expect("x"), 0, s.len());
+                    let gv = be.view(&self.params, off, c);
+                    let sm = be.view(&self.saves[save], 0, c);
+                    let si = be.view(&self.saves[save], c, c);
+                    let (dg, db) = be.split_mut(be.view_mut(&mut self.grads, off, 2 * c), c);
+                    let dx = be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, s.len());
+                    be.batchnorm_backward(&s, xv, dy, gv, sm, si, dx, dg, db, acc[0]);
+                }
+                Op::Relu { x, .. } => {
+                    let yv = be.view(self.acts[y_id].as_ref().expect("y"), 0, ylen);
+                    let dx = be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, ylen);
+                    be.relu_backward(yv, dy, dx, acc[0]);
+                }
+                Op::Add { a, b, .. } => {
+                    be.copy(dy, be.view_mut(self.dacts[a].as_mut().expect("da"), 0, ylen), acc[0]);
+                    be.copy(dy, be.view_mut(self.dacts[b].as_mut().expect("db"), 0, ylen), acc[1]);
+                }
+                Op::MaxPool { x, geom, .. } => {
+                    let g = crate::ops::Pool2d { n, ..geom };
+                    let xlen = n * g.c * g.h * g.w;
+                    let xv = be.view(self.acts[x].as_ref().expect("x"), 0, xlen);
+                    let yv = be.view(self.acts[y_id].as_ref().expect("y"), 0, ylen);
+                    let dx = be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, xlen);
+                    be.maxpool_backward(&g, xv, yv, dy, dx, acc[0]);
+                }
+                Op::AvgPool { x, c, hw, .. } => {
+                    let dx = be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, n * c * hw);
+                    be.avgpool_backward(n, c, hw, dy, dx, acc[0]);
+                }
+                Op::Linear { x, w, d_in, d_out, .. } => {
+                    let s = Linear { n, d_in, d_out };
+                    let off = self.graph.params.entries[w].offset;
+                    let xv = be.view(self.acts[x].as_ref().expect("x"), 0, n * d_in);
+                    let wv = be.view(&self.params, off, d_out * d_in);
+                    let (dw, db) = be.split_mut(be.view_mut(&mut self.grads, off, d_out * (d_in + 1)), d_out * d_in);
+                    let dx = if x != input {
+                        Some(be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, n * d_in))
+                    } else {
+                        None
+                    };
+                    be.linear_backward(&s, xv, wv, dy, dx, dw, db, acc[0]);
+                }
+            }
+            self.dacts[y_id] = Some(dybuf);
+        }
+    }
+
+    /// One SGD step over every parameter.
+    pub fn sgd_step(&mut self, hp: &Sgd) {
+        let n = self.graph.params.total;
+        let be = &*self.be;
+        be.sgd_step(
+            hp,
+            be.view_mut(&mut self.params, 0, n),
+            be.view_mut(&mut self.grads, 0, n),
+            be.view_mut(&mut self.momentum, 0, n),
+        );
+    }
+
+    /// One training step on the batch set by `set_batch`: forward, loss, backward, update.
+    /// Returns (loss sum, correct).
+    pub fn train_step(&mut self, n: usize, hp: &Sgd) -> Result<(f64, usize)> {
+        self.forward(n, true);
+        let r = self.loss(n, true)?;
+        self.backward(n);
+        self.sgd_step(hp);
+        Ok(r)
+    }
+
+    /// Evaluate the batch set by `set_batch` with running statistics. Returns (loss sum, correct).
+    pub fn eval_step(&mut self, n: usize) -> Result<(f64, usize)> {
+        self.forward(n, false);
+        self.loss(n, false)
+    }
+
+    /// Host copy of the parameters.
+    pub fn params_host(&self) -> Result<Vec<f32>> {
+        self.be.download(&self.params)
+    }
+}

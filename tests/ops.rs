@@ -1,0 +1,278 @@
+//! Every CPU op against a direct reference or finite differences in f64.
+
+use loft::backend::cpu::{conv, CpuBackend};
+use loft::backend::Backend;
+use loft::ops::{BatchNorm, Conv2d, Linear, Pool2d, Sgd};
+use loft::rng::Rng;
+
+type B = CpuBackend<f64>;
+
+fn rand_vec(rng: &mut Rng, n: usize) -> Vec<f64> {
+    (0..n).map(|_| rng.uniform() * 2.0 - 1.0).collect()
+}
+
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// Check `analytic` (the gradient of f at x) against central differences at up to 40
+/// coordinates of x.
+fn check_grad(name: &str, x: &[f64], analytic: &[f64], mut f: impl FnMut(&[f64]) -> f64) {
+    assert_eq!(x.len(), analytic.len(), "{name}: gradient length");
+    let h = 1e-5;
+    let step = (x.len() / 40).max(1);
+    let mut xp = x.to_vec();
+    for i in (0..x.len()).step_by(step) {
+        xp[i] = x[i] + h;
+        let fp = f(&xp);
+        xp[i] = x[i] - h;
+        let fm = f(&xp);
+        xp[i] = x[i];
+        let num = (fp - fm) / (2.0 * h);
+        let err = (num - analytic[i]).abs();
+        assert!(
+            err <= 1e-6 * (1.0 + num.abs().max(analytic[i].abs())),
+            "{name}: d/dx[{i}] analytic {} numeric {num}",
+            analytic[i]
+        );
+    }
+}
+
+fn conv_shapes() -> Vec<Conv2d> {
+    let c = |n, c_in, h, w, c_out, k, stride, pad| Conv2d { n, c_in, h, w, c_out, kh: k, kw: k, stride, pad };
+    vec![
+        c(2, 3, 7, 9, 4, 3, 1, 1),
+        c(2, 3, 7, 8, 5, 3, 2, 1),
+        c(3, 4, 6, 6, 2, 1, 2, 0),
+        c(2, 2, 11, 9, 3, 7, 2, 3),
+        c(2, 5, 5, 5, 3, 1, 1, 0),
+        c(1, 1, 4, 4, 2, 3, 1, 1),
+    ]
+}
+
+#[test]
+fn conv_forward_matches_direct_convolution_f32_with_chunks() {
+    // n * h_out * w_out > 4096 forces several chunks with a short last one.
+    let shapes = [
+        Conv2d { n: 20, c_in: 3, h: 16, w: 16, c_out: 5, kh: 3, kw: 3, stride: 1, pad: 1 },
+        Conv2d { n: 70, c_in: 2, h: 9, w: 8, c_out: 3, kh: 3, kw: 3, stride: 2, pad: 1 },
+        Conv2d { n: 5, c_in: 3, h: 40, w: 40, c_out: 4, kh: 1, kw: 1, stride: 1, pad: 0 },
+    ];
+    let be = CpuBackend::<f32>::new();
+    let mut rng = Rng::new(1);
+    for s in shapes.iter().chain(conv_shapes().iter()) {
+        let x = rand_vec(&mut rng, s.x_len());
+        let w = rand_vec(&mut rng, s.w_len());
+        let want = conv::reference_forward(s, &x, &w);
+        let xf: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+        let wf: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+        let mut y = vec![0f32; s.y_len()];
+        be.conv2d_forward(s, &xf, &wf, &mut y);
+        for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+            assert!((*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()), "{s:?} y[{i}] {a} vs {b}");
+        }
+    }
+}
+
+#[test]
+fn conv_gradients_match_finite_differences() {
+    let be = B::new();
+    let mut rng = Rng::new(2);
+    for s in conv_shapes() {
+        let x = rand_vec(&mut rng, s.x_len());
+        let w = rand_vec(&mut rng, s.w_len());
+        let g = rand_vec(&mut rng, s.y_len());
+        let mut dx = vec![0.0; s.x_len()];
+        let mut dw = vec![0.0; s.w_len()];
+        be.conv2d_backward_data(&s, &g, &w, &mut dx, false);
+        be.conv2d_backward_filter(&s, &x, &g, &mut dw, false);
+        let loss = |x: &[f64], w: &[f64]| {
+            let mut y = vec![0.0; s.y_len()];
+            be.conv2d_forward(&s, x, w, &mut y);
+            dot(&y, &g)
+        };
+        check_grad(&format!("conv dx {s:?}"), &x, &dx, |xp| loss(xp, &w));
+        check_grad(&format!("conv dw {s:?}"), &w, &dw, |wp| loss(&x, wp));
+        // accumulate adds to what is there
+        let mut dx2 = vec![1.0; s.x_len()];
+        be.conv2d_backward_data(&s, &g, &w, &mut dx2, true);
+        let mut dw2 = vec![1.0; s.w_len()];
+        be.conv2d_backward_filter(&s, &x, &g, &mut dw2, true);
+        for (a, b) in dx2.iter().zip(&dx).chain(dw2.iter().zip(&dw)) {
+            assert!((a - 1.0 - b).abs() < 1e-12);
+        }
+    }
+}
+
+#[test]
+fn conv_results_do_not_depend_on_thread_count() {
+    let s = Conv2d { n: 33, c_in: 8, h: 12, w: 12, c_out: 16, kh: 3, kw: 3, stride: 1, pad: 1 };
+    let mut rng = Rng::new(3);
+    let x: Vec<f32> = rand_vec(&mut rng, s.x_len()).iter().map(|&v| v as f32).collect();
+    let w: Vec<f32> = rand_vec(&mut rng, s.w_len()).iter().map(|&v| v as f32).collect();
+    let g: Vec<f32> = rand_vec(&mut rng, s.y_len()).iter().map(|&v| v as f32).collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let be = CpuBackend::<f32>::new();
+            let mut y = vec![0f32; s.y_len()];
+            let mut dx = vec![0f32; s.x_len()];
+            let mut dw = vec![0f32; s.w_len()];
+            be.conv2d_forward(&s, &x, &w, &mut y);
+            be.conv2d_backward_data(&s, &g, &w, &mut dx, false);
+            be.conv2d_backward_filter(&s, &x, &g, &mut dw, false);
+            (y, dx, dw)
+        })
+    };
+    assert_eq!(run(1), run(3));
+}
+
+#[test]
+fn batchnorm_gradients_match_finite_differences() {
+    let be = B::new();
+    let mut rng = Rng::new(4);
+    let s = BatchNorm { n: 3, c: 4, hw: 5, eps: 1e-5, momentum: 0.1 };
+    let x = rand_vec(&mut rng, s.len());
+    let gamma: Vec<f64> = (0..s.c).map(|i| 0.5 + i as f64 * 0.3).collect();
+    let beta = rand_vec(&mut rng, s.c);
+    let g = rand_vec(&mut rng, s.len());
+    let fwd = |x: &[f64], gamma: &[f64], beta: &[f64]| {
+        let (mut rm, mut rv) = (vec![0.0; s.c], vec![1.0; s.c]);
+        let (mut sm, mut si) = (vec![0.0; s.c], vec![0.0; s.c]);
+        let mut y = vec![0.0; s.len()];
+        be.batchnorm_forward_train(&s, x, gamma, beta, &mut rm, &mut rv, &mut y, &mut sm, &mut si);
+        (dot(&y, &g), sm, si)
+    };
+    let (_, sm, si) = fwd(&x, &gamma, &beta);
+    let (mut dx, mut dg, mut db) = (vec![0.0; s.len()], vec![0.0; s.c], vec![0.0; s.c]);
+    be.batchnorm_backward(&s, &x, &g, &gamma, &sm, &si, &mut dx, &mut dg, &mut db, false);
+    check_grad("bn dx", &x, &dx, |xp| fwd(xp, &gamma, &beta).0);
+    check_grad("bn dgamma", &gamma, &dg, |gp| fwd(&x, gp, &beta).0);
+    check_grad("bn dbeta", &beta, &db, |bp| fwd(&x, &gamma, bp).0);
+}
+
+#[test]
+fn batchnorm_running_statistics_follow_pytorch() {
+    let be = B::new();
+    // one channel, values 1..=4: mean 2.5, biased var 1.25, unbiased 5/3
+    let s = BatchNorm { n: 2, c: 1, hw: 2, eps: 1e-5, momentum: 0.1 };
+    let x = [1.0, 2.0, 3.0, 4.0];
+    let (mut rm, mut rv) = (vec![0.0], vec![1.0]);
+    let (mut sm, mut si, mut y) = (vec![0.0], vec![0.0], vec![0.0; 4]);
+    be.batchnorm_forward_train(&s, &x, &[1.0], &[0.0], &mut rm, &mut rv, &mut y, &mut sm, &mut si);
+    // the momentum is an f32 0.1
+    let m = 0.1f32 as f64;
+    assert!((rm[0] - m * 2.5).abs() < 1e-12);
+    assert!((rv[0] - ((1.0 - m) + m * 5.0 / 3.0)).abs() < 1e-12);
+    assert!((y[0] - (1.0 - 2.5) / (1.25f64 + 1e-5).sqrt()).abs() < 1e-12);
+    // evaluation uses the running statistics
+    let mut ye = vec![0.0; 4];
+    be.batchnorm_forward_eval(&s, &x, &[2.0], &[1.0], &rm, &rv, &mut ye);
+    let eps = 1e-5f32 as f64;
+    assert!((ye[3] - (2.0 * (4.0 - rm[0]) / (rv[0] + eps).sqrt() + 1.0)).abs() < 1e-12);
+}
+
+#[test]
+fn relu_add_and_pool_gradients_match_finite_differences() {
+    let be = B::new();
+    let mut rng = Rng::new(5);
+    // relu (inputs kept away from the kink)
+    let x: Vec<f64> = rand_vec(&mut rng, 30).iter().map(|v| if v.abs() < 0.05 { 0.3 } else { *v }).collect();
+    let g = rand_vec(&mut rng, 30);
+    let mut y = vec![0.0; 30];
+    be.relu_forward(&x, &mut y);
+    let mut dx = vec![0.0; 30];
+    be.relu_backward(&y, &g, &mut dx, false);
+    check_grad("relu", &x, &dx, |xp| {
+        let mut y = vec![0.0; 30];
+        be.relu_forward(xp, &mut y);
+        dot(&y, &g)
+    });
+    // max pool 3x3 stride 2 pad 1 (random values have no ties)
+    let p = Pool2d { n: 2, c: 3, h: 7, w: 6, k: 3, stride: 2, pad: 1 };
+    let xlen = p.n * p.c * p.h * p.w;
+    let ylen = p.n * p.c * p.h_out() * p.w_out();
+    let x = rand_vec(&mut rng, xlen);
+    let g = rand_vec(&mut rng, ylen);
+    let mut y = vec![0.0; ylen];
+    be.maxpool_forward(&p, &x, &mut y);
+    let mut dx = vec![0.0; xlen];
+    be.maxpool_backward(&p, &x, &y, &g, &mut dx, false);
+    check_grad("maxpool", &x, &dx, |xp| {
+        let mut y = vec![0.0; ylen];
+        be.maxpool_forward(&p, xp, &mut y);
+        dot(&y, &g)
+    });
+    // global average pool
+    let (n, c, hw) = (2, 3, 5);
+    let x = rand_vec(&mut rng, n * c * hw);
+    let g = rand_vec(&mut rng, n * c);
+    let mut dx = vec![0.0; n * c * hw];
+    be.avgpool_backward(n, c, hw, &g, &mut dx, false);
+    check_grad("avgpool", &x, &dx, |xp| {
+        let mut y = vec![0.0; n * c];
+        be.avgpool_forward(n, c, hw, xp, &mut y);
+        dot(&y, &g)
+    });
+    // add
+    let a = rand_vec(&mut rng, 8);
+    let b = rand_vec(&mut rng, 8);
+    let mut y = vec![0.0; 8];
+    be.add_forward(&a, &b, &mut y);
+    assert!(y.iter().zip(a.iter().zip(&b)).all(|(y, (a, b))| (y - a - b).abs() < 1e-15));
+}
+
+#[test]
+fn linear_and_loss_gradients_match_finite_differences() {
+    let be = B::new();
+    let mut rng = Rng::new(6);
+    let s = Linear { n: 4, d_in: 5, d_out: 3 };
+    let x = rand_vec(&mut rng, s.n * s.d_in);
+    let w = rand_vec(&mut rng, s.d_out * s.d_in);
+    let b = rand_vec(&mut rng, s.d_out);
+    let labels = [0.0, 2.0, 1.0, 2.0];
+    // loss = mean cross-entropy of linear(x)
+    let loss = |x: &[f64], w: &[f64], b: &[f64]| {
+        let mut y = vec![0.0; s.n * s.d_out];
+        be.linear_forward(&s, x, w, b, &mut y);
+        let mut st = vec![0.0; 2];
+        be.softmax_xent(s.n, s.d_out, &y, &labels, None, &mut st);
+        st[0] / s.n as f64
+    };
+    let mut y = vec![0.0; s.n * s.d_out];
+    be.linear_forward(&s, &x, &w, &b, &mut y);
+    let mut dy = vec![0.0; s.n * s.d_out];
+    let mut st = vec![0.0; 2];
+    be.softmax_xent(s.n, s.d_out, &y, &labels, Some(&mut dy), &mut st);
+    let (mut dx, mut dw, mut db) = (vec![0.0; x.len()], vec![0.0; w.len()], vec![0.0; b.len()]);
+    be.linear_backward(&s, &x, &w, &dy, Some(&mut dx), &mut dw, &mut db, false);
+    check_grad("linear dx", &x, &dx, |p| loss(p, &w, &b));
+    check_grad("linear dw", &w, &dw, |p| loss(&x, p, &b));
+    check_grad("linear db", &b, &db, |p| loss(&x, &w, p));
+    // correct count against a hand argmax
+    let correct = (0..s.n)
+        .filter(|&i| {
+            let row = &y[i * 3..i * 3 + 3];
+            let best = (0..3).fold(0, |bi, j| if row[j] > row[bi] { j } else { bi });
+            best as f64 == labels[i]
+        })
+        .count();
+    assert_eq!(st[1] as usize, correct);
+}
+
+#[test]
+fn sgd_follows_pytorch_semantics() {
+    let be = B::new();
+    // values exact in f32 so the arithmetic below is exact
+    let hp = Sgd { lr: 0.5, momentum: 0.75, weight_decay: 0.25 };
+    let mut p = vec![2.0];
+    let mut m = vec![0.0];
+    // step 1: d = g + wd p = 1 + 0.5 = 1.5; buf = 1.5; p = 2 - 0.75 = 1.25
+    let mut g = vec![1.0];
+    be.sgd_step(&hp, &mut p, &mut g, &mut m);
+    assert_eq!((p[0], m[0]), (1.25, 1.5));
+    // step 2: d = 1 + 0.3125 = 1.3125; buf = 0.75 * 1.5 + 1.3125 = 2.4375; p = 1.25 - 1.21875
+    let mut g = vec![1.0];
+    be.sgd_step(&hp, &mut p, &mut g, &mut m);
+    assert_eq!((p[0], m[0]), (1.25 - 0.5 * 2.4375, 2.4375));
+}
