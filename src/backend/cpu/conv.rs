@@ -1,274 +1,337 @@
-//! CPU convolution: im2col + GEMM over chunks of images, col2im for the data gradient.
+//! CPU convolution: im2col + GEMM fused per task, col2im for the data gradient.
 //!
-//! The batch is processed in chunks whose size depends only on the shapes (never on the
-//! thread count), so results are bit-identical for any number of threads. Each chunk's
-//! im2col matrix is `(k, nb * ho * wo)` with k = c_in * kh * kw and one column per output
-//! pixel of each image; one GEMM then covers the whole chunk. Scratch buffers are owned by
-//! the backend and grow once to the largest shape seen, so the training loop allocates nothing.
+//! Forward and data-gradient passes split the batch into groups of whole images (about
+//! [`GROUP_COLS`] output pixels per group); each rayon task builds its group's im2col matrix
+//! `(k, cols)` (k = c_in kh kw) in a private scratch buffer and runs one single-threaded GEMM,
+//! so the im2col block stays in cache and tasks never share output. The filter gradient is a
+//! sum over the batch: it walks chunks of images in order and, within a chunk, splits the k
+//! rows of dW among tasks ([`K_BLOCK`] rows each), each building only its rows of im2col.
+//! Group, chunk and block sizes depend only on the shapes, never on the thread count, and every
+//! output element is summed by one task in a fixed order: results are bit-identical for any
+//! number of threads.
 
-use super::gemm::{matmul, Mat};
+use super::gemm::{matmul, matmul_into_block, Mat, SendPtr};
 use super::real::Real;
+use super::scratch::ScratchPool;
 use crate::ops::Conv2d;
 use rayon::prelude::*;
 
-/// Target number of im2col columns per chunk: wide enough for an efficient GEMM, small enough
-/// to stay in cache-friendly scratch.
-const TARGET_COLS: usize = 4096;
+/// Output pixels per forward / data-gradient task.
+pub const GROUP_COLS: usize = 1024;
+/// Output pixels per filter-gradient chunk.
+pub const CHUNK_COLS: usize = 4096;
+/// Rows of dW per filter-gradient task.
+pub const K_BLOCK: usize = 256;
 
-/// Images per chunk for this geometry.
-pub fn chunk_images(s: &Conv2d) -> usize {
+/// Largest im2col block per task, in elements (1 Mi floats = 4 MiB: stays in L2/L3).
+pub const MAX_BLOCK: usize = 1 << 20;
+
+/// Images per group of about `cols` output pixels, with the group's im2col block kept under
+/// [`MAX_BLOCK`] elements where a single image allows.
+fn images_per(s: &Conv2d, cols: usize) -> usize {
     let hw = s.h_out() * s.w_out();
-    (TARGET_COLS / hw.max(1)).clamp(1, s.n.max(1))
+    let cols = cols.min(MAX_BLOCK / s.k().max(1));
+    (cols / hw.max(1)).clamp(1, s.n.max(1))
 }
 
-/// Scratch elements needed: (im2col, gather) buffers.
-pub fn scratch_len(s: &Conv2d) -> (usize, usize) {
-    let nb = chunk_images(s);
-    let cols = nb * s.h_out() * s.w_out();
-    (s.k() * cols, s.c_out * cols)
+/// The output columns `lo..hi` of a kernel offset along one axis: positions o with
+/// `0 <= o*stride + k - pad < size`, clipped to `0..out`.
+#[inline]
+fn valid_range(size: usize, pad: usize, stride: usize, k: usize, out: usize) -> (usize, usize) {
+    let lo = pad.saturating_sub(k).div_ceil(stride);
+    let hi = if size + pad > k { ((size + pad - k - 1) / stride + 1).min(out) } else { 0 };
+    (lo.min(hi), hi)
 }
 
-fn grow<T: Real>(v: &mut Vec<T>, len: usize) {
-    if v.len() < len {
-        v.resize(len, T::ZERO);
-    }
-}
-
-/// Fill `col (k, nb*hw_out)` from images `b0..b0+nb` of x.
-fn im2col<T: Real>(s: &Conv2d, x: &[T], b0: usize, nb: usize, col: &mut [T]) {
+/// Fill `col (r1 - r0, nb * hw_out)` with rows r0..r1 of the im2col matrix of images
+/// `b0..b0+nb` of x.
+fn im2col_rows<T: Real>(s: &Conv2d, x: &[T], b0: usize, nb: usize, r0: usize, r1: usize, col: &mut [T]) {
     let (ho, wo) = (s.h_out(), s.w_out());
     let hwo = ho * wo;
     let ncols = nb * hwo;
     let img = s.c_in * s.h * s.w;
-    col[..s.k() * ncols]
-        .par_chunks_mut(ncols)
-        .enumerate()
-        .for_each(|(r, row)| {
-            let ci = r / (s.kh * s.kw);
-            let ky = (r / s.kw) % s.kh;
-            let kx = r % s.kw;
-            for bi in 0..nb {
-                let plane = &x[(b0 + bi) * img + ci * s.h * s.w..][..s.h * s.w];
-                let out = &mut row[bi * hwo..(bi + 1) * hwo];
-                for oy in 0..ho {
-                    let iy = (oy * s.stride + ky) as isize - s.pad as isize;
-                    let orow = &mut out[oy * wo..(oy + 1) * wo];
-                    if iy < 0 || iy >= s.h as isize {
-                        orow.fill(T::ZERO);
-                        continue;
-                    }
-                    let src = &plane[iy as usize * s.w..(iy as usize + 1) * s.w];
-                    // valid ox: 0 <= ox*stride + kx - pad < w
-                    let lo = s.pad.saturating_sub(kx).div_ceil(s.stride);
-                    let hi = if s.w + s.pad > kx {
-                        ((s.w + s.pad - kx - 1) / s.stride + 1).min(wo)
-                    } else {
-                        0
-                    };
-                    let lo = lo.min(hi);
-                    orow[..lo].fill(T::ZERO);
-                    orow[hi..].fill(T::ZERO);
-                    if s.stride == 1 {
-                        let start = lo + kx - s.pad;
-                        orow[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
-                    } else {
-                        for (ox, o) in orow.iter_mut().enumerate().take(hi).skip(lo) {
-                            *o = src[ox * s.stride + kx - s.pad];
-                        }
+    for r in r0..r1 {
+        let ci = r / (s.kh * s.kw);
+        let ky = (r / s.kw) % s.kh;
+        let kx = r % s.kw;
+        let (lo, hi) = valid_range(s.w, s.pad, s.stride, kx, wo);
+        let row = &mut col[(r - r0) * ncols..(r - r0 + 1) * ncols];
+        for bi in 0..nb {
+            let plane = &x[(b0 + bi) * img + ci * s.h * s.w..][..s.h * s.w];
+            let out = &mut row[bi * hwo..(bi + 1) * hwo];
+            for oy in 0..ho {
+                let iy = (oy * s.stride + ky) as isize - s.pad as isize;
+                let orow = &mut out[oy * wo..(oy + 1) * wo];
+                if iy < 0 || iy >= s.h as isize {
+                    orow.fill(T::ZERO);
+                    continue;
+                }
+                let src = &plane[iy as usize * s.w..(iy as usize + 1) * s.w];
+                orow[..lo].fill(T::ZERO);
+                orow[hi..].fill(T::ZERO);
+                if s.stride == 1 {
+                    let start = lo + kx - s.pad;
+                    orow[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
+                } else {
+                    for (ox, o) in orow.iter_mut().enumerate().take(hi).skip(lo) {
+                        *o = src[ox * s.stride + kx - s.pad];
                     }
                 }
             }
-        });
+        }
+    }
 }
 
-/// Add (or write) `col (k, nb*hw_out)` back into images `b0..b0+nb` of dx.
-fn col2im<T: Real>(s: &Conv2d, col: &[T], b0: usize, nb: usize, dx: &mut [T], accumulate: bool) {
+/// Write (or add) `col (k, nb * hw_out)` into `dx (nb, c_in, h, w)`, the images of one group.
+fn col2im<T: Real>(s: &Conv2d, col: &[T], nb: usize, dx: &mut [T], accumulate: bool) {
     let (ho, wo) = (s.h_out(), s.w_out());
     let hwo = ho * wo;
     let ncols = nb * hwo;
     let plane_len = s.h * s.w;
-    let img = s.c_in * plane_len;
-    dx[b0 * img..(b0 + nb) * img]
-        .par_chunks_mut(plane_len)
-        .enumerate()
-        .for_each(|(p, plane)| {
-            let bi = p / s.c_in;
-            let ci = p % s.c_in;
-            if !accumulate {
-                plane.fill(T::ZERO);
-            }
-            for ky in 0..s.kh {
-                for kx in 0..s.kw {
-                    let r = (ci * s.kh + ky) * s.kw + kx;
-                    let row = &col[r * ncols + bi * hwo..r * ncols + (bi + 1) * hwo];
-                    let lo = s.pad.saturating_sub(kx).div_ceil(s.stride);
-                    let hi = if s.w + s.pad > kx {
-                        ((s.w + s.pad - kx - 1) / s.stride + 1).min(wo)
-                    } else {
-                        0
-                    };
-                    if lo >= hi {
+    for (p, plane) in dx[..nb * s.c_in * plane_len].chunks_mut(plane_len).enumerate() {
+        let bi = p / s.c_in;
+        let ci = p % s.c_in;
+        if !accumulate {
+            plane.fill(T::ZERO);
+        }
+        for ky in 0..s.kh {
+            for kx in 0..s.kw {
+                let r = (ci * s.kh + ky) * s.kw + kx;
+                let row = &col[r * ncols + bi * hwo..r * ncols + (bi + 1) * hwo];
+                let (lo, hi) = valid_range(s.w, s.pad, s.stride, kx, wo);
+                if lo >= hi {
+                    continue;
+                }
+                for oy in 0..ho {
+                    let iy = (oy * s.stride + ky) as isize - s.pad as isize;
+                    if iy < 0 || iy >= s.h as isize {
                         continue;
                     }
-                    for oy in 0..ho {
-                        let iy = (oy * s.stride + ky) as isize - s.pad as isize;
-                        if iy < 0 || iy >= s.h as isize {
-                            continue;
+                    let dst = &mut plane[iy as usize * s.w..(iy as usize + 1) * s.w];
+                    let src = &row[oy * wo..(oy + 1) * wo];
+                    if s.stride == 1 {
+                        let start = lo + kx - s.pad;
+                        for (d, &v) in dst[start..start + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
+                            *d += v;
                         }
-                        let dst = &mut plane[iy as usize * s.w..(iy as usize + 1) * s.w];
-                        let src = &row[oy * wo..(oy + 1) * wo];
-                        if s.stride == 1 {
-                            let start = lo + kx - s.pad;
-                            for (d, &v) in dst[start..start + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
-                                *d += v;
-                            }
-                        } else {
-                            for ox in lo..hi {
-                                dst[ox * s.stride + kx - s.pad] += src[ox];
-                            }
+                    } else {
+                        for ox in lo..hi {
+                            dst[ox * s.stride + kx - s.pad] += src[ox];
                         }
                     }
                 }
             }
-        });
+        }
+    }
 }
 
-/// Copy images `b0..b0+nb` of t `(n, c, hw)` into g `(c, nb*hw)`.
-fn gather_chunk<T: Real>(t: &[T], c: usize, hw: usize, b0: usize, nb: usize, g: &mut [T]) {
-    g[..c * nb * hw]
-        .par_chunks_mut(nb * hw)
-        .enumerate()
-        .for_each(|(ch, row)| {
-            for bi in 0..nb {
-                let src = &t[((b0 + bi) * c + ch) * hw..][..hw];
-                row[bi * hw..(bi + 1) * hw].copy_from_slice(src);
-            }
-        });
+/// Copy `t (nb, c, hw)` into `g (c, nb * hw)`.
+fn gather<T: Real>(t: &[T], c: usize, hw: usize, nb: usize, g: &mut [T]) {
+    for ch in 0..c {
+        for bi in 0..nb {
+            g[ch * nb * hw + bi * hw..][..hw].copy_from_slice(&t[(bi * c + ch) * hw..][..hw]);
+        }
+    }
 }
 
-/// Copy g `(c, nb*hw)` into images `b0..b0+nb` of t `(n, c, hw)`.
-fn scatter_chunk<T: Real>(g: &[T], c: usize, hw: usize, b0: usize, nb: usize, t: &mut [T]) {
-    t[b0 * c * hw..(b0 + nb) * c * hw]
-        .par_chunks_mut(hw)
-        .enumerate()
-        .for_each(|(p, dst)| {
-            let bi = p / c;
-            let ch = p % c;
-            dst.copy_from_slice(&g[ch * nb * hw + bi * hw..][..hw]);
-        });
+/// Copy `g (c, nb * hw)` into `t (nb, c, hw)`.
+fn scatter<T: Real>(g: &[T], c: usize, hw: usize, nb: usize, t: &mut [T]) {
+    for bi in 0..nb {
+        for ch in 0..c {
+            t[(bi * c + ch) * hw..][..hw].copy_from_slice(&g[ch * nb * hw + bi * hw..][..hw]);
+        }
+    }
 }
 
-/// Forward: y = conv(x, w).
-pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T], col: &mut Vec<T>, tmp: &mut Vec<T>, threads: usize) {
-    assert!(x.len() >= s.x_len() && w.len() >= s.w_len() && y.len() >= s.y_len(), "conv2d_forward: buffer sizes");
+fn check(s: &Conv2d, x: usize, w: usize, y: usize, op: &str) {
+    assert!(x >= s.x_len() && w >= s.w_len() && y >= s.y_len(), "{op}: buffers smaller than {s:?}");
+}
+
+/// Forward: y = conv(x, w). x `(n, c_in, h, w)`, w `(c_out, k)`, y `(n, c_out, ho, wo)`.
+pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {
+    check(s, x.len(), w.len(), y.len(), "conv2d_forward");
     let hwo = s.h_out() * s.w_out();
     let k = s.k();
-    let nb_max = chunk_images(s);
-    let (col_len, tmp_len) = scratch_len(s);
-    grow(col, col_len);
-    grow(tmp, tmp_len);
-    let wm = Mat::rm(w, s.c_out, k);
-    let mut b0 = 0;
-    while b0 < s.n {
-        let nb = nb_max.min(s.n - b0);
-        let ncols = nb * hwo;
-        let rhs = if s.is_pointwise() && nb == 1 {
-            Mat::rm(&x[b0 * k * hwo..(b0 + 1) * k * hwo], k, ncols)
-        } else {
-            im2col(s, x, b0, nb, col);
-            Mat::rm(&col[..k * ncols], k, ncols)
-        };
-        if nb == 1 {
-            let dst = &mut y[b0 * s.c_out * hwo..(b0 + 1) * s.c_out * hwo];
-            matmul(dst, ncols, wm, rhs, false, threads);
-        } else {
-            matmul(&mut tmp[..s.c_out * ncols], ncols, wm, rhs, false, threads);
-            scatter_chunk(tmp, s.c_out, hwo, b0, nb, y);
-        }
-        b0 += nb;
-    }
+    let g = images_per(s, GROUP_COLS);
+    let wm = Mat::rm(&w[..s.w_len()], s.c_out, k);
+    y[..s.y_len()]
+        .par_chunks_mut(g * s.c_out * hwo)
+        .enumerate()
+        .for_each(|(gi, yg)| {
+            let b0 = gi * g;
+            let nb = yg.len() / (s.c_out * hwo);
+            let ncols = nb * hwo;
+            let direct = s.is_pointwise() && nb == 1;
+            let col_len = if direct { 0 } else { k * ncols };
+            let tmp_len = if nb == 1 { 0 } else { s.c_out * ncols };
+            pool.with(col_len + tmp_len, |buf| {
+                let (col, tmp) = buf.split_at_mut(col_len);
+                let rhs = if direct {
+                    Mat::rm(&x[b0 * k * hwo..(b0 + 1) * k * hwo], k, ncols)
+                } else {
+                    im2col_rows(s, x, b0, nb, 0, k, col);
+                    Mat::rm(&*col, k, ncols)
+                };
+                if nb == 1 {
+                    matmul(yg, ncols, wm, rhs, false, 1);
+                } else {
+                    matmul(tmp, ncols, wm, rhs, false, 1);
+                    scatter(tmp, s.c_out, hwo, nb, yg);
+                }
+            });
+        });
 }
 
 /// Data gradient: dx (+)= conv_transpose(dy, w).
-#[allow(clippy::too_many_arguments)]
-pub fn backward_data<T: Real>(
-    s: &Conv2d,
-    dy: &[T],
-    w: &[T],
-    dx: &mut [T],
-    accumulate: bool,
-    col: &mut Vec<T>,
-    tmp: &mut Vec<T>,
-    threads: usize,
-) {
-    assert!(dx.len() >= s.x_len() && w.len() >= s.w_len() && dy.len() >= s.y_len(), "conv2d_backward_data: buffer sizes");
+pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
+    check(s, dx.len(), w.len(), dy.len(), "conv2d_backward_data");
     let hwo = s.h_out() * s.w_out();
     let k = s.k();
-    let nb_max = chunk_images(s);
-    let (col_len, tmp_len) = scratch_len(s);
-    grow(col, col_len);
-    grow(tmp, tmp_len);
-    let wt = Mat::rm_t(w, k, s.c_out); // (k, c_out)
-    let mut b0 = 0;
-    while b0 < s.n {
-        let nb = nb_max.min(s.n - b0);
+    let g = images_per(s, GROUP_COLS);
+    let img = s.c_in * s.h * s.w;
+    let wt = Mat::rm_t(&w[..s.w_len()], k, s.c_out); // (k, c_out)
+    dx[..s.x_len()].par_chunks_mut(g * img).enumerate().for_each(|(gi, dxg)| {
+        let b0 = gi * g;
+        let nb = dxg.len() / img;
         let ncols = nb * hwo;
-        let dyc = if nb == 1 {
-            Mat::rm(&dy[b0 * s.c_out * hwo..(b0 + 1) * s.c_out * hwo], s.c_out, ncols)
-        } else {
-            gather_chunk(dy, s.c_out, hwo, b0, nb, tmp);
-            Mat::rm(&tmp[..s.c_out * ncols], s.c_out, ncols)
-        };
-        if s.is_pointwise() && nb == 1 {
-            let dst = &mut dx[b0 * k * hwo..(b0 + 1) * k * hwo];
-            matmul(dst, ncols, wt, dyc, accumulate, threads);
-        } else {
-            matmul(&mut col[..k * ncols], ncols, wt, dyc, false, threads);
-            col2im(s, col, b0, nb, dx, accumulate);
-        }
-        b0 += nb;
+        let dy_len = if nb == 1 { 0 } else { s.c_out * ncols };
+        let direct = s.is_pointwise() && nb == 1;
+        let col_len = if direct { 0 } else { k * ncols };
+        pool.with(dy_len + col_len, |buf| {
+            let (dyg, col) = buf.split_at_mut(dy_len);
+            let dyc = &dy[b0 * s.c_out * hwo..(b0 + nb) * s.c_out * hwo];
+            let lhs = if nb == 1 {
+                Mat::rm(dyc, s.c_out, ncols)
+            } else {
+                gather(dyc, s.c_out, hwo, nb, dyg);
+                Mat::rm(&*dyg, s.c_out, ncols)
+            };
+            if direct {
+                matmul(dxg, ncols, wt, lhs, accumulate, 1);
+            } else {
+                matmul(col, ncols, wt, lhs, false, 1);
+                col2im(s, col, nb, dxg, accumulate);
+            }
+        });
+    });
+}
+
+/// Filter gradient: dw (+)= sum over the batch of dy im2col(x)^T. dw `(c_out, k)`.
+pub fn backward_filter<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
+    check(s, x.len(), dw.len(), dy.len(), "conv2d_backward_filter");
+    if s.w_len() <= LANES_MAX_WEIGHT {
+        backward_filter_lanes(s, x, dy, dw, accumulate, pool);
+    } else {
+        backward_filter_kblocks(s, x, dy, dw, accumulate, pool);
     }
 }
 
-/// Filter gradient: dw (+)= sum over the batch of dy x^T (in im2col form).
-#[allow(clippy::too_many_arguments)]
-pub fn backward_filter<T: Real>(
-    s: &Conv2d,
-    x: &[T],
-    dy: &[T],
-    dw: &mut [T],
-    accumulate: bool,
-    col: &mut Vec<T>,
-    tmp: &mut Vec<T>,
-    threads: usize,
-) {
-    assert!(x.len() >= s.x_len() && dw.len() >= s.w_len() && dy.len() >= s.y_len(), "conv2d_backward_filter: buffer sizes");
+/// Fixed number of partial sums of the small-filter gradient path.
+pub const LANES: usize = 8;
+/// Largest weight (elements) that takes the partial-sum path.
+pub const LANES_MAX_WEIGHT: usize = 1 << 19;
+
+/// Filter gradient for small weights: image groups are dealt to [`LANES`] lanes (group g to
+/// lane g mod LANES); each lane sums its groups' `dy im2col^T` in order into a private
+/// partial, and the partials are added in lane order.
+fn backward_filter_lanes<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
     let hwo = s.h_out() * s.w_out();
     let k = s.k();
-    let nb_max = chunk_images(s);
-    let (col_len, tmp_len) = scratch_len(s);
-    grow(col, col_len);
-    grow(tmp, tmp_len);
+    let wl = s.w_len();
+    let g = images_per(s, GROUP_COLS);
+    let groups = s.n.div_ceil(g);
+    pool.with(LANES * wl, |partials| {
+        partials.par_chunks_mut(wl).enumerate().for_each(|(lane, part)| {
+            part.fill(T::ZERO);
+            for gi in (lane..groups).step_by(LANES) {
+                let b0 = gi * g;
+                let nb = g.min(s.n - b0);
+                let ncols = nb * hwo;
+                let dyc = &dy[b0 * s.c_out * hwo..(b0 + nb) * s.c_out * hwo];
+                let direct = s.is_pointwise() && nb == 1;
+                let dy_len = if nb == 1 { 0 } else { s.c_out * ncols };
+                let col_len = if direct { 0 } else { k * ncols };
+                pool.with(dy_len + col_len, |buf| {
+                    let (dyg, col) = buf.split_at_mut(dy_len);
+                    let lhs = if nb == 1 {
+                        Mat::rm(dyc, s.c_out, ncols)
+                    } else {
+                        gather(dyc, s.c_out, hwo, nb, dyg);
+                        Mat::rm(&*dyg, s.c_out, ncols)
+                    };
+                    let colm = if direct {
+                        Mat::rm(&x[b0 * k * hwo..(b0 + 1) * k * hwo], k, ncols)
+                    } else {
+                        im2col_rows(s, x, b0, nb, 0, k, col);
+                        Mat::rm(&*col, k, ncols)
+                    };
+                    // part is dW^T (k, c_out): this orientation runs faster in gemm.
+                    let dyt = Mat { data: lhs.data, rows: ncols, cols: s.c_out, rs: 1, cs: ncols };
+                    matmul(part, s.c_out, colm, dyt, true, 1);
+                });
+            }
+        });
+        let dw = &mut dw[..wl];
+        if !accumulate {
+            dw.fill(T::ZERO);
+        }
+        for part in partials.chunks(wl) {
+            for (r, prow) in part.chunks(s.c_out).enumerate() {
+                for (co, &p) in prow.iter().enumerate() {
+                    dw[co * k + r] += p;
+                }
+            }
+        }
+    });
+}
+
+/// Filter gradient for large weights: chunks of images in order; within a chunk the k
+/// columns of dW are split among tasks.
+fn backward_filter_kblocks<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
+    let hwo = s.h_out() * s.w_out();
+    let k = s.k();
+    let chunk = images_per(s, CHUNK_COLS);
+    let dw = &mut dw[..s.w_len()];
     if s.n == 0 && !accumulate {
-        dw[..s.w_len()].fill(T::ZERO);
+        dw.fill(T::ZERO);
     }
+    // Task j owns the columns j*K_BLOCK.. of every row of dW.
+    let nblocks = k.div_ceil(K_BLOCK);
     let mut b0 = 0;
     while b0 < s.n {
-        let nb = nb_max.min(s.n - b0);
+        let nb = chunk.min(s.n - b0);
         let ncols = nb * hwo;
-        let dyc = if nb == 1 {
-            Mat::rm(&dy[b0 * s.c_out * hwo..(b0 + 1) * s.c_out * hwo], s.c_out, ncols)
-        } else {
-            gather_chunk(dy, s.c_out, hwo, b0, nb, tmp);
-            Mat::rm(&tmp[..s.c_out * ncols], s.c_out, ncols)
-        };
-        let colt = if s.is_pointwise() && nb == 1 {
-            Mat::rm_t(&x[b0 * k * hwo..(b0 + 1) * k * hwo], ncols, k)
-        } else {
-            im2col(s, x, b0, nb, col);
-            Mat::rm_t(&col[..k * ncols], ncols, k)
-        };
-        matmul(&mut dw[..s.w_len()], k, dyc, colt, accumulate || b0 > 0, threads);
+        let dyc = &dy[b0 * s.c_out * hwo..(b0 + nb) * s.c_out * hwo];
+        pool.with(if nb == 1 { 0 } else { s.c_out * ncols }, |dyg| {
+            let lhs = if nb == 1 {
+                Mat::rm(dyc, s.c_out, ncols)
+            } else {
+                dyg.par_chunks_mut(ncols).enumerate().for_each(|(ch, row)| {
+                    for bi in 0..nb {
+                        row[bi * hwo..(bi + 1) * hwo].copy_from_slice(&dyc[(bi * s.c_out + ch) * hwo..][..hwo]);
+                    }
+                });
+                Mat::rm(&*dyg, s.c_out, ncols)
+            };
+            let read = accumulate || b0 > 0;
+            let dst = SendPtr(dw.as_mut_ptr());
+            (0..nblocks).into_par_iter().for_each(|j| {
+                let (r0, r1) = (j * K_BLOCK, ((j + 1) * K_BLOCK).min(k));
+                let kb = r1 - r0;
+                pool.with(kb * ncols, |col| {
+                    let rhs = if s.is_pointwise() && nb == 1 {
+                        Mat::rm_t(&x[b0 * k * hwo + r0 * hwo..b0 * k * hwo + r1 * hwo], ncols, kb)
+                    } else {
+                        im2col_rows(s, x, b0, nb, r0, r1, col);
+                        Mat::rm_t(&*col, ncols, kb)
+                    };
+                    // SAFETY: dW is (c_out, k) row-major with s.w_len() elements (checked at
+                    // entry); this task writes only columns r0..r1 of each row, which no
+                    // other task of this loop touches, and dw is not otherwise used meanwhile.
+                    unsafe { matmul_into_block(dst.add(r0), k, lhs, rhs, read) };
+                });
+            });
+        });
         b0 += nb;
     }
 }

@@ -84,6 +84,66 @@ pub fn matmul<T: Real>(dst: &mut [T], ld: usize, a: Mat<'_, T>, b: Mat<'_, T>, a
     }
 }
 
+/// A raw destination pointer that may cross into rayon tasks. Used only where tasks write
+/// provably disjoint parts of one matrix (distinct column blocks).
+#[derive(Clone, Copy)]
+pub struct SendPtr<T>(pub *mut T);
+impl<T> SendPtr<T> {
+    /// The pointer `n` elements further.
+    ///
+    /// # Safety
+    /// The result must stay inside the allocation the pointer came from.
+    pub unsafe fn add(self, n: usize) -> Self {
+        // SAFETY: forwarded to the caller.
+        SendPtr(unsafe { self.0.add(n) })
+    }
+}
+
+// SAFETY: the pointer is only dereferenced through `matmul_into_block`, whose callers
+// guarantee that concurrent tasks write disjoint elements.
+unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as above.
+unsafe impl<T> Sync for SendPtr<T> {}
+
+/// `dst[i * ld + j] (+)= (a @ b)[i, j]` for the (m, n) block at a raw pointer, single-threaded.
+///
+/// # Safety
+/// `dst` must be valid for writes at every `i * ld + j` with i < a.rows, j < b.cols, and no
+/// other thread may access those elements during the call.
+pub unsafe fn matmul_into_block<T: Real>(dst: SendPtr<T>, ld: usize, a: Mat<'_, T>, b: Mat<'_, T>, accumulate: bool) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(b.rows, k, "matmul: inner dimensions differ");
+    assert!(a.data.len() > a.max_index() && b.data.len() > b.max_index(), "matmul: operand too small");
+    if m == 0 || n == 0 || k == 0 {
+        assert!(k > 0 || accumulate, "matmul_into_block: empty inner dimension");
+        return;
+    }
+    // SAFETY: operands are bounds-checked above; the caller guarantees dst.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            1,
+            ld as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

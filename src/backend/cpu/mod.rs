@@ -8,19 +8,20 @@ pub mod elementwise;
 pub mod gemm;
 pub mod norm;
 pub mod real;
+pub mod scratch;
 
 pub use real::Real;
 
 use super::Backend;
 use crate::ops::{BatchNorm, Conv2d, Linear, Pool2d, Sgd};
 use crate::Result;
-use std::sync::Mutex;
+use scratch::ScratchPool;
 
 /// The CPU backend. Holds the convolution scratch buffers, which grow to the largest layer once.
 pub struct CpuBackend<T: Real> {
     threads: usize,
-    /// im2col scratch `(k, cols)` and chunk gather scratch `(c_out, cols)`.
-    scratch: Mutex<(Vec<T>, Vec<T>)>,
+    /// Scratch for im2col and gathered gradients.
+    scratch: ScratchPool<T>,
 }
 
 impl<T: Real> CpuBackend<T> {
@@ -28,13 +29,12 @@ impl<T: Real> CpuBackend<T> {
     pub fn new() -> Self {
         CpuBackend {
             threads: rayon::current_num_threads(),
-            scratch: Mutex::new((Vec::new(), Vec::new())),
+            scratch: ScratchPool::new(),
         }
     }
     /// Bytes held by the scratch buffers.
     pub fn scratch_bytes(&self) -> usize {
-        let s = self.scratch.lock().expect("scratch lock");
-        (s.0.len() + s.1.len()) * std::mem::size_of::<T>()
+        self.scratch.bytes()
     }
 }
 
@@ -96,19 +96,13 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
 
     fn conv2d_forward(&self, s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) {
-        let mut g = self.scratch.lock().expect("scratch lock");
-        let (col, tmp) = &mut *g;
-        conv::forward(s, x, w, y, col, tmp, self.threads);
+        conv::forward(s, x, w, y, &self.scratch);
     }
     fn conv2d_backward_data(&self, s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T], accumulate: bool) {
-        let mut g = self.scratch.lock().expect("scratch lock");
-        let (col, tmp) = &mut *g;
-        conv::backward_data(s, dy, w, dx, accumulate, col, tmp, self.threads);
+        conv::backward_data(s, dy, w, dx, accumulate, &self.scratch);
     }
     fn conv2d_backward_filter(&self, s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], accumulate: bool) {
-        let mut g = self.scratch.lock().expect("scratch lock");
-        let (col, tmp) = &mut *g;
-        conv::backward_filter(s, x, dy, dw, accumulate, col, tmp, self.threads);
+        conv::backward_filter(s, x, dy, dw, accumulate, &self.scratch);
     }
 
     fn batchnorm_forward_train(

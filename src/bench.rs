@@ -1,0 +1,210 @@
+//! `loft bench`: the machine's SGEMM rate, per-layer convolution GFLOP/s and full training
+//! steps, printed as Markdown tables (progress on stderr).
+
+use crate::backend::cpu::gemm::{matmul, matmul_into_block, Mat, SendPtr};
+use rayon::prelude::*;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::model::{ArchSpec, Graph, Model, Op};
+use crate::ops::{Conv2d, Sgd};
+use crate::rng::Rng;
+use crate::Result;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Median-of-runs timer: runs `f` until `min_s` seconds and at least `min_reps` runs have
+/// passed (after one warm-up run) and returns the median seconds per run.
+fn time_it(min_reps: usize, min_s: f64, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times = Vec::new();
+    let start = Instant::now();
+    while times.len() < min_reps || start.elapsed().as_secs_f64() < min_s {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64());
+        if times.len() >= 1000 {
+            break;
+        }
+    }
+    times.sort_by(|a, b| a.partial_cmp(b).expect("finite time"));
+    times[times.len() / 2]
+}
+
+fn random(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| (r.uniform() * 2.0 - 1.0) as f32).collect()
+}
+
+/// SGEMM GFLOP/s of an (n, n) x (n, n) product with `threads` threads: the better of gemm's
+/// own threading and an explicit split of the output columns among rayon tasks.
+pub fn sgemm_gflops(n: usize, threads: usize) -> f64 {
+    let a = random(n * n, 1);
+    let b = random(n * n, 2);
+    let mut c = vec![0f32; n * n];
+    let t_gemm = time_it(5, 1.0, || matmul(&mut c, n, Mat::rm(&a, n, n), Mat::rm(&b, n, n), false, threads));
+    let t_split = if threads > 1 {
+        let cols = n.div_ceil(threads);
+        let dst = SendPtr(c.as_mut_ptr());
+        time_it(5, 1.0, || {
+            (0..threads).into_par_iter().for_each(|t| {
+                let (j0, j1) = (t * cols, ((t + 1) * cols).min(n));
+                let bm = Mat { data: &b[j0..], rows: n, cols: j1 - j0, rs: n, cs: 1 };
+                // SAFETY: task t writes only columns j0..j1 of the (n, n) output c, which is
+                // alive and not otherwise accessed during the loop.
+                unsafe { matmul_into_block(dst.add(j0), n, Mat::rm(&a, n, n), bm, false) };
+            })
+        })
+    } else {
+        f64::INFINITY
+    };
+    2.0 * (n * n * n) as f64 / t_gemm.min(t_split) / 1e9
+}
+
+/// Peak resident memory of this process in bytes (VmHWM), if the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Distinct convolutions of a graph at batch n, with how many times each occurs.
+pub fn distinct_convs(g: &Graph, n: usize) -> Vec<(Conv2d, usize, String)> {
+    let mut out: Vec<(Conv2d, usize, String)> = Vec::new();
+    for op in &g.ops {
+        if let Op::Conv { geom, w, .. } = op {
+            let s = geom.with_n(n);
+            match out.iter_mut().find(|(c, _, _)| *c == s) {
+                Some(e) => e.1 += 1,
+                None => out.push((s, 1, g.params.entries[*w].name.clone())),
+            }
+        }
+    }
+    out
+}
+
+/// Timing of one convolution: seconds for forward, backward-data, backward-filter.
+pub fn time_conv(be: &CpuBackend<f32>, s: &Conv2d) -> (f64, f64, f64) {
+    let x = random(s.x_len(), 3);
+    let w = random(s.w_len(), 4);
+    let dy = random(s.y_len(), 5);
+    let mut y = vec![0f32; s.y_len()];
+    let mut dx = vec![0f32; s.x_len()];
+    let mut dw = vec![0f32; s.w_len()];
+    let f = time_it(5, 1.0, || be.conv2d_forward(s, &x, &w, &mut y));
+    let bd = time_it(5, 1.0, || be.conv2d_backward_data(s, &dy, &w, &mut dx, false));
+    let bf = time_it(5, 1.0, || be.conv2d_backward_filter(s, &x, &dy, &mut dw, false));
+    (f, bd, bf)
+}
+
+/// Seconds per training step of `spec` at batch n on (c, h, w) inputs, and model bytes.
+pub fn time_train_step(spec: &ArchSpec, n: usize, h: usize, w: usize, steps: usize) -> Result<(f64, usize)> {
+    let g = Graph::build(spec, h, w, None)?;
+    let be = Arc::new(CpuBackend::<f32>::new());
+    let mut m = Model::new(be.clone(), g, n)?;
+    m.init(1)?;
+    let x = random(n * spec.in_channels * h * w, 6);
+    let y: Vec<u32> = (0..n).map(|i| (i % spec.classes) as u32).collect();
+    m.set_batch(n, &x, &y)?;
+    let hp = Sgd { lr: 0.01, momentum: 0.9, weight_decay: 5e-4 };
+    let mut err = None;
+    let t = time_it(steps, 0.0, || {
+        if let Err(e) = m.train_step(n, &hp) {
+            err = Some(e);
+        }
+    });
+    if let Some(e) = err {
+        return Err(e);
+    }
+    Ok((t, m.device_bytes() + be.scratch_bytes()))
+}
+
+/// Options of `loft bench`.
+pub struct BenchOptions {
+    pub batch: usize,
+    /// Skip the per-layer table (quick runs).
+    pub quick: bool,
+}
+
+/// Run every benchmark and print the Markdown tables.
+pub fn run(opts: &BenchOptions) -> Result<()> {
+    let threads = rayon::current_num_threads();
+    eprintln!("loft bench: {threads} threads");
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown CPU".into());
+    println!("### Machine\n\n{cpu}, {threads} threads (rayon), f32.\n");
+    eprintln!("sgemm 1024^3 ...");
+    let g1 = sgemm_gflops(1024, 1);
+    let gt = sgemm_gflops(1024, threads);
+    println!("### SGEMM (gemm crate, 1024 x 1024 x 1024)\n");
+    println!("| threads | GFLOP/s |\n|---:|---:|");
+    println!("| 1 | {g1:.1} |\n| {threads} | {gt:.1} |\n");
+
+    let n = opts.batch;
+    if !opts.quick {
+        let spec = ArchSpec::named("preresnet18")?;
+        let g = Graph::build(&spec, 32, 32, None)?;
+        let be = CpuBackend::<f32>::new();
+        println!("### Convolutions of CIFAR PreResNet-18 (base 64, inner width 2), batch {n}\n");
+        println!("GFLOP/s of each pass; `% sgemm` is the slowest pass against the {threads}-thread SGEMM rate ({gt:.1}).\n");
+        println!("| layer (first of its shape) | count | c_in -> c_out | k / stride | in HxW | forward | backward data | backward filter | % sgemm |");
+        println!("|---|---:|---|---|---|---:|---:|---:|---:|");
+        for (s, count, name) in distinct_convs(&g, n) {
+            eprintln!("conv {name} ...");
+            let (f, bd, bf) = time_conv(&be, &s);
+            let fl = s.flops() / 1e9;
+            let (gf, gd, gw) = (fl / f, fl / bd, fl / bf);
+            let worst = gf.min(gd).min(gw);
+            println!(
+                "| {name} | {count} | {} -> {} | {}x{} / {} | {}x{} | {gf:.1} | {gd:.1} | {gw:.1} | {:.0}% |",
+                s.c_in,
+                s.c_out,
+                s.kh,
+                s.kw,
+                s.stride,
+                s.h,
+                s.w,
+                100.0 * worst / gt
+            );
+        }
+        println!();
+    }
+    println!("### Full training step (forward, loss, backward, SGD), batch {n}, 32x32x3 input\n");
+    println!("| model | params | GFLOP/step | step (s) | images/s | GFLOP/s | model + scratch memory | peak RSS |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for base in [64, 16] {
+        eprintln!("train step base width {base} ...");
+        let exe = std::env::current_exe().map_err(|e| crate::Error::io("current exe", e))?;
+        let out = std::process::Command::new(exe)
+            .args(["bench", "--step-only", &base.to_string(), "--batch", &n.to_string()])
+            .output()
+            .map_err(|e| crate::Error::io("bench child", e))?;
+        if !out.status.success() {
+            return Err(crate::Error::Backend(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+    Ok(())
+}
+
+/// One table row for a training step of PreResNet-18 at `base` width (run in a child process
+/// so that its peak RSS is its own).
+pub fn step_row(base: usize, n: usize) -> Result<()> {
+    let mut spec = ArchSpec::named("preresnet18")?;
+    spec.base_width = base;
+    let g = Graph::build(&spec, 32, 32, None)?;
+    let flops = 3.0 * g.flops_per_sample() * n as f64 / 1e9;
+    let params = g.params.total;
+    let (t, bytes) = time_train_step(&spec, n, 32, 32, 5)?;
+    let rss = peak_rss_bytes().map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into());
+    println!(
+        "| PreResNet-18 base {base} | {:.2} M | {flops:.1} | {t:.3} | {:.0} | {:.1} | {:.2} GiB | {rss} |",
+        params as f64 / 1e6,
+        n as f64 / t,
+        flops / t,
+        bytes as f64 / (1u64 << 30) as f64
+    );
+    Ok(())
+}
