@@ -2,10 +2,15 @@
 
 pub mod backend;
 pub mod bench;
+pub mod cli;
 pub mod data;
 pub mod error;
+pub mod info;
 pub mod model;
 pub mod ops;
+pub mod progress;
 pub mod rng;
+pub mod schedule;
+pub mod train;
 
 pub use error::{Error, Result};

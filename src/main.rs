@@ -1,13 +1,11 @@
-//! The `loft` command line.
+//! The `loft` binary: parse the command line, run it, and turn any error into one line.
+
+use clap::Parser;
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let r = if args.len() > 3 && args[2] == "--step-only" {
-        loft::bench::step_row(args[3].parse().unwrap(), 128)
-    } else {
-        loft::bench::run(&loft::bench::BenchOptions { batch: 128, quick: false })
-    };
-    if let Err(e) = r {
-        eprintln!("error: {e}");
+    let cli = loft::cli::Cli::parse();
+    if let Err(e) = loft::cli::run(cli) {
+        eprintln!("loft: error: {e}");
         std::process::exit(1);
     }
 }

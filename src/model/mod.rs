@@ -43,6 +43,30 @@ pub struct Model<B: Backend> {
     saves: Vec<B::Buf>,
     labels: B::Buf,
     loss_stats: B::Buf,
+    /// When set, forward and backward add each op's wall time here (seconds by op kind).
+    pub op_times: Option<OpTimes>,
+}
+
+/// Wall time per op kind, for profiling (`loft bench`).
+#[derive(Clone, Debug, Default)]
+pub struct OpTimes {
+    pub forward: std::collections::BTreeMap<&'static str, f64>,
+    pub backward: std::collections::BTreeMap<&'static str, f64>,
+}
+
+impl Op {
+    /// Short name of the op kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Conv { .. } => "conv",
+            Op::Bn { .. } => "batchnorm",
+            Op::Relu { .. } => "relu",
+            Op::Add { .. } => "add",
+            Op::MaxPool { .. } => "maxpool",
+            Op::AvgPool { .. } => "avgpool",
+            Op::Linear { .. } => "linear",
+        }
+    }
 }
 
 /// Take buffer `i` out of a list for the duration of an op (put it back with `put`).
@@ -79,6 +103,7 @@ impl<B: Backend> Model<B> {
             acts,
             dacts,
             saves,
+            op_times: None,
             capacity,
             graph,
             be,
@@ -144,6 +169,7 @@ impl<B: Backend> Model<B> {
         let be = self.be.clone();
         let be = &*be;
         for op in self.graph.ops.clone().iter() {
+            let started = self.op_times.as_ref().map(|_| std::time::Instant::now());
             let y_id = op.output();
             let ylen = self.act_len(y_id, n);
             let mut ybuf = take(&mut self.acts, y_id);
@@ -204,6 +230,9 @@ impl<B: Backend> Model<B> {
                 }
             }
             self.acts[y_id] = Some(ybuf);
+            if let (Some(t), Some(times)) = (started, self.op_times.as_mut()) {
+                *times.forward.entry(op.kind()).or_default() += t.elapsed().as_secs_f64();
+            }
         }
     }
 
@@ -234,6 +263,7 @@ impl<B: Backend> Model<B> {
         let be = &*be;
         let input = self.graph.input;
         for (i, op) in self.graph.ops.clone().iter().enumerate().rev() {
+            let started = self.op_times.as_ref().map(|_| std::time::Instant::now());
             let acc = self.graph.accumulate[i].clone();
             let y_id = op.output();
             let ylen = self.act_len(y_id, n);
@@ -297,6 +327,9 @@ impl<B: Backend> Model<B> {
                 }
             }
             self.dacts[y_id] = Some(dybuf);
+            if let (Some(t), Some(times)) = (started, self.op_times.as_mut()) {
+                *times.backward.entry(op.kind()).or_default() += t.elapsed().as_secs_f64();
+            }
         }
     }
 

@@ -26,12 +26,20 @@ pub const K_BLOCK: usize = 256;
 /// Largest im2col block per task, in elements (1 Mi floats = 4 MiB: stays in L2/L3).
 pub const MAX_BLOCK: usize = 1 << 20;
 
-/// Images per group of about `cols` output pixels, with the group's im2col block kept under
-/// [`MAX_BLOCK`] elements where a single image allows.
+/// Groups are made in multiples of this count (when the batch allows) so that tasks divide
+/// evenly among 1, 2, 4 or 8 threads.
+pub const TASK_MULTIPLE: usize = 8;
+
+/// Images per group: about `cols` output pixels per group, im2col blocks under
+/// [`MAX_BLOCK`] elements where a single image allows, and a group count that is a multiple of
+/// [`TASK_MULTIPLE`]. Depends only on the shape.
 fn images_per(s: &Conv2d, cols: usize) -> usize {
-    let hw = s.h_out() * s.w_out();
-    let cols = cols.min(MAX_BLOCK / s.k().max(1));
-    (cols / hw.max(1)).clamp(1, s.n.max(1))
+    let n = s.n.max(1);
+    let total = n * s.h_out() * s.w_out();
+    let by_cols = total.div_ceil(cols.max(1));
+    let by_block = (total * s.k()).div_ceil(MAX_BLOCK);
+    let groups = by_cols.max(by_block).max(1).next_multiple_of(TASK_MULTIPLE).min(n);
+    n.div_ceil(groups)
 }
 
 /// The output columns `lo..hi` of a kernel offset along one axis: positions o with
@@ -271,17 +279,27 @@ fn backward_filter_lanes<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], a
                 });
             }
         });
-        let dw = &mut dw[..wl];
-        if !accumulate {
-            dw.fill(T::ZERO);
-        }
-        for part in partials.chunks(wl) {
-            for (r, prow) in part.chunks(s.c_out).enumerate() {
-                for (co, &p) in prow.iter().enumerate() {
-                    dw[co * k + r] += p;
+        // Sum the lanes into lane 0 (in lane order, in parallel over contiguous pieces), then
+        // transpose (k, c_out) into dW (c_out, k).
+        let (first, rest) = partials.split_at_mut(wl);
+        first.par_chunks_mut(4096).enumerate().for_each(|(ci, piece)| {
+            for lane in rest.chunks(wl) {
+                for (d, &p) in piece.iter_mut().zip(&lane[ci * 4096..]) {
+                    *d += p;
                 }
             }
-        }
+        });
+        let sum: &[T] = first;
+        dw[..wl].par_chunks_mut(k).enumerate().for_each(|(co, row)| {
+            for (r, d) in row.iter_mut().enumerate() {
+                let v = sum[r * s.c_out + co];
+                if accumulate {
+                    *d += v;
+                } else {
+                    *d = v;
+                }
+            }
+        });
     });
 }
 

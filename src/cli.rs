@@ -1,0 +1,286 @@
+//! The command-line interface: clap definitions and their translation into configurations.
+
+use crate::data::{Augment, DatasetKind};
+use crate::model::{ArchSpec, Graph, Stem};
+use crate::schedule::Schedule;
+use crate::train::TrainConfig;
+use crate::{Error, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// loft: LoFT filter-wise pre-training and lottery tickets for residual networks.
+#[derive(Parser, Debug)]
+#[command(name = "loft", version, about, long_about = None)]
+pub struct Cli {
+    /// Worker threads (0 = all cores).
+    #[arg(long, global = true, default_value_t = 0)]
+    pub threads: usize,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train a network densely (ordinary SGD) and evaluate it every epoch.
+    Train(TrainArgs),
+    /// Print the layer table and the shared / partitioned parameter counts of an architecture.
+    Info(InfoArgs),
+    /// Measure SGEMM, per-layer convolution and training-step speed (Markdown on stdout).
+    Bench(BenchArgs),
+}
+
+/// Flags that define the network.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Architecture: preresnet18, preresnet34, resnet18, resnet34.
+    #[arg(long, default_value = "preresnet18")]
+    pub arch: String,
+    /// Planes of the first stage (stages use 1x, 2x, 4x, 8x).
+    #[arg(long, default_value_t = 64)]
+    pub base_width: usize,
+    /// Inner width factor w of the residual blocks (C -> wC -> C).
+    #[arg(long, default_value_t = 2)]
+    pub inner_width: usize,
+    /// Input stem: cifar (3x3 conv) or imagenet (7x7 stride-2 conv + max pool).
+    #[arg(long, default_value = "cifar")]
+    pub stem: String,
+    /// Number of classes [default: the data set's].
+    #[arg(long)]
+    pub classes: Option<usize>,
+    /// Stages (1-4) whose blocks LoFT partitions, comma-separated.
+    #[arg(long, default_value = "2,3,4", value_delimiter = ',')]
+    pub partitioned_stages: Vec<usize>,
+}
+
+impl ModelArgs {
+    /// The architecture for inputs with `in_channels` channels and `default_classes` classes.
+    pub fn spec(&self, in_channels: usize, default_classes: usize) -> Result<ArchSpec> {
+        let mut s = ArchSpec::named(&self.arch)?;
+        s.base_width = self.base_width;
+        s.inner_width = self.inner_width;
+        s.stem = Stem::parse(&self.stem)?;
+        s.in_channels = in_channels;
+        s.classes = self.classes.unwrap_or(default_classes);
+        s.partitioned_stages = self.partitioned_stages.clone();
+        s.validate()?;
+        Ok(s)
+    }
+}
+
+/// `loft train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Data set: fashion-mnist, cifar10, cifar100, synthetic.
+    #[arg(long, default_value = "fashion-mnist")]
+    pub dataset: String,
+    /// Directory of the data files [default: /usr/share/datasets/fashion-mnist,
+    /// data/cifar-10-batches-bin or data/cifar-100-binary].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Train on the first N training samples only (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub train_subset: usize,
+    /// Evaluate on the first N test samples only (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub test_subset: usize,
+    /// Training epochs.
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    /// Mini-batch size.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
+    pub lr: f64,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
+    pub momentum: f64,
+    /// Weight decay (L2, added to the gradient as PyTorch does).
+    #[arg(long, default_value_t = 5e-4, allow_negative_numbers = true)]
+    pub weight_decay: f64,
+    /// Learning-rate schedule: cosine, step or constant.
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    /// Epochs at which the step schedule multiplies the rate by --gamma.
+    #[arg(long, value_delimiter = ',', default_value = "")]
+    pub milestones: Vec<String>,
+    /// Factor of the step schedule.
+    #[arg(long, default_value_t = 0.1)]
+    pub gamma: f64,
+    /// Epochs of linear warmup from 0 to --lr (fractions allowed).
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub warmup_epochs: f64,
+    /// Zero padding of the random crop [default: 2 for fashion-mnist, 4 for cifar, 0 for synthetic].
+    #[arg(long)]
+    pub crop_pad: Option<usize>,
+    /// Random horizontal flips: true or false [default: true, false for synthetic].
+    #[arg(long)]
+    pub flip: Option<bool>,
+    /// Seed of every random stream (init, data order, augmentation).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Run directory (config.json, metrics.jsonl, summary.json).
+    #[arg(long, default_value = "runs/train")]
+    pub out: PathBuf,
+    /// Compute device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Progress output: auto (a bar on a terminal, lines otherwise), bar, lines, none.
+    #[arg(long, default_value = "auto")]
+    pub progress: String,
+}
+
+/// `loft info`.
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Take input channels, size and classes from this data set (fashion-mnist, cifar10,
+    /// cifar100, synthetic) instead of --in-channels and --input-size.
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Input channels.
+    #[arg(long, default_value_t = 3)]
+    pub in_channels: usize,
+    /// Input height and width [default: 32, or 224 with --stem imagenet].
+    #[arg(long)]
+    pub input_size: Option<usize>,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `loft bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Batch size of the convolution and training-step benchmarks.
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Skip the per-layer convolution table.
+    #[arg(long)]
+    pub quick: bool,
+    /// Internal: print one training-step row for this base width (run as a child process).
+    #[arg(long, hide = true)]
+    pub step_only: Option<usize>,
+}
+
+/// Check `--device`: only the CPU backend exists in this build.
+pub fn check_device(device: &str) -> Result<()> {
+    match device {
+        "auto" | "cpu" => Ok(()),
+        d if d == "cuda" || d.starts_with("cuda:") => Err(Error::config(format!(
+            "--device {d}: this build of loft has no CUDA backend yet; use --device cpu"
+        ))),
+        d => Err(Error::config(format!("unknown device '{d}' (expected auto, cpu, cuda or cuda:N)"))),
+    }
+}
+
+impl TrainArgs {
+    /// The resolved training configuration.
+    pub fn config(&self) -> Result<TrainConfig> {
+        check_device(&self.device)?;
+        let dataset = DatasetKind::parse(&self.dataset)?;
+        let (c, _, _, classes) = dataset.shape();
+        let arch = self.model.spec(c, classes)?;
+        let milestones = self
+            .milestones
+            .iter()
+            .filter(|m| !m.is_empty())
+            .map(|m| m.trim().parse::<usize>().map_err(|_| Error::config(format!("--milestones: '{m}' is not an epoch number"))))
+            .collect::<Result<Vec<_>>>()?;
+        let schedule = Schedule::parse_kind(&self.schedule, &milestones, self.gamma)?;
+        let default_aug = dataset.default_augment();
+        let augment = Augment {
+            crop_pad: self.crop_pad.unwrap_or(default_aug.crop_pad),
+            flip: self.flip.unwrap_or(default_aug.flip),
+        };
+        let data_dir = self.data_dir.clone().unwrap_or_else(|| dataset.default_dir());
+        let cfg = TrainConfig {
+            arch,
+            dataset,
+            data_dir,
+            train_subset: self.train_subset,
+            test_subset: self.test_subset,
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            schedule,
+            warmup_epochs: self.warmup_epochs,
+            augment,
+            seed: self.seed,
+            out: self.out.clone(),
+            progress: self.progress.clone(),
+        };
+        cfg.validate()?;
+        crate::progress::Mode::parse(&cfg.progress)?;
+        Ok(cfg)
+    }
+}
+
+impl InfoArgs {
+    /// The graph to describe.
+    pub fn graph(&self) -> Result<Graph> {
+        let stem = Stem::parse(&self.model.stem)?;
+        let default_size = if stem == Stem::Imagenet { 224 } else { 32 };
+        let (c, h, w, classes) = match &self.dataset {
+            Some(d) => DatasetKind::parse(d)?.shape(),
+            None => {
+                let s = self.input_size.unwrap_or(default_size);
+                (self.in_channels, s, s, 10)
+            }
+        };
+        let (h, w) = match self.input_size {
+            Some(s) => (s, s),
+            None => (h, w),
+        };
+        let spec = self.model.spec(c, classes)?;
+        Graph::build(&spec, h, w, None)
+    }
+}
+
+/// Run the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    if cli.threads > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(cli.threads)
+            .build_global()
+            .map_err(|e| Error::config(format!("--threads {}: {e}", cli.threads)))?;
+    }
+    match cli.command {
+        Command::Train(a) => {
+            let cfg = a.config()?;
+            let s = crate::train::run(&cfg)?;
+            println!(
+                "final test accuracy {:.2}% (best {:.2}%) in {:.1}s; run directory {}",
+                s.final_test_acc,
+                s.best_test_acc,
+                s.wall_s,
+                s.out.display()
+            );
+            Ok(())
+        }
+        Command::Info(a) => {
+            let g = a.graph()?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&crate::info::json(&g)).expect("json"));
+            } else {
+                print!("{}", crate::info::table(&g));
+            }
+            Ok(())
+        }
+        Command::Bench(a) => {
+            if a.batch == 0 {
+                return Err(Error::config("--batch must be at least 1"));
+            }
+            match a.step_only {
+                Some(base) => crate::bench::step_row(base, a.batch),
+                None => crate::bench::run(&crate::bench::BenchOptions { batch: a.batch, quick: a.quick }),
+            }
+        }
+    }
+}
