@@ -2,13 +2,13 @@
 //! steps, printed as Markdown tables (progress on stderr).
 
 use crate::backend::cpu::gemm::{matmul, matmul_into_block, Mat, SendPtr};
-use rayon::prelude::*;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::model::{ArchSpec, Graph, Model, Op};
 use crate::ops::{Conv2d, Sgd};
 use crate::rng::Rng;
 use crate::Result;
+use rayon::prelude::*;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -41,14 +41,22 @@ pub fn sgemm_gflops(n: usize, threads: usize) -> f64 {
     let a = random(n * n, 1);
     let b = random(n * n, 2);
     let mut c = vec![0f32; n * n];
-    let t_gemm = time_it(5, 1.0, || matmul(&mut c, n, Mat::rm(&a, n, n), Mat::rm(&b, n, n), false, threads));
+    let t_gemm = time_it(5, 1.0, || {
+        matmul(&mut c, n, Mat::rm(&a, n, n), Mat::rm(&b, n, n), false, threads)
+    });
     let t_split = if threads > 1 {
         let cols = n.div_ceil(threads);
         let dst = SendPtr(c.as_mut_ptr());
         time_it(5, 1.0, || {
             (0..threads).into_par_iter().for_each(|t| {
                 let (j0, j1) = (t * cols, ((t + 1) * cols).min(n));
-                let bm = Mat { data: &b[j0..], rows: n, cols: j1 - j0, rs: n, cs: 1 };
+                let bm = Mat {
+                    data: &b[j0..],
+                    rows: n,
+                    cols: j1 - j0,
+                    rs: n,
+                    cs: 1,
+                };
                 // SAFETY: task t writes only columns j0..j1 of the (n, n) output c, which is
                 // alive and not otherwise accessed during the loop.
                 unsafe { matmul_into_block(dst.add(j0), n, Mat::rm(&a, n, n), bm, false) };
@@ -106,7 +114,11 @@ pub fn time_train_step(spec: &ArchSpec, n: usize, h: usize, w: usize, steps: usi
     let x = random(n * spec.in_channels * h * w, 6);
     let y: Vec<u32> = (0..n).map(|i| (i % spec.classes) as u32).collect();
     m.set_batch(n, &x, &y)?;
-    let hp = Sgd { lr: 0.01, momentum: 0.9, weight_decay: 5e-4 };
+    let hp = Sgd {
+        lr: 0.01,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+    };
     let mut err = None;
     let t = time_it(steps, 0.0, || {
         if let Err(e) = m.train_step(n, &hp) {
@@ -132,7 +144,11 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     eprintln!("loft bench: {threads} threads");
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
     println!("### Machine\n\n{cpu}, {threads} threads (rayon), f32.\n");
     eprintln!("sgemm 1024^3 ...");
@@ -148,7 +164,9 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         let g = Graph::build(&spec, 32, 32, None)?;
         let be = CpuBackend::<f32>::new();
         println!("### Convolutions of CIFAR PreResNet-18 (base 64, inner width 2), batch {n}\n");
-        println!("GFLOP/s of each pass; `% sgemm` is the slowest pass against the {threads}-thread SGEMM rate ({gt:.1}).\n");
+        println!(
+            "GFLOP/s of each pass; `% sgemm` is the slowest pass against the {threads}-thread SGEMM rate ({gt:.1}).\n"
+        );
         println!("| layer (first of its shape) | count | c_in -> c_out | k / stride | in HxW | forward | backward data | backward filter | % sgemm |");
         println!("|---|---:|---|---|---|---:|---:|---:|---:|");
         for (s, count, name) in distinct_convs(&g, n) {
@@ -182,7 +200,9 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             .output()
             .map_err(|e| crate::Error::io("bench child", e))?;
         if !out.status.success() {
-            return Err(crate::Error::Backend(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+            return Err(crate::Error::Backend(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
         }
         print!("{}", String::from_utf8_lossy(&out.stdout));
     }
@@ -198,7 +218,9 @@ pub fn step_row(base: usize, n: usize) -> Result<()> {
     let flops = 3.0 * g.flops_per_sample() * n as f64 / 1e9;
     let params = g.params.total;
     let (t, bytes) = time_train_step(&spec, n, 32, 32, 5)?;
-    let rss = peak_rss_bytes().map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or_else(|| "n/a".into());
+    let rss = peak_rss_bytes()
+        .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
+        .unwrap_or_else(|| "n/a".into());
     println!(
         "| PreResNet-18 base {base} | {:.2} M | {flops:.1} | {t:.3} | {:.0} | {:.1} | {:.2} GiB | {rss} |",
         params as f64 / 1e6,

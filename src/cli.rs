@@ -23,7 +23,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Train a network densely (ordinary SGD) and evaluate it every epoch.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
     /// Print the layer table and the shared / partitioned parameter counts of an architecture.
     Info(InfoArgs),
     /// Measure SGEMM, per-layer convolution and training-step speed (Markdown on stdout).
@@ -174,7 +174,9 @@ pub fn check_device(device: &str) -> Result<()> {
         d if d == "cuda" || d.starts_with("cuda:") => Err(Error::config(format!(
             "--device {d}: this build of loft has no CUDA backend yet; use --device cpu"
         ))),
-        d => Err(Error::config(format!("unknown device '{d}' (expected auto, cpu, cuda or cuda:N)"))),
+        d => Err(Error::config(format!(
+            "unknown device '{d}' (expected auto, cpu, cuda or cuda:N)"
+        ))),
     }
 }
 
@@ -189,7 +191,11 @@ impl TrainArgs {
             .milestones
             .iter()
             .filter(|m| !m.is_empty())
-            .map(|m| m.trim().parse::<usize>().map_err(|_| Error::config(format!("--milestones: '{m}' is not an epoch number"))))
+            .map(|m| {
+                m.trim()
+                    .parse::<usize>()
+                    .map_err(|_| Error::config(format!("--milestones: '{m}' is not an epoch number")))
+            })
             .collect::<Result<Vec<_>>>()?;
         let schedule = Schedule::parse_kind(&self.schedule, &milestones, self.gamma)?;
         let default_aug = dataset.default_augment();
@@ -267,7 +273,10 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Info(a) => {
             let g = a.graph()?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&crate::info::json(&g)).expect("json"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&crate::info::json(&g)).expect("json")
+                );
             } else {
                 print!("{}", crate::info::table(&g));
             }
@@ -279,7 +288,10 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             match a.step_only {
                 Some(base) => crate::bench::step_row(base, a.batch),
-                None => crate::bench::run(&crate::bench::BenchOptions { batch: a.batch, quick: a.quick }),
+                None => crate::bench::run(&crate::bench::BenchOptions {
+                    batch: a.batch,
+                    quick: a.quick,
+                }),
             }
         }
     }

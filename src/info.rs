@@ -18,7 +18,10 @@ pub fn table(g: &Graph) -> String {
         g.tensors[g.input].h,
         g.tensors[g.input].w
     ));
-    out.push_str(&format!("{:<24} {:<20} {:>12}  {:<8} {}\n", "tensor", "shape", "params", "role", "output (c x h x w)"));
+    out.push_str(&format!(
+        "{:<24} {:<20} {:>12}  {:<8} {}\n",
+        "tensor", "shape", "params", "role", "output (c x h x w)"
+    ));
     for (i, e) in g.params.entries.iter().enumerate() {
         let role = match e.role {
             Role::Shared => "shared".to_string(),
@@ -36,7 +39,14 @@ pub fn table(g: &Graph) -> String {
                 _ => None,
             })
             .unwrap_or_default();
-        out.push_str(&format!("{:<24} {:<20} {:>12}  {:<8} {}\n", e.name, shape, group(e.len), role, output));
+        out.push_str(&format!(
+            "{:<24} {:<20} {:>12}  {:<8} {}\n",
+            e.name,
+            shape,
+            group(e.len),
+            role,
+            output
+        ));
     }
     let (sh, pa) = g.param_counts();
     out.push_str(&format!(
@@ -73,7 +83,7 @@ pub fn group(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);

@@ -18,11 +18,17 @@ impl Mode {
     /// Parse `--progress` (auto, bar, lines, none).
     pub fn parse(s: &str) -> crate::Result<Self> {
         match s {
-            "auto" => Ok(if std::io::stderr().is_terminal() { Mode::Bar } else { Mode::Lines }),
+            "auto" => Ok(if std::io::stderr().is_terminal() {
+                Mode::Bar
+            } else {
+                Mode::Lines
+            }),
             "bar" => Ok(Mode::Bar),
             "lines" => Ok(Mode::Lines),
             "none" => Ok(Mode::Quiet),
-            _ => Err(crate::Error::config(format!("unknown progress mode '{s}' (expected auto, bar, lines or none)"))),
+            _ => Err(crate::Error::config(format!(
+                "unknown progress mode '{s}' (expected auto, bar, lines or none)"
+            ))),
         }
     }
 }
@@ -52,11 +58,19 @@ impl Progress {
     /// Start a phase.
     pub fn new(mode: Mode, label: impl Into<String>, total: usize) -> Self {
         let now = Instant::now();
-        Progress { mode, label: label.into(), total: total.max(1), start: now, last_draw: now, last_line_tenth: 0 }
+        Progress {
+            mode,
+            label: label.into(),
+            total: total.max(1),
+            start: now,
+            last_draw: now,
+            last_line_tenth: 0,
+        }
     }
 
-    /// Report that `done` units are finished, with a short status (e.g. loss and accuracy).
-    pub fn update(&mut self, done: usize, status: &str) {
+    /// Report that `done` units are finished; `status` (e.g. loss and accuracy) is only
+    /// called when a line is drawn, so updates cost nothing in between.
+    pub fn update(&mut self, done: usize, status: impl FnOnce() -> String) {
         let now = Instant::now();
         let elapsed = now.duration_since(self.start);
         let eta = if done > 0 {
@@ -71,9 +85,20 @@ impl Progress {
                     return;
                 }
                 self.last_draw = now;
+                let status = status();
                 let width = 24;
                 let filled = width * done / self.total;
-                let bar: String = (0..width).map(|i| if i < filled { '=' } else if i == filled { '>' } else { ' ' }).collect();
+                let bar: String = (0..width)
+                    .map(|i| {
+                        if i < filled {
+                            '='
+                        } else if i == filled {
+                            '>'
+                        } else {
+                            ' '
+                        }
+                    })
+                    .collect();
                 let mut err = std::io::stderr().lock();
                 let _ = write!(
                     err,
@@ -91,6 +116,7 @@ impl Progress {
                 if tenth > self.last_line_tenth || due {
                     self.last_line_tenth = tenth;
                     self.last_draw = now;
+                    let status = status();
                     eprintln!(
                         "{} {done}/{} {status} | {} elapsed, ETA {}",
                         self.label,

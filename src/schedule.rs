@@ -36,9 +36,14 @@ impl Schedule {
                 if !(gamma > 0.0 && gamma.is_finite()) {
                     return Err(Error::config(format!("--gamma must be positive, got {gamma}")));
                 }
-                Ok(Kind::Step { milestones: milestones.to_vec(), gamma })
+                Ok(Kind::Step {
+                    milestones: milestones.to_vec(),
+                    gamma,
+                })
             }
-            _ => Err(Error::config(format!("unknown schedule '{name}' (expected cosine, step or constant)"))),
+            _ => Err(Error::config(format!(
+                "unknown schedule '{name}' (expected cosine, step or constant)"
+            ))),
         }
     }
 
@@ -68,7 +73,13 @@ mod tests {
     use super::*;
 
     fn sched(kind: Kind, warmup: usize) -> Schedule {
-        Schedule { base_lr: 0.1, kind, warmup_steps: warmup, steps_per_epoch: 10, total_steps: 100 }
+        Schedule {
+            base_lr: 0.1,
+            kind,
+            warmup_steps: warmup,
+            steps_per_epoch: 10,
+            total_steps: 100,
+        }
     }
 
     #[test]
@@ -84,7 +95,13 @@ mod tests {
 
     #[test]
     fn step_schedule_divides_at_milestones() {
-        let s = sched(Kind::Step { milestones: vec![3, 6], gamma: 0.1 }, 0);
+        let s = sched(
+            Kind::Step {
+                milestones: vec![3, 6],
+                gamma: 0.1,
+            },
+            0,
+        );
         assert_eq!(s.lr(29), 0.1);
         assert!((s.lr(30) - 0.01).abs() < 1e-12);
         assert!((s.lr(60) - 0.001).abs() < 1e-12);

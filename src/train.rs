@@ -83,20 +83,35 @@ impl TrainConfig {
             return Err(Error::config("--batch-size must be at least 1"));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(Error::config(format!("--lr must be a positive number, got {}", self.lr)));
+            return Err(Error::config(format!(
+                "--lr must be a positive number, got {}",
+                self.lr
+            )));
         }
         if !(0.0..1.0).contains(&self.momentum) {
-            return Err(Error::config(format!("--momentum must be in [0, 1), got {}", self.momentum)));
+            return Err(Error::config(format!(
+                "--momentum must be in [0, 1), got {}",
+                self.momentum
+            )));
         }
         if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            return Err(Error::config(format!("--weight-decay must be >= 0, got {}", self.weight_decay)));
+            return Err(Error::config(format!(
+                "--weight-decay must be >= 0, got {}",
+                self.weight_decay
+            )));
         }
         if !(self.warmup_epochs >= 0.0 && self.warmup_epochs.is_finite()) {
-            return Err(Error::config(format!("--warmup-epochs must be >= 0, got {}", self.warmup_epochs)));
+            return Err(Error::config(format!(
+                "--warmup-epochs must be >= 0, got {}",
+                self.warmup_epochs
+            )));
         }
         if let Kind::Step { milestones, .. } = &self.schedule {
             if let Some(m) = milestones.iter().find(|&&m| m == 0 || m > self.epochs) {
-                return Err(Error::config(format!("milestone {m} is outside 1..={} epochs", self.epochs)));
+                return Err(Error::config(format!(
+                    "milestone {m} is outside 1..={} epochs",
+                    self.epochs
+                )));
             }
         }
         self.arch.validate()
@@ -152,8 +167,28 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
     model.init(cfg.seed)?;
 
     let (mean, std) = train.channel_stats();
-    let train_loader = Loader::new(train, cfg.batch_size, mean.clone(), std.clone(), cfg.augment, true, false, cfg.seed, 0);
-    let test_loader = Loader::new(test, cfg.batch_size, mean.clone(), std.clone(), Augment::none(), false, false, cfg.seed, 0);
+    let train_loader = Loader::new(
+        train,
+        cfg.batch_size,
+        mean.clone(),
+        std.clone(),
+        cfg.augment,
+        true,
+        false,
+        cfg.seed,
+        0,
+    );
+    let test_loader = Loader::new(
+        test,
+        cfg.batch_size,
+        mean.clone(),
+        std.clone(),
+        Augment::none(),
+        false,
+        false,
+        cfg.seed,
+        0,
+    );
     let steps_per_epoch = train_loader.batches_per_epoch();
     let sched = Schedule {
         base_lr: cfg.lr,
@@ -174,7 +209,10 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
         "normalisation": { "mean": &mean, "std": &std },
         "version": env!("CARGO_PKG_VERSION"),
     });
-    write_atomic(&cfg.out.join("config.json"), serde_json::to_string_pretty(&resolved).expect("json").as_bytes())?;
+    write_atomic(
+        &cfg.out.join("config.json"),
+        serde_json::to_string_pretty(&resolved).expect("json").as_bytes(),
+    )?;
     let log_path = cfg.out.join("metrics.jsonl");
     let mut log = std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;
 
@@ -209,7 +247,11 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
             let n = train_loader.fill(&order, epoch as u64, b, &mut x, &mut y);
             model.set_batch(n, &x, &y)?;
             lr = sched.lr(step);
-            let hp = Sgd { lr: lr as f32, momentum: cfg.momentum as f32, weight_decay: cfg.weight_decay as f32 };
+            let hp = Sgd {
+                lr: lr as f32,
+                momentum: cfg.momentum as f32,
+                weight_decay: cfg.weight_decay as f32,
+            };
             let (l, c) = model.train_step(n, &hp)?;
             if !l.is_finite() {
                 bar.finish();
@@ -224,10 +266,13 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
             seen += n;
             step += 1;
             let ips = seen as f64 / t0.elapsed().as_secs_f64();
-            bar.update(
-                b + 1,
-                &format!("loss {:.4} acc {:.2}% lr {lr:.4} {ips:.0} img/s", loss_sum / seen as f64, 100.0 * correct as f64 / seen as f64),
-            );
+            bar.update(b + 1, || {
+                format!(
+                    "loss {:.4} acc {:.2}% lr {lr:.4} {ips:.0} img/s",
+                    loss_sum / seen as f64,
+                    100.0 * correct as f64 / seen as f64
+                )
+            });
         }
         bar.finish();
         let train_time = t0.elapsed().as_secs_f64();
@@ -261,13 +306,26 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
             );
         }
     }
-    let summary = TrainSummary { final_test_acc: last, best_test_acc: best, wall_s: wall.elapsed().as_secs_f64(), out: cfg.out.clone() };
-    write_atomic(&cfg.out.join("summary.json"), serde_json::to_string_pretty(&summary).expect("json").as_bytes())?;
+    let summary = TrainSummary {
+        final_test_acc: last,
+        best_test_acc: best,
+        wall_s: wall.elapsed().as_secs_f64(),
+        out: cfg.out.clone(),
+    };
+    write_atomic(
+        &cfg.out.join("summary.json"),
+        serde_json::to_string_pretty(&summary).expect("json").as_bytes(),
+    )?;
     Ok(summary)
 }
 
 /// Mean loss and accuracy (%) over a loader's samples, with running BN statistics.
-pub fn evaluate(model: &mut Model<CpuBackend<f32>>, loader: &Loader<'_>, x: &mut [f32], y: &mut [u32]) -> Result<(f64, f64)> {
+pub fn evaluate(
+    model: &mut Model<CpuBackend<f32>>,
+    loader: &Loader<'_>,
+    x: &mut [f32],
+    y: &mut [u32],
+) -> Result<(f64, f64)> {
     let order = loader.order(0);
     let (mut loss, mut correct, mut seen) = (0.0, 0usize, 0usize);
     for b in 0..loader.batches_per_epoch() {

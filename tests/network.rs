@@ -106,7 +106,11 @@ fn training_steps_are_deterministic_across_thread_counts_and_reduce_the_loss() {
             let mut rng = Rng::new(4);
             let (x, y) = batch(&mut rng, 8, spec.in_channels * hw * hw, spec.classes);
             m.set_batch(8, &x, &y).unwrap();
-            let hp = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 5e-4 };
+            let hp = Sgd {
+                lr: 0.05,
+                momentum: 0.9,
+                weight_decay: 5e-4,
+            };
             let losses: Vec<f64> = (0..15).map(|_| m.train_step(8, &hp).unwrap().0).collect();
             (losses, m.params_host().unwrap())
         })

@@ -39,7 +39,17 @@ fn check_grad(name: &str, x: &[f64], analytic: &[f64], mut f: impl FnMut(&[f64])
 }
 
 fn conv_shapes() -> Vec<Conv2d> {
-    let c = |n, c_in, h, w, c_out, k, stride, pad| Conv2d { n, c_in, h, w, c_out, kh: k, kw: k, stride, pad };
+    let c = |n, c_in, h, w, c_out, k, stride, pad| Conv2d {
+        n,
+        c_in,
+        h,
+        w,
+        c_out,
+        kh: k,
+        kw: k,
+        stride,
+        pad,
+    };
     vec![
         c(2, 3, 7, 9, 4, 3, 1, 1),
         c(2, 3, 7, 8, 5, 3, 2, 1),
@@ -54,9 +64,39 @@ fn conv_shapes() -> Vec<Conv2d> {
 fn conv_forward_matches_direct_convolution_f32_with_chunks() {
     // n * h_out * w_out > 4096 forces several chunks with a short last one.
     let shapes = [
-        Conv2d { n: 20, c_in: 3, h: 16, w: 16, c_out: 5, kh: 3, kw: 3, stride: 1, pad: 1 },
-        Conv2d { n: 70, c_in: 2, h: 9, w: 8, c_out: 3, kh: 3, kw: 3, stride: 2, pad: 1 },
-        Conv2d { n: 5, c_in: 3, h: 40, w: 40, c_out: 4, kh: 1, kw: 1, stride: 1, pad: 0 },
+        Conv2d {
+            n: 20,
+            c_in: 3,
+            h: 16,
+            w: 16,
+            c_out: 5,
+            kh: 3,
+            kw: 3,
+            stride: 1,
+            pad: 1,
+        },
+        Conv2d {
+            n: 70,
+            c_in: 2,
+            h: 9,
+            w: 8,
+            c_out: 3,
+            kh: 3,
+            kw: 3,
+            stride: 2,
+            pad: 1,
+        },
+        Conv2d {
+            n: 5,
+            c_in: 3,
+            h: 40,
+            w: 40,
+            c_out: 4,
+            kh: 1,
+            kw: 1,
+            stride: 1,
+            pad: 0,
+        },
     ];
     let be = CpuBackend::<f32>::new();
     let mut rng = Rng::new(1);
@@ -69,7 +109,10 @@ fn conv_forward_matches_direct_convolution_f32_with_chunks() {
         let mut y = vec![0f32; s.y_len()];
         be.conv2d_forward(s, &xf, &wf, &mut y);
         for (i, (a, b)) in y.iter().zip(&want).enumerate() {
-            assert!((*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()), "{s:?} y[{i}] {a} vs {b}");
+            assert!(
+                (*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()),
+                "{s:?} y[{i}] {a} vs {b}"
+            );
         }
     }
 }
@@ -106,7 +149,17 @@ fn conv_gradients_match_finite_differences() {
 
 #[test]
 fn conv_results_do_not_depend_on_thread_count() {
-    let s = Conv2d { n: 33, c_in: 8, h: 12, w: 12, c_out: 16, kh: 3, kw: 3, stride: 1, pad: 1 };
+    let s = Conv2d {
+        n: 33,
+        c_in: 8,
+        h: 12,
+        w: 12,
+        c_out: 16,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pad: 1,
+    };
     let mut rng = Rng::new(3);
     let x: Vec<f32> = rand_vec(&mut rng, s.x_len()).iter().map(|&v| v as f32).collect();
     let w: Vec<f32> = rand_vec(&mut rng, s.w_len()).iter().map(|&v| v as f32).collect();
@@ -131,7 +184,13 @@ fn conv_results_do_not_depend_on_thread_count() {
 fn batchnorm_gradients_match_finite_differences() {
     let be = B::new();
     let mut rng = Rng::new(4);
-    let s = BatchNorm { n: 3, c: 4, hw: 5, eps: 1e-5, momentum: 0.1 };
+    let s = BatchNorm {
+        n: 3,
+        c: 4,
+        hw: 5,
+        eps: 1e-5,
+        momentum: 0.1,
+    };
     let x = rand_vec(&mut rng, s.len());
     let gamma: Vec<f64> = (0..s.c).map(|i| 0.5 + i as f64 * 0.3).collect();
     let beta = rand_vec(&mut rng, s.c);
@@ -155,7 +214,13 @@ fn batchnorm_gradients_match_finite_differences() {
 fn batchnorm_running_statistics_follow_pytorch() {
     let be = B::new();
     // one channel, values 1..=4: mean 2.5, biased var 1.25, unbiased 5/3
-    let s = BatchNorm { n: 2, c: 1, hw: 2, eps: 1e-5, momentum: 0.1 };
+    let s = BatchNorm {
+        n: 2,
+        c: 1,
+        hw: 2,
+        eps: 1e-5,
+        momentum: 0.1,
+    };
     let x = [1.0, 2.0, 3.0, 4.0];
     let (mut rm, mut rv) = (vec![0.0], vec![1.0]);
     let (mut sm, mut si, mut y) = (vec![0.0], vec![0.0], vec![0.0; 4]);
@@ -177,7 +242,10 @@ fn relu_add_and_pool_gradients_match_finite_differences() {
     let be = B::new();
     let mut rng = Rng::new(5);
     // relu (inputs kept away from the kink)
-    let x: Vec<f64> = rand_vec(&mut rng, 30).iter().map(|v| if v.abs() < 0.05 { 0.3 } else { *v }).collect();
+    let x: Vec<f64> = rand_vec(&mut rng, 30)
+        .iter()
+        .map(|v| if v.abs() < 0.05 { 0.3 } else { *v })
+        .collect();
     let g = rand_vec(&mut rng, 30);
     let mut y = vec![0.0; 30];
     be.relu_forward(&x, &mut y);
@@ -189,7 +257,15 @@ fn relu_add_and_pool_gradients_match_finite_differences() {
         dot(&y, &g)
     });
     // max pool 3x3 stride 2 pad 1 (random values have no ties)
-    let p = Pool2d { n: 2, c: 3, h: 7, w: 6, k: 3, stride: 2, pad: 1 };
+    let p = Pool2d {
+        n: 2,
+        c: 3,
+        h: 7,
+        w: 6,
+        k: 3,
+        stride: 2,
+        pad: 1,
+    };
     let xlen = p.n * p.c * p.h * p.w;
     let ylen = p.n * p.c * p.h_out() * p.w_out();
     let x = rand_vec(&mut rng, xlen);
@@ -219,14 +295,21 @@ fn relu_add_and_pool_gradients_match_finite_differences() {
     let b = rand_vec(&mut rng, 8);
     let mut y = vec![0.0; 8];
     be.add_forward(&a, &b, &mut y);
-    assert!(y.iter().zip(a.iter().zip(&b)).all(|(y, (a, b))| (y - a - b).abs() < 1e-15));
+    assert!(y
+        .iter()
+        .zip(a.iter().zip(&b))
+        .all(|(y, (a, b))| (y - a - b).abs() < 1e-15));
 }
 
 #[test]
 fn linear_and_loss_gradients_match_finite_differences() {
     let be = B::new();
     let mut rng = Rng::new(6);
-    let s = Linear { n: 4, d_in: 5, d_out: 3 };
+    let s = Linear {
+        n: 4,
+        d_in: 5,
+        d_out: 3,
+    };
     let x = rand_vec(&mut rng, s.n * s.d_in);
     let w = rand_vec(&mut rng, s.d_out * s.d_in);
     let b = rand_vec(&mut rng, s.d_out);
@@ -264,7 +347,11 @@ fn linear_and_loss_gradients_match_finite_differences() {
 fn sgd_follows_pytorch_semantics() {
     let be = B::new();
     // values exact in f32 so the arithmetic below is exact
-    let hp = Sgd { lr: 0.5, momentum: 0.75, weight_decay: 0.25 };
+    let hp = Sgd {
+        lr: 0.5,
+        momentum: 0.75,
+        weight_decay: 0.25,
+    };
     let mut p = vec![2.0];
     let mut m = vec![0.0];
     // step 1: d = g + wd p = 1 + 0.5 = 1.5; buf = 1.5; p = 2 - 0.75 = 1.25

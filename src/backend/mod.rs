@@ -39,6 +39,8 @@ pub trait Backend: Send + Sync {
     fn download(&self, src: &Self::Buf) -> Result<Vec<f32>>;
     /// Copy a buffer to the host as f64.
     fn download_f64(&self, src: &Self::Buf) -> Result<Vec<f64>>;
+    /// Copy the first `dst.len()` elements of a buffer into a host slice (no allocation).
+    fn download_into(&self, src: &Self::Buf, dst: &mut [f64]) -> Result<()>;
     /// View of `len` elements at `off`.
     fn view<'a>(&self, b: &'a Self::Buf, off: usize, len: usize) -> Self::View<'a>;
     /// Writable view of `len` elements at `off`.
@@ -151,14 +153,7 @@ pub trait Backend: Send + Sync {
     );
 
     /// Linear forward: `y = x w^T + b`.
-    fn linear_forward(
-        &self,
-        s: &Linear,
-        x: Self::View<'_>,
-        w: Self::View<'_>,
-        b: Self::View<'_>,
-        y: Self::ViewMut<'_>,
-    );
+    fn linear_forward(&self, s: &Linear, x: Self::View<'_>, w: Self::View<'_>, b: Self::View<'_>, y: Self::ViewMut<'_>);
     /// Linear backward: dx (optional), dw, db.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(

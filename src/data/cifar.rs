@@ -55,10 +55,7 @@ impl Format {
         if !bytes.len().is_multiple_of(record) {
             return Err(Error::format(
                 path,
-                format!(
-                    "{} bytes is not a whole number of {record}-byte records",
-                    bytes.len()
-                ),
+                format!("{} bytes is not a whole number of {record}-byte records", bytes.len()),
             ));
         }
         let nl = self.label_classes.len();
@@ -167,12 +164,7 @@ mod tests {
             .unwrap();
         }
         let labels: Vec<Vec<u8>> = (0..n_test).map(|i| vec![(i % 10) as u8]).collect();
-        write_records(
-            &dir.join("test_batch.bin"),
-            &labels,
-            &pattern(n_test * IMAGE, 9),
-        )
-        .unwrap();
+        write_records(&dir.join("test_batch.bin"), &labels, &pattern(n_test * IMAGE, 9)).unwrap();
     }
 
     #[test]
@@ -231,10 +223,7 @@ mod tests {
         );
         std::fs::write(&path, []).unwrap();
         let msg = load_cifar10(&dir).unwrap_err().to_string();
-        assert!(
-            msg.contains("data_batch_3.bin") && msg.contains("empty"),
-            "{msg}"
-        );
+        assert!(msg.contains("data_batch_3.bin") && msg.contains("empty"), "{msg}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -249,12 +238,7 @@ mod tests {
         assert!(msg.contains("record 1: label 10"), "{msg}");
 
         let dir100 = test_dir("cifar100-label");
-        write_records(
-            &dir100.join("train.bin"),
-            &[vec![1, 100]],
-            &pattern(IMAGE, 0),
-        )
-        .unwrap();
+        write_records(&dir100.join("train.bin"), &[vec![1, 100]], &pattern(IMAGE, 0)).unwrap();
         write_records(&dir100.join("test.bin"), &[vec![1, 1]], &pattern(IMAGE, 0)).unwrap();
         let msg = load_cifar100(&dir100).unwrap_err().to_string();
         assert!(
@@ -269,10 +253,7 @@ mod tests {
     fn missing_file_names_path() {
         let dir = test_dir("cifar-missing");
         let msg = load_cifar100(&dir).unwrap_err().to_string();
-        assert!(
-            msg.contains(&*dir.join("train.bin").to_string_lossy()),
-            "{msg}"
-        );
+        assert!(msg.contains(&*dir.join("train.bin").to_string_lossy()), "{msg}");
         assert!(msg.contains("binary version"), "{msg}");
         write_cifar10(&dir, 1, 1);
         std::fs::remove_file(dir.join("data_batch_4.bin")).unwrap();

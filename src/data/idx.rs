@@ -43,10 +43,7 @@ fn parse_header(path: &Path, bytes: &[u8], magic: u32, what: &str) -> Result<Vec
     if bytes.len() < 4 {
         return Err(Error::format(
             path,
-            format!(
-                "truncated: {} bytes is too short for an IDX header",
-                bytes.len()
-            ),
+            format!("truncated: {} bytes is too short for an IDX header", bytes.len()),
         ));
     }
     let found = be_u32(bytes, 0);
@@ -76,13 +73,7 @@ fn parse_header(path: &Path, bytes: &[u8], magic: u32, what: &str) -> Result<Vec
 }
 
 /// Check that the payload after `header` bytes is exactly `expected` bytes long.
-fn check_payload(
-    path: &Path,
-    bytes: &[u8],
-    header: usize,
-    expected: usize,
-    what: &str,
-) -> Result<()> {
+fn check_payload(path: &Path, bytes: &[u8], header: usize, expected: usize, what: &str) -> Result<()> {
     let found = bytes.len() - header;
     if found < expected {
         return Err(Error::format(
@@ -108,20 +99,14 @@ pub fn read_images(path: &Path) -> Result<(usize, usize, usize, Vec<u8>)> {
     let dims = parse_header(path, &bytes, IMAGE_MAGIC, "images")?;
     let (n, rows, cols) = (dims[0], dims[1], dims[2]);
     if rows == 0 || cols == 0 {
-        return Err(Error::format(
-            path,
-            format!("bad dimensions: {rows}x{cols} images"),
-        ));
+        return Err(Error::format(path, format!("bad dimensions: {rows}x{cols} images")));
     }
-    let expected = n
-        .checked_mul(rows)
-        .and_then(|v| v.checked_mul(cols))
-        .ok_or_else(|| {
-            Error::format(
-                path,
-                format!("bad dimensions: {n} images of {rows}x{cols} is too large"),
-            )
-        })?;
+    let expected = n.checked_mul(rows).and_then(|v| v.checked_mul(cols)).ok_or_else(|| {
+        Error::format(
+            path,
+            format!("bad dimensions: {n} images of {rows}x{cols} is too large"),
+        )
+    })?;
     let header = 16;
     check_payload(path, &bytes, header, expected, "pixels")?;
     bytes.drain(..header);
@@ -157,17 +142,12 @@ pub fn write_images(path: &Path, rows: usize, cols: usize, pixels: &[u8]) -> Res
     if image == 0 || !pixels.len().is_multiple_of(image) {
         return Err(Error::format(
             path,
-            format!(
-                "cannot write {} pixels as whole {rows}x{cols} images",
-                pixels.len()
-            ),
+            format!("cannot write {} pixels as whole {rows}x{cols} images", pixels.len()),
         ));
     }
     let n = pixels.len() / image;
     let too_big = |v: usize| {
-        u32::try_from(v).map_err(|_| {
-            Error::format(path, format!("dimension {v} does not fit in an IDX header"))
-        })
+        u32::try_from(v).map_err(|_| Error::format(path, format!("dimension {v} does not fit in an IDX header")))
     };
     let mut bytes = Vec::with_capacity(16 + pixels.len());
     bytes.extend_from_slice(&IMAGE_MAGIC.to_be_bytes());
@@ -180,12 +160,8 @@ pub fn write_images(path: &Path, rows: usize, cols: usize, pixels: &[u8]) -> Res
 
 /// Write an IDX label file (gzip if `path` ends with .gz).
 pub fn write_labels(path: &Path, labels: &[u8]) -> Result<()> {
-    let n = u32::try_from(labels.len()).map_err(|_| {
-        Error::format(
-            path,
-            format!("{} labels do not fit in an IDX header", labels.len()),
-        )
-    })?;
+    let n = u32::try_from(labels.len())
+        .map_err(|_| Error::format(path, format!("{} labels do not fit in an IDX header", labels.len())))?;
     let mut bytes = Vec::with_capacity(8 + labels.len());
     bytes.extend_from_slice(&LABEL_MAGIC.to_be_bytes());
     bytes.extend_from_slice(&n.to_be_bytes());
@@ -281,11 +257,7 @@ mod tests {
         )
         .unwrap();
         let labels: Vec<u8> = (0..n_train).map(|i| (i % 10) as u8).collect();
-        write_labels(
-            &dir.join(format!("train-labels-idx1-ubyte{suffix}")),
-            &labels,
-        )
-        .unwrap();
+        write_labels(&dir.join(format!("train-labels-idx1-ubyte{suffix}")), &labels).unwrap();
         write_images(
             &dir.join(format!("t10k-images-idx3-ubyte{suffix}")),
             SIDE,
@@ -294,11 +266,7 @@ mod tests {
         )
         .unwrap();
         let labels: Vec<u8> = (0..n_test).map(|i| (9 - i % 10) as u8).collect();
-        write_labels(
-            &dir.join(format!("t10k-labels-idx1-ubyte{suffix}")),
-            &labels,
-        )
-        .unwrap();
+        write_labels(&dir.join(format!("t10k-labels-idx1-ubyte{suffix}")), &labels).unwrap();
     }
 
     #[test]
@@ -363,10 +331,7 @@ mod tests {
         let full = std::fs::read(&path).unwrap();
         std::fs::write(&path, &full[..full.len() - 5]).unwrap();
         let msg = read_images(&path).unwrap_err().to_string();
-        assert!(
-            msg.contains("truncated: expected 12 bytes of pixels, found 7"),
-            "{msg}"
-        );
+        assert!(msg.contains("truncated: expected 12 bytes of pixels, found 7"), "{msg}");
         assert!(msg.contains("images"), "{msg}");
         std::fs::write(&path, &full[..10]).unwrap();
         let msg = read_images(&path).unwrap_err().to_string();
@@ -375,10 +340,7 @@ mod tests {
         long.extend_from_slice(&[0, 0, 0]);
         std::fs::write(&path, &long).unwrap();
         let msg = read_images(&path).unwrap_err().to_string();
-        assert!(
-            msg.contains("trailing data") && msg.contains("3 extra"),
-            "{msg}"
-        );
+        assert!(msg.contains("trailing data") && msg.contains("3 extra"), "{msg}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -414,10 +376,7 @@ mod tests {
         write_labels(&dir.join("t10k-labels-idx1-ubyte"), &[0, 1, 2]).unwrap();
         let msg = load_fashion_mnist(&dir).unwrap_err().to_string();
         assert!(msg.contains("t10k-labels-idx1-ubyte"), "{msg}");
-        assert!(
-            msg.contains("3 labels") && msg.contains("2 images"),
-            "{msg}"
-        );
+        assert!(msg.contains("3 labels") && msg.contains("2 images"), "{msg}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -439,10 +398,7 @@ mod tests {
         let msg = load_fashion_mnist(&dir).unwrap_err().to_string();
         let expected = dir.join("t10k-images-idx3-ubyte");
         assert!(msg.contains(&*expected.to_string_lossy()), "{msg}");
-        assert!(
-            msg.contains("apt-get install dataset-fashion-mnist"),
-            "{msg}"
-        );
+        assert!(msg.contains("apt-get install dataset-fashion-mnist"), "{msg}");
         assert!(msg.contains("--data-dir"), "{msg}");
         assert!(!msg.contains('\n'), "{msg}");
         let _ = std::fs::remove_dir_all(&dir);
@@ -452,10 +408,7 @@ mod tests {
     fn real_fashion_mnist_if_installed() {
         let dir = Path::new("/usr/share/datasets/fashion-mnist");
         if !dir.is_dir() {
-            println!(
-                "note: {} not found; skipping the real-data test",
-                dir.display()
-            );
+            println!("note: {} not found; skipping the real-data test", dir.display());
             return;
         }
         let split = load_fashion_mnist(dir).unwrap();

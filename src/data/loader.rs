@@ -155,14 +155,7 @@ impl<'a> Loader<'a> {
     ///
     /// # Panics
     /// If `x` or `y` is too short or `order` holds an index outside the data set.
-    pub fn fill(
-        &self,
-        order: &[usize],
-        epoch: u64,
-        b: usize,
-        x: &mut [f32],
-        y: &mut [u32],
-    ) -> usize {
+    pub fn fill(&self, order: &[usize], epoch: u64, b: usize, x: &mut [f32], y: &mut [u32]) -> usize {
         let start = b.saturating_mul(self.batch_size);
         if start >= order.len() {
             return 0;
@@ -205,11 +198,7 @@ impl<'a> Loader<'a> {
         let len = d.image_len();
         let img = &d.pixels[i * len..(i + 1) * len];
         if self.augment.is_none() {
-            for (ch, (o, src)) in out
-                .chunks_exact_mut(plane)
-                .zip(img.chunks_exact(plane))
-                .enumerate()
-            {
+            for (ch, (o, src)) in out.chunks_exact_mut(plane).zip(img.chunks_exact(plane)).enumerate() {
                 let table = &self.table[ch * 256..(ch + 1) * 256];
                 for (v, &p) in o.iter_mut().zip(src) {
                     *v = table[p as usize];
@@ -227,11 +216,7 @@ impl<'a> Loader<'a> {
             dx = rng.below(span) as usize;
         }
         let flip = self.augment.flip && rng.next_u64() >> 63 == 1;
-        for (ch, (o, src)) in out
-            .chunks_exact_mut(plane)
-            .zip(img.chunks_exact(plane))
-            .enumerate()
-        {
+        for (ch, (o, src)) in out.chunks_exact_mut(plane).zip(img.chunks_exact(plane)).enumerate() {
             let table = &self.table[ch * 256..(ch + 1) * 256];
             let zero = table[0];
             for (yy, row_out) in o.chunks_exact_mut(w).enumerate() {
@@ -273,25 +258,9 @@ mod tests {
         }
     }
 
-    fn plain(
-        d: &Dataset,
-        bs: usize,
-        augment: Augment,
-        shuffle: bool,
-        drop_last: bool,
-    ) -> Loader<'_> {
+    fn plain(d: &Dataset, bs: usize, augment: Augment, shuffle: bool, drop_last: bool) -> Loader<'_> {
         let c = d.channels;
-        Loader::new(
-            d,
-            bs,
-            vec![0.0; c],
-            vec![1.0; c],
-            augment,
-            shuffle,
-            drop_last,
-            5,
-            0,
-        )
+        Loader::new(d, bs, vec![0.0; c], vec![1.0; c], augment, shuffle, drop_last, 5, 0)
     }
 
     /// The whole epoch as (x, y) with batch size bs.
@@ -313,19 +282,7 @@ mod tests {
     #[test]
     fn order_is_a_deterministic_permutation() {
         let d = data(50, 1, 2, 2);
-        let mk = |rank| {
-            Loader::new(
-                &d,
-                8,
-                vec![0.0],
-                vec![1.0],
-                Augment::none(),
-                true,
-                false,
-                9,
-                rank,
-            )
-        };
+        let mk = |rank| Loader::new(&d, 8, vec![0.0], vec![1.0], Augment::none(), true, false, 9, rank);
         let a = mk(0);
         let o = a.order(3);
         let mut sorted = o.clone();
@@ -525,17 +482,7 @@ mod tests {
     fn degenerate_std_is_treated_as_one() {
         let mut d = data(1, 1, 1, 2);
         d.pixels = vec![51, 51];
-        let l = Loader::new(
-            &d,
-            1,
-            vec![0.2],
-            vec![0.0],
-            Augment::none(),
-            false,
-            false,
-            0,
-            0,
-        );
+        let l = Loader::new(&d, 1, vec![0.2], vec![0.0], Augment::none(), false, false, 0, 0);
         let mut x = vec![1.0; 2];
         let mut y = vec![0; 1];
         l.fill(&l.order(0), 0, 0, &mut x, &mut y);

@@ -68,9 +68,7 @@ impl SyntheticSpec {
         ];
         for (name, v) in fields {
             if v == 0 {
-                return Err(Error::config(format!(
-                    "synthetic data set: {name} must be at least 1"
-                )));
+                return Err(Error::config(format!("synthetic data set: {name} must be at least 1")));
             }
         }
         if u32::try_from(self.classes).is_err() {
@@ -119,11 +117,7 @@ fn prototypes(spec: &SyntheticSpec) -> Vec<f64> {
     let mut out = Vec::with_capacity(spec.classes * spec.image_len());
     let mut grid = vec![0.0f64; gh * gw];
     for class in 0..spec.classes {
-        let mut rng = Rng::stream(
-            spec.seed,
-            Purpose::Synthetic,
-            &[PROTOTYPE_STREAM, class as u64],
-        );
+        let mut rng = Rng::stream(spec.seed, Purpose::Synthetic, &[PROTOTYPE_STREAM, class as u64]);
         for _ in 0..spec.channels {
             for g in grid.iter_mut() {
                 *g = rng.below(256) as f64;
@@ -189,11 +183,7 @@ pub fn generate(spec: &SyntheticSpec) -> Split {
             width: spec.width,
             classes: spec.classes,
             pixels: Vec::new(),
-            labels: if spec.classes == 0 {
-                Vec::new()
-            } else {
-                vec![0; n]
-            },
+            labels: if spec.classes == 0 { Vec::new() } else { vec![0; n] },
         };
         return Split {
             train: empty(spec.train),
@@ -278,9 +268,7 @@ mod tests {
                     .map(|(&p, &m)| (p as f64 - m).powi(2))
                     .sum()
             };
-            let best = (0..spec.classes)
-                .min_by(|&a, &b| dist(a).total_cmp(&dist(b)))
-                .unwrap();
+            let best = (0..spec.classes).min_by(|&a, &b| dist(a).total_cmp(&dist(b))).unwrap();
             correct += (best == l as usize) as usize;
         }
         assert!(correct >= 10, "{correct}/12 correct");

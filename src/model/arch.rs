@@ -27,7 +27,9 @@ impl Stem {
         match s {
             "cifar" => Ok(Stem::Cifar),
             "imagenet" => Ok(Stem::Imagenet),
-            _ => Err(Error::config(format!("unknown stem '{s}' (expected cifar or imagenet)"))),
+            _ => Err(Error::config(format!(
+                "unknown stem '{s}' (expected cifar or imagenet)"
+            ))),
         }
     }
     /// CLI name.

@@ -37,12 +37,25 @@ impl TensorSpec {
 /// One op of the forward walk. Parameter fields are indices into the parameter layout;
 /// `gamma`'s beta is the next entry, `mean`'s variance the next stats entry, and a linear
 /// layer's bias follows its weight.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub enum Op {
     /// Convolution (geometry with n = 0; the walk sets the batch).
-    Conv { x: TensorId, y: TensorId, w: usize, geom: Conv2d },
+    Conv {
+        x: TensorId,
+        y: TensorId,
+        w: usize,
+        geom: Conv2d,
+    },
     /// Batch norm; `save` numbers its saved (mean, invstd) buffer.
-    Bn { x: TensorId, y: TensorId, gamma: usize, mean: usize, c: usize, hw: usize, save: usize },
+    Bn {
+        x: TensorId,
+        y: TensorId,
+        gamma: usize,
+        mean: usize,
+        c: usize,
+        hw: usize,
+        save: usize,
+    },
     /// ReLU.
     Relu { x: TensorId, y: TensorId },
     /// Residual add.
@@ -50,9 +63,20 @@ pub enum Op {
     /// Max pooling (geometry with n = 0).
     MaxPool { x: TensorId, y: TensorId, geom: Pool2d },
     /// Global average pooling.
-    AvgPool { x: TensorId, y: TensorId, c: usize, hw: usize },
+    AvgPool {
+        x: TensorId,
+        y: TensorId,
+        c: usize,
+        hw: usize,
+    },
     /// Fully connected layer.
-    Linear { x: TensorId, y: TensorId, w: usize, d_in: usize, d_out: usize },
+    Linear {
+        x: TensorId,
+        y: TensorId,
+        w: usize,
+        d_in: usize,
+        d_out: usize,
+    },
 }
 
 impl Op {
@@ -94,9 +118,10 @@ pub struct Graph {
     pub stats: Layout,
     pub tensors: Vec<TensorSpec>,
     pub ops: Vec<Op>,
-    /// For each op and each of its inputs: accumulate into that input's gradient (it already
-    /// received one from an op later in the network) instead of overwriting it.
-    pub accumulate: Vec<Vec<bool>>,
+    /// For each op and each of its inputs (at most two): accumulate into that input's
+    /// gradient (it already received one from an op later in the network) instead of
+    /// overwriting it.
+    pub accumulate: Vec<[bool; 2]>,
     pub input: TensorId,
     pub logits: TensorId,
     /// Number of BN ops (saved-statistics buffers).
@@ -118,9 +143,28 @@ impl Builder {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn conv(&mut self, name: &str, x: TensorId, c_out: usize, k: usize, stride: usize, pad: usize, role: Role) -> TensorId {
+    fn conv(
+        &mut self,
+        name: &str,
+        x: TensorId,
+        c_out: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        role: Role,
+    ) -> TensorId {
         let t = self.tensors[x].clone();
-        let geom = Conv2d { n: 0, c_in: t.c, h: t.h, w: t.w, c_out, kh: k, kw: k, stride, pad };
+        let geom = Conv2d {
+            n: 0,
+            c_in: t.c,
+            h: t.h,
+            w: t.w,
+            c_out,
+            kh: k,
+            kw: k,
+            stride,
+            pad,
+        };
         let w = self.params.push(format!("{name}.weight"), &[c_out, t.c, k, k], role);
         let y = self.tensor(name.to_string(), c_out, geom.h_out(), geom.w_out());
         self.ops.push(Op::Conv { x, y, w, geom });
@@ -134,7 +178,15 @@ impl Builder {
         let mean = self.stats.push(format!("{name}.running_mean"), &[t.c], role);
         self.stats.push(format!("{name}.running_var"), &[t.c], role);
         let y = self.tensor(name.to_string(), t.c, t.h, t.w);
-        self.ops.push(Op::Bn { x, y, gamma, mean, c: t.c, hw: t.h * t.w, save: self.bn_count });
+        self.ops.push(Op::Bn {
+            x,
+            y,
+            gamma,
+            mean,
+            c: t.c,
+            hw: t.h * t.w,
+            save: self.bn_count,
+        });
         self.bn_count += 1;
         y
     }
@@ -162,7 +214,11 @@ impl Graph {
         let blocks = spec.blocks();
         let inner: Vec<usize> = match inner {
             Some(v) if v.len() != blocks.len() => {
-                return Err(Error::Shape(format!("{} inner widths given for {} blocks", v.len(), blocks.len())))
+                return Err(Error::Shape(format!(
+                    "{} inner widths given for {} blocks",
+                    v.len(),
+                    blocks.len()
+                )))
             }
             Some(v) => v.to_vec(),
             None => blocks.iter().map(|b| b.inner).collect(),
@@ -180,7 +236,13 @@ impl Graph {
                 spec.stem.name()
             )));
         }
-        let mut b = Builder { params: Layout::default(), stats: Layout::default(), tensors: Vec::new(), ops: Vec::new(), bn_count: 0 };
+        let mut b = Builder {
+            params: Layout::default(),
+            stats: Layout::default(),
+            tensors: Vec::new(),
+            ops: Vec::new(),
+            bn_count: 0,
+        };
         let shared = Role::Shared;
         let input = b.tensor("input".into(), spec.in_channels, h, w);
         let mut x = match spec.stem {
@@ -197,7 +259,15 @@ impl Graph {
                 let c = b.bn("stem.bn", c, shared);
                 let r = b.relu("stem", c);
                 let t = b.tensors[r].clone();
-                let geom = Pool2d { n: 0, c: t.c, h: t.h, w: t.w, k: 3, stride: 2, pad: 1 };
+                let geom = Pool2d {
+                    n: 0,
+                    c: t.c,
+                    h: t.h,
+                    w: t.w,
+                    k: 3,
+                    stride: 2,
+                    pad: 1,
+                };
                 let y = b.tensor("stem.pool".into(), t.c, geom.h_out(), geom.w_out());
                 b.ops.push(Op::MaxPool { x: r, y, geom });
                 y
@@ -246,19 +316,30 @@ impl Graph {
         }
         let t = b.tensors[x].clone();
         let pooled = b.tensor("pool".into(), t.c, 1, 1);
-        b.ops.push(Op::AvgPool { x, y: pooled, c: t.c, hw: t.h * t.w });
+        b.ops.push(Op::AvgPool {
+            x,
+            y: pooled,
+            c: t.c,
+            hw: t.h * t.w,
+        });
         let fc = b.params.push("fc.weight", &[spec.classes, t.c], shared);
         b.params.push("fc.bias", &[spec.classes], shared);
         let logits = b.tensor("logits".into(), spec.classes, 1, 1);
-        b.ops.push(Op::Linear { x: pooled, y: logits, w: fc, d_in: t.c, d_out: spec.classes });
+        b.ops.push(Op::Linear {
+            x: pooled,
+            y: logits,
+            w: fc,
+            d_in: t.c,
+            d_out: spec.classes,
+        });
 
         // Gradient bookkeeping: walking backwards, the first op to reach a tensor writes its
         // gradient, later ones add to it.
         let mut seen = vec![false; b.tensors.len()];
-        let mut accumulate = vec![Vec::new(); b.ops.len()];
+        let mut accumulate = vec![[false; 2]; b.ops.len()];
         for (i, op) in b.ops.iter().enumerate().rev() {
-            for t in op.inputs() {
-                accumulate[i].push(seen[t]);
+            for (j, t) in op.inputs().into_iter().enumerate() {
+                accumulate[i][j] = seen[t];
                 seen[t] = true;
             }
         }

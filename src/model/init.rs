@@ -10,7 +10,9 @@ use crate::rng::{Purpose, Rng};
 
 fn name_key(name: &str) -> u64 {
     // FNV-1a: stable across platforms and Rust versions.
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// Initial (parameters, BN statistics) for the graph.

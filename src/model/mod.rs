@@ -42,6 +42,8 @@ pub struct Model<B: Backend> {
     dacts: Vec<Option<B::Buf>>,
     saves: Vec<B::Buf>,
     labels: B::Buf,
+    /// Host staging of the labels as floats `(capacity)`.
+    labels_host: Vec<f32>,
     loss_stats: B::Buf,
     /// When set, forward and backward add each op's wall time here (seconds by op kind).
     pub op_times: Option<OpTimes>,
@@ -85,7 +87,11 @@ impl<B: Backend> Model<B> {
         let mut dacts = Vec::new();
         for (t, spec) in graph.tensors.iter().enumerate() {
             acts.push(Some(be.alloc(capacity * spec.len())?));
-            dacts.push(if t == graph.input { None } else { Some(be.alloc(capacity * spec.len())?) });
+            dacts.push(if t == graph.input {
+                None
+            } else {
+                Some(be.alloc(capacity * spec.len())?)
+            });
         }
         let mut saves = Vec::new();
         for op in &graph.ops {
@@ -99,6 +105,7 @@ impl<B: Backend> Model<B> {
             momentum: be.alloc(graph.params.total)?,
             stats: be.alloc(graph.stats.total)?,
             labels: be.alloc(capacity)?,
+            labels_host: vec![0.0; capacity],
             loss_stats: be.alloc(2)?,
             acts,
             dacts,
@@ -151,11 +158,13 @@ impl<B: Backend> Model<B> {
         let buf = self.acts[self.graph.input].as_mut().expect("input buffer");
         self.be.upload(&x[..n * spec.len()], buf)?;
         let classes = self.graph.spec.classes;
-        let labels: Vec<f32> = y[..n].iter().map(|&l| l as f32).collect();
         if let Some(&bad) = y[..n].iter().find(|&&l| l as usize >= classes) {
             return Err(Error::Shape(format!("label {bad} out of range for {classes} classes")));
         }
-        self.be.upload(&labels, &mut self.labels)?;
+        for (h, &l) in self.labels_host.iter_mut().zip(&y[..n]) {
+            *h = l as f32;
+        }
+        self.be.upload(&self.labels_host[..n], &mut self.labels)?;
         Ok(())
     }
 
@@ -168,22 +177,42 @@ impl<B: Backend> Model<B> {
     pub fn forward(&mut self, n: usize, train: bool) {
         let be = self.be.clone();
         let be = &*be;
-        for op in self.graph.ops.clone().iter() {
+        for i in 0..self.graph.ops.len() {
+            let op = self.graph.ops[i];
             let started = self.op_times.as_ref().map(|_| std::time::Instant::now());
             let y_id = op.output();
             let ylen = self.act_len(y_id, n);
             let mut ybuf = take(&mut self.acts, y_id);
             {
                 let yv = be.view_mut(&mut ybuf, 0, ylen);
-                match *op {
+                match op {
                     Op::Conv { x, w, geom, .. } => {
                         let g = geom.with_n(n);
                         let e = &self.graph.params.entries[w];
                         let xb = self.acts[x].as_ref().expect("x");
-                        be.conv2d_forward(&g, be.view(xb, 0, g.x_len()), be.view(&self.params, e.offset, e.len), yv);
+                        be.conv2d_forward(
+                            &g,
+                            be.view(xb, 0, g.x_len()),
+                            be.view(&self.params, e.offset, e.len),
+                            yv,
+                        );
                     }
-                    Op::Bn { x, gamma, mean, c, hw, save, .. } => {
-                        let s = BatchNorm { n, c, hw, eps: BN_EPS, momentum: BN_MOMENTUM };
+                    Op::Bn {
+                        x,
+                        gamma,
+                        mean,
+                        c,
+                        hw,
+                        save,
+                        ..
+                    } => {
+                        let s = BatchNorm {
+                            n,
+                            c,
+                            hw,
+                            eps: BN_EPS,
+                            momentum: BN_MOMENTUM,
+                        };
                         let ge = &self.graph.params.entries[gamma];
                         let me = &self.graph.stats.entries[mean];
                         let xv = be.view(self.acts[x].as_ref().expect("x"), 0, s.len());
@@ -252,7 +281,8 @@ impl<B: Backend> Model<B> {
             None
         };
         be.softmax_xent(n, classes, logits, labels, dl, stats);
-        let s = be.download_f64(&self.loss_stats)?;
+        let mut s = [0.0; 2];
+        be.download_into(&self.loss_stats, &mut s)?;
         Ok((s[0], s[1].round() as usize))
     }
 
@@ -262,26 +292,35 @@ impl<B: Backend> Model<B> {
         let be = self.be.clone();
         let be = &*be;
         let input = self.graph.input;
-        for (i, op) in self.graph.ops.clone().iter().enumerate().rev() {
+        for i in (0..self.graph.ops.len()).rev() {
+            let op = self.graph.ops[i];
             let started = self.op_times.as_ref().map(|_| std::time::Instant::now());
-            let acc = self.graph.accumulate[i].clone();
+            let acc = self.graph.accumulate[i];
             let y_id = op.output();
             let ylen = self.act_len(y_id, n);
             let dybuf = take(&mut self.dacts, y_id);
             let dy = be.view(&dybuf, 0, ylen);
-            match *op {
+            match op {
                 Op::Conv { x, w, geom, .. } => {
                     let g = geom.with_n(n);
-                    let e = self.graph.params.entries[w].clone();
+                    let (off, len) = (self.graph.params.entries[w].offset, self.graph.params.entries[w].len);
                     let xv = be.view(self.acts[x].as_ref().expect("x"), 0, g.x_len());
-                    be.conv2d_backward_filter(&g, xv, dy, be.view_mut(&mut self.grads, e.offset, e.len), false);
+                    be.conv2d_backward_filter(&g, xv, dy, be.view_mut(&mut self.grads, off, len), false);
                     if x != input {
                         let dx = be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, g.x_len());
-                        be.conv2d_backward_data(&g, dy, be.view(&self.params, e.offset, e.len), dx, acc[0]);
+                        be.conv2d_backward_data(&g, dy, be.view(&self.params, off, len), dx, acc[0]);
                     }
                 }
-                Op::Bn { x, gamma, c, hw, save, .. } => {
-                    let s = BatchNorm { n, c, hw, eps: BN_EPS, momentum: BN_MOMENTUM };
+                Op::Bn {
+                    x, gamma, c, hw, save, ..
+                } => {
+                    let s = BatchNorm {
+                        n,
+                        c,
+                        hw,
+                        eps: BN_EPS,
+                        momentum: BN_MOMENTUM,
+                    };
                     let off = self.graph.params.entries[gamma].offset;
                     let xv = be.view(self.acts[x].as_ref().expect("x"), 0, s.len());
                     let gv = be.view(&self.params, off, c);

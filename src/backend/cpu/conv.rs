@@ -47,7 +47,11 @@ fn images_per(s: &Conv2d, cols: usize) -> usize {
 #[inline]
 fn valid_range(size: usize, pad: usize, stride: usize, k: usize, out: usize) -> (usize, usize) {
     let lo = pad.saturating_sub(k).div_ceil(stride);
-    let hi = if size + pad > k { ((size + pad - k - 1) / stride + 1).min(out) } else { 0 };
+    let hi = if size + pad > k {
+        ((size + pad - k - 1) / stride + 1).min(out)
+    } else {
+        0
+    };
     (lo.min(hi), hi)
 }
 
@@ -152,7 +156,10 @@ fn scatter<T: Real>(g: &[T], c: usize, hw: usize, nb: usize, t: &mut [T]) {
 }
 
 fn check(s: &Conv2d, x: usize, w: usize, y: usize, op: &str) {
-    assert!(x >= s.x_len() && w >= s.w_len() && y >= s.y_len(), "{op}: buffers smaller than {s:?}");
+    assert!(
+        x >= s.x_len() && w >= s.w_len() && y >= s.y_len(),
+        "{op}: buffers smaller than {s:?}"
+    );
 }
 
 /// Forward: y = conv(x, w). x `(n, c_in, h, w)`, w `(c_out, k)`, y `(n, c_out, ho, wo)`.
@@ -198,30 +205,33 @@ pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T], accum
     let g = images_per(s, GROUP_COLS);
     let img = s.c_in * s.h * s.w;
     let wt = Mat::rm_t(&w[..s.w_len()], k, s.c_out); // (k, c_out)
-    dx[..s.x_len()].par_chunks_mut(g * img).enumerate().for_each(|(gi, dxg)| {
-        let b0 = gi * g;
-        let nb = dxg.len() / img;
-        let ncols = nb * hwo;
-        let dy_len = if nb == 1 { 0 } else { s.c_out * ncols };
-        let direct = s.is_pointwise() && nb == 1;
-        let col_len = if direct { 0 } else { k * ncols };
-        pool.with(dy_len + col_len, |buf| {
-            let (dyg, col) = buf.split_at_mut(dy_len);
-            let dyc = &dy[b0 * s.c_out * hwo..(b0 + nb) * s.c_out * hwo];
-            let lhs = if nb == 1 {
-                Mat::rm(dyc, s.c_out, ncols)
-            } else {
-                gather(dyc, s.c_out, hwo, nb, dyg);
-                Mat::rm(&*dyg, s.c_out, ncols)
-            };
-            if direct {
-                matmul(dxg, ncols, wt, lhs, accumulate, 1);
-            } else {
-                matmul(col, ncols, wt, lhs, false, 1);
-                col2im(s, col, nb, dxg, accumulate);
-            }
+    dx[..s.x_len()]
+        .par_chunks_mut(g * img)
+        .enumerate()
+        .for_each(|(gi, dxg)| {
+            let b0 = gi * g;
+            let nb = dxg.len() / img;
+            let ncols = nb * hwo;
+            let dy_len = if nb == 1 { 0 } else { s.c_out * ncols };
+            let direct = s.is_pointwise() && nb == 1;
+            let col_len = if direct { 0 } else { k * ncols };
+            pool.with(dy_len + col_len, |buf| {
+                let (dyg, col) = buf.split_at_mut(dy_len);
+                let dyc = &dy[b0 * s.c_out * hwo..(b0 + nb) * s.c_out * hwo];
+                let lhs = if nb == 1 {
+                    Mat::rm(dyc, s.c_out, ncols)
+                } else {
+                    gather(dyc, s.c_out, hwo, nb, dyg);
+                    Mat::rm(&*dyg, s.c_out, ncols)
+                };
+                if direct {
+                    matmul(dxg, ncols, wt, lhs, accumulate, 1);
+                } else {
+                    matmul(col, ncols, wt, lhs, false, 1);
+                    col2im(s, col, nb, dxg, accumulate);
+                }
+            });
         });
-    });
 }
 
 /// Filter gradient: dw (+)= sum over the batch of dy im2col(x)^T. dw `(c_out, k)`.
@@ -242,7 +252,14 @@ pub const LANES_MAX_WEIGHT: usize = 1 << 19;
 /// Filter gradient for small weights: image groups are dealt to [`LANES`] lanes (group g to
 /// lane g mod LANES); each lane sums its groups' `dy im2col^T` in order into a private
 /// partial, and the partials are added in lane order.
-fn backward_filter_lanes<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
+fn backward_filter_lanes<T: Real>(
+    s: &Conv2d,
+    x: &[T],
+    dy: &[T],
+    dw: &mut [T],
+    accumulate: bool,
+    pool: &ScratchPool<T>,
+) {
     let hwo = s.h_out() * s.w_out();
     let k = s.k();
     let wl = s.w_len();
@@ -274,7 +291,13 @@ fn backward_filter_lanes<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], a
                         Mat::rm(&*col, k, ncols)
                     };
                     // part is dW^T (k, c_out): this orientation runs faster in gemm.
-                    let dyt = Mat { data: lhs.data, rows: ncols, cols: s.c_out, rs: 1, cs: ncols };
+                    let dyt = Mat {
+                        data: lhs.data,
+                        rows: ncols,
+                        cols: s.c_out,
+                        rs: 1,
+                        cs: ncols,
+                    };
                     matmul(part, s.c_out, colm, dyt, true, 1);
                 });
             }
@@ -305,7 +328,14 @@ fn backward_filter_lanes<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], a
 
 /// Filter gradient for large weights: chunks of images in order; within a chunk the k
 /// columns of dW are split among tasks.
-fn backward_filter_kblocks<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
+fn backward_filter_kblocks<T: Real>(
+    s: &Conv2d,
+    x: &[T],
+    dy: &[T],
+    dw: &mut [T],
+    accumulate: bool,
+    pool: &ScratchPool<T>,
+) {
     let hwo = s.h_out() * s.w_out();
     let k = s.k();
     let chunk = images_per(s, CHUNK_COLS);

@@ -230,7 +230,11 @@ pub fn softmax_xent<T: Real>(
 
 /// SGD with momentum and weight decay (PyTorch semantics).
 pub fn sgd_step<T: Real>(hp: &Sgd, p: &mut [T], g: &mut [T], m: &mut [T]) {
-    let (lr, mu, wd) = (T::from_f32(hp.lr), T::from_f32(hp.momentum), T::from_f32(hp.weight_decay));
+    let (lr, mu, wd) = (
+        T::from_f32(hp.lr),
+        T::from_f32(hp.momentum),
+        T::from_f32(hp.weight_decay),
+    );
     p.par_chunks_mut(GRAIN)
         .zip(g.par_chunks_mut(GRAIN).zip(m.par_chunks_mut(GRAIN)))
         .for_each(|(pc, (gc, mc))| {
@@ -245,9 +249,11 @@ pub fn sgd_step<T: Real>(hp: &Sgd, p: &mut [T], g: &mut [T], m: &mut [T]) {
 
 /// x *= mask for a 0/1 mask.
 pub fn apply_mask<T: Real>(x: &mut [T], mask: &[T]) {
-    x.par_chunks_mut(GRAIN).zip(mask.par_chunks(GRAIN)).for_each(|(xc, mc)| {
-        for (v, &k) in xc.iter_mut().zip(mc) {
-            *v *= k;
-        }
-    });
+    x.par_chunks_mut(GRAIN)
+        .zip(mask.par_chunks(GRAIN))
+        .for_each(|(xc, mc)| {
+            for (v, &k) in xc.iter_mut().zip(mc) {
+                *v *= k;
+            }
+        });
 }

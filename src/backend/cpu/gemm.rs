@@ -2,6 +2,26 @@
 
 use super::real::Real;
 use gemm::Parallelism;
+use std::cell::Cell;
+
+thread_local! {
+    static IN_GEMM: Cell<bool> = const { Cell::new(false) };
+}
+
+/// True while the current thread is inside a call of the gemm crate. The gemm crate allocates
+/// its packing buffers on every call; the allocation test uses this to tell those apart
+/// from loft's own (which must be none in the hot loop).
+pub fn inside_gemm() -> bool {
+    IN_GEMM.with(|f| f.get())
+}
+
+/// Run `f` flagged as inside gemm.
+fn flagged<R>(f: impl FnOnce() -> R) -> R {
+    IN_GEMM.with(|g| g.set(true));
+    let r = f();
+    IN_GEMM.with(|g| g.set(false));
+    r
+}
 
 /// A read-only matrix: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -16,11 +36,23 @@ pub struct Mat<'a, T> {
 impl<'a, T> Mat<'a, T> {
     /// A row-major `(rows, cols)` matrix.
     pub fn rm(data: &'a [T], rows: usize, cols: usize) -> Self {
-        Mat { data, rows, cols, rs: cols, cs: 1 }
+        Mat {
+            data,
+            rows,
+            cols,
+            rs: cols,
+            cs: 1,
+        }
     }
     /// The transpose of a row-major `(cols, rows)` matrix stored in `data`.
     pub fn rm_t(data: &'a [T], rows: usize, cols: usize) -> Self {
-        Mat { data, rows, cols, rs: 1, cs: rows }
+        Mat {
+            data,
+            rows,
+            cols,
+            rs: 1,
+            cs: rows,
+        }
     }
     fn max_index(&self) -> usize {
         if self.rows == 0 || self.cols == 0 {
@@ -59,7 +91,7 @@ pub fn matmul<T: Real>(dst: &mut [T], ld: usize, a: Mat<'_, T>, b: Mat<'_, T>, a
     // SAFETY: the asserts above check that every index gemm touches, (m-1)*ld + (n-1) in dst,
     // (m-1)*a.rs + (k-1)*a.cs in a and (k-1)*b.rs + (n-1)*b.cs in b, is in bounds; dst is
     // borrowed mutably and cannot alias a or b.
-    unsafe {
+    flagged(|| unsafe {
         gemm::gemm(
             m,
             n,
@@ -81,7 +113,7 @@ pub fn matmul<T: Real>(dst: &mut [T], ld: usize, a: Mat<'_, T>, b: Mat<'_, T>, a
             false,
             par,
         );
-    }
+    })
 }
 
 /// A raw destination pointer that may cross into rayon tasks. Used only where tasks write
@@ -113,13 +145,16 @@ unsafe impl<T> Sync for SendPtr<T> {}
 pub unsafe fn matmul_into_block<T: Real>(dst: SendPtr<T>, ld: usize, a: Mat<'_, T>, b: Mat<'_, T>, accumulate: bool) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(b.rows, k, "matmul: inner dimensions differ");
-    assert!(a.data.len() > a.max_index() && b.data.len() > b.max_index(), "matmul: operand too small");
+    assert!(
+        a.data.len() > a.max_index() && b.data.len() > b.max_index(),
+        "matmul: operand too small"
+    );
     if m == 0 || n == 0 || k == 0 {
         assert!(k > 0 || accumulate, "matmul_into_block: empty inner dimension");
         return;
     }
     // SAFETY: operands are bounds-checked above; the caller guarantees dst.
-    unsafe {
+    flagged(|| unsafe {
         gemm::gemm(
             m,
             n,
@@ -141,7 +176,7 @@ pub unsafe fn matmul_into_block<T: Real>(dst: SendPtr<T>, ld: usize, a: Mat<'_, 
             false,
             Parallelism::None,
         );
-    }
+    })
 }
 
 #[cfg(test)]

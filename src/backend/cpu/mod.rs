@@ -22,6 +22,8 @@ pub struct CpuBackend<T: Real> {
     threads: usize,
     /// Scratch for im2col and gathered gradients.
     scratch: ScratchPool<T>,
+    /// Per-channel f64 scratch of batch norm.
+    stats_scratch: ScratchPool<f64>,
 }
 
 impl<T: Real> CpuBackend<T> {
@@ -30,6 +32,7 @@ impl<T: Real> CpuBackend<T> {
         CpuBackend {
             threads: rayon::current_num_threads(),
             scratch: ScratchPool::new(),
+            stats_scratch: ScratchPool::new(),
         }
     }
     /// Bytes held by the scratch buffers.
@@ -76,6 +79,12 @@ impl<T: Real> Backend for CpuBackend<T> {
     fn download_f64(&self, src: &Vec<T>) -> Result<Vec<f64>> {
         Ok(src.iter().map(|v| v.to_f64()).collect())
     }
+    fn download_into(&self, src: &Vec<T>, dst: &mut [f64]) -> Result<()> {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f64();
+        }
+        Ok(())
+    }
     fn view<'a>(&self, b: &'a Vec<T>, off: usize, len: usize) -> &'a [T] {
         &b[off..off + len]
     }
@@ -117,7 +126,20 @@ impl<T: Real> Backend for CpuBackend<T> {
         save_mean: &mut [T],
         save_invstd: &mut [T],
     ) {
-        norm::forward_train(s, x, gamma, beta, running_mean, running_var, y, save_mean, save_invstd);
+        self.stats_scratch.with(2 * s.c, |w| {
+            norm::forward_train(
+                s,
+                x,
+                gamma,
+                beta,
+                running_mean,
+                running_var,
+                y,
+                save_mean,
+                save_invstd,
+                w,
+            )
+        });
     }
     fn batchnorm_forward_eval(
         &self,
@@ -129,7 +151,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         running_var: &[T],
         y: &mut [T],
     ) {
-        norm::forward_eval(s, x, gamma, beta, running_mean, running_var, y);
+        self.stats_scratch.with(2 * s.c, |w| {
+            norm::forward_eval(s, x, gamma, beta, running_mean, running_var, y, w)
+        });
     }
     fn batchnorm_backward(
         &self,
@@ -144,7 +168,21 @@ impl<T: Real> Backend for CpuBackend<T> {
         dbeta: &mut [T],
         accumulate_dx: bool,
     ) {
-        norm::backward(s, x, dy, gamma, save_mean, save_invstd, dx, dgamma, dbeta, accumulate_dx);
+        self.stats_scratch.with(2 * s.c, |w| {
+            norm::backward(
+                s,
+                x,
+                dy,
+                gamma,
+                save_mean,
+                save_invstd,
+                dx,
+                dgamma,
+                dbeta,
+                accumulate_dx,
+                w,
+            )
+        });
     }
 
     fn relu_forward(&self, x: &[T], y: &mut [T]) {

@@ -13,7 +13,9 @@ pub struct ScratchPool<T> {
 impl<T: Real> ScratchPool<T> {
     /// An empty pool.
     pub fn new() -> Self {
-        ScratchPool { free: Mutex::new(Vec::new()) }
+        ScratchPool {
+            free: Mutex::new(Vec::new()),
+        }
     }
 
     /// Run `f` with a buffer of at least `len` elements (contents unspecified).
