@@ -408,6 +408,11 @@ mod tests {
     fn real_fashion_mnist_if_installed() {
         let dir = Path::new("/usr/share/datasets/fashion-mnist");
         if !dir.is_dir() {
+            assert!(
+                std::env::var_os("LOFT_REQUIRE_DATA").is_none(),
+                "LOFT_REQUIRE_DATA is set but {} is missing",
+                dir.display()
+            );
             println!("note: {} not found; skipping the real-data test", dir.display());
             return;
         }

@@ -23,8 +23,8 @@ pub const CHUNK_COLS: usize = 4096;
 /// Rows of dW per filter-gradient task.
 pub const K_BLOCK: usize = 256;
 
-/// Largest im2col block per task, in elements (1 Mi floats = 4 MiB: stays in L2/L3).
-pub const MAX_BLOCK: usize = 1 << 20;
+/// Largest im2col block per task, in elements (2 Mi floats = 8 MiB).
+pub const MAX_BLOCK: usize = 1 << 21;
 
 /// Groups are made in multiples of this count (when the batch allows) so that tasks divide
 /// evenly among 1, 2, 4 or 8 threads.
