@@ -28,6 +28,116 @@ pub enum Command {
     Info(InfoArgs),
     /// Measure SGEMM, per-layer convolution and training-step speed (Markdown on stdout).
     Bench(BenchArgs),
+    /// Pre-train with LoFT (or the dense baseline) across the ranks of an MPI job.
+    Pretrain(Box<PretrainArgs>),
+    /// Communication volumes: the paper's accounting, what loft moves, data-parallel, GPipe.
+    Comm(CommArgs),
+}
+
+/// `loft pretrain`.
+#[derive(Args, Debug)]
+pub struct PretrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// loft (filter-wise partitioned rounds) or dense (full model; data-parallel over ranks).
+    #[arg(long, default_value = "loft")]
+    pub method: String,
+    /// Data set: fashion-mnist, cifar10, cifar100, synthetic.
+    #[arg(long, default_value = "fashion-mnist")]
+    pub dataset: String,
+    /// Directory of the data files [default: the data set's standard place].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Train on the first N training samples only (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub train_subset: usize,
+    /// Evaluate on the first N test samples only (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub test_subset: usize,
+    /// Rounds (each: local steps, then re-assembly).
+    #[arg(long, default_value_t = 50)]
+    pub rounds: usize,
+    /// SGD steps per round on every worker.
+    #[arg(long, default_value_t = 16)]
+    pub local_steps: usize,
+    /// Mini-batch size per worker.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
+    pub lr: f64,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
+    pub momentum: f64,
+    /// Weight decay.
+    #[arg(long, default_value_t = 5e-4, allow_negative_numbers = true)]
+    pub weight_decay: f64,
+    /// Learning-rate schedule over all steps: cosine, step or constant.
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    /// Rounds of linear warmup.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    pub warmup_rounds: f64,
+    /// Dense only: zero the momentum every --local-steps steps, like LoFT's fresh optimizer.
+    #[arg(long)]
+    pub reset_momentum: bool,
+    /// Evaluate the assembled model every N rounds (and after the last).
+    #[arg(long, default_value_t = 10)]
+    pub eval_every: usize,
+    /// Simulate N LoFT workers one after another in this process (no MPI needed).
+    #[arg(long, default_value_t = 0)]
+    pub simulate_workers: usize,
+    /// After every sync, check that all ranks hold bit-identical parameters (costs one hash).
+    #[arg(long)]
+    pub verify: bool,
+    /// Seed of every random stream.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Run directory.
+    #[arg(long, default_value = "runs/pretrain")]
+    pub out: PathBuf,
+    /// Progress output: auto, bar, lines, none (rank 0 only).
+    #[arg(long, default_value = "auto")]
+    pub progress: String,
+    /// Compute device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+/// `loft comm`.
+#[derive(Args, Debug)]
+pub struct CommArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Input channels.
+    #[arg(long, default_value_t = 3)]
+    pub in_channels: usize,
+    /// Input height and width [default: 32, or 224 with --stem imagenet].
+    #[arg(long)]
+    pub input_size: Option<usize>,
+    /// Workers S.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// LoFT rounds R.
+    #[arg(long, default_value_t = 250)]
+    pub rounds: usize,
+    /// Samples processed by the pipeline (GPipe) and steps of data-parallel training are
+    /// derived from rounds x local steps x batch x S unless given.
+    #[arg(long, default_value_t = 16)]
+    pub local_steps: usize,
+    /// Batch size per worker.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// GPipe cut positions: stages after which the network is cut (comma-separated)
+    /// [default: even split of the 4 stages].
+    #[arg(long, value_delimiter = ',')]
+    pub cuts: Option<Vec<usize>>,
+    /// Print the paper's LoFT figures (PreResNet/ResNet-34x2 CIFAR, PreResNet-18x2 ImageNet).
+    #[arg(long)]
+    pub paper: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags that define the network.
@@ -249,6 +359,49 @@ impl InfoArgs {
     }
 }
 
+impl PretrainArgs {
+    /// The resolved configuration.
+    pub fn config(&self) -> Result<crate::loft::PretrainConfig> {
+        check_device(&self.device)?;
+        let method = match self.method.as_str() {
+            "loft" => crate::loft::Method::Loft,
+            "dense" => crate::loft::Method::Dense,
+            m => return Err(Error::config(format!("unknown method '{m}' (expected loft or dense)"))),
+        };
+        let dataset = DatasetKind::parse(&self.dataset)?;
+        let (c, _, _, classes) = dataset.shape();
+        let arch = self.model.spec(c, classes)?;
+        let schedule = Schedule::parse_kind(&self.schedule, &[], 0.1)?;
+        let cfg = crate::loft::PretrainConfig {
+            method,
+            arch,
+            data_dir: self.data_dir.clone().unwrap_or_else(|| dataset.default_dir()),
+            augment: dataset.default_augment(),
+            dataset,
+            train_subset: self.train_subset,
+            test_subset: self.test_subset,
+            rounds: self.rounds,
+            local_steps: self.local_steps,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            schedule,
+            warmup_rounds: self.warmup_rounds,
+            reset_momentum: self.reset_momentum,
+            seed: self.seed,
+            eval_every: self.eval_every,
+            simulate: self.simulate_workers,
+            verify: self.verify,
+            out: self.out.clone(),
+            progress: self.progress.clone(),
+        };
+        cfg.validate()?;
+        crate::progress::Mode::parse(&cfg.progress)?;
+        Ok(cfg)
+    }
+}
+
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     if cli.threads > 0 {
@@ -282,6 +435,24 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Pretrain(a) => {
+            let cfg = a.config()?;
+            crate::comm::run_with_comm(|comm| {
+                let s = crate::loft::run(&cfg, comm)?;
+                if comm.rank() == 0 {
+                    println!(
+                        "final test accuracy {:.2}% in {:.1}s (compute {:.1}s, sync {:.1}s); run directory {}",
+                        s.final_test_acc,
+                        s.wall_s,
+                        s.compute_s,
+                        s.sync_s,
+                        cfg.out.display()
+                    );
+                }
+                Ok(())
+            })
+        }
+        Command::Comm(a) => crate::comm::report::run(&a),
         Command::Bench(a) => {
             if a.batch == 0 {
                 return Err(Error::config("--batch must be at least 1"));

@@ -3,9 +3,11 @@
 pub mod backend;
 pub mod bench;
 pub mod cli;
+pub mod comm;
 pub mod data;
 pub mod error;
 pub mod info;
+pub mod loft;
 pub mod model;
 pub mod ops;
 pub mod progress;

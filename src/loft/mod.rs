@@ -1,0 +1,605 @@
+//! LoFT pre-training (and its dense baseline) across ranks.
+//!
+//! Every rank holds the full model. Each round, rank r extracts its narrow sub-network (the
+//! inner filters it owns in this round's [`Partition`] plus every shared tensor), runs
+//! `local_steps` SGD steps on its own data stream with a fresh optimizer, and the ranks
+//! re-assemble the model: one allreduce-mean of the shared parameters and shared BN
+//! statistics, one allgather(v) of the packed partitioned slices. With `simulate` the S
+//! workers run one after another in one process; the result is bit-identical to S ranks.
+//!
+//! The dense method trains the full model: one rank, or data-parallel over S ranks with a
+//! gradient allreduce (mean) every step.
+
+pub mod partition;
+pub mod slices;
+
+use crate::backend::cpu::CpuBackend;
+use crate::comm::accounting;
+use crate::comm::{sum_in_rank_order, Comm, Purpose};
+use crate::data::{self, Augment, DatasetKind, Loader};
+use crate::model::{ArchSpec, Graph, Model};
+use crate::ops::Sgd;
+use crate::progress::{Mode, Progress};
+use crate::schedule::{Kind, Schedule};
+use crate::train::{prepare_out_dir, write_atomic};
+use crate::{Error, Result};
+use partition::Partition;
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Pre-training method.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Loft,
+    Dense,
+}
+
+/// A resolved pre-training configuration.
+#[derive(Clone, Debug, Serialize)]
+pub struct PretrainConfig {
+    pub method: Method,
+    pub arch: ArchSpec,
+    pub dataset: DatasetKind,
+    pub data_dir: PathBuf,
+    pub train_subset: usize,
+    pub test_subset: usize,
+    pub rounds: usize,
+    pub local_steps: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    pub schedule: Kind,
+    pub warmup_rounds: f64,
+    /// Dense only: zero the momentum every `local_steps` steps (LoFT's fresh optimizer).
+    pub reset_momentum: bool,
+    pub augment: Augment,
+    pub seed: u64,
+    pub eval_every: usize,
+    /// Workers simulated one after another in this process (0: one worker per rank).
+    pub simulate: usize,
+    /// After every sync, check that all ranks hold bit-identical parameters.
+    pub verify: bool,
+    pub out: PathBuf,
+    pub progress: String,
+}
+
+/// One LoFT worker: its narrow model and its data stream.
+struct Worker<'a> {
+    rank: usize,
+    graph: Graph,
+    model: Model<CpuBackend<f32>>,
+    loader: Loader<'a>,
+    order: Vec<usize>,
+    order_epoch: u64,
+    /// Batches drawn so far.
+    drawn: u64,
+    x: Vec<f32>,
+    y: Vec<u32>,
+}
+
+impl Worker<'_> {
+    /// Load the next batch of this worker's stream into its model; returns its size.
+    fn next_batch(&mut self) -> Result<usize> {
+        let bpe = self.loader.batches_per_epoch() as u64;
+        let (epoch, b) = (self.drawn / bpe, self.drawn % bpe);
+        if epoch != self.order_epoch || self.order.is_empty() {
+            self.order = self.loader.order(epoch);
+            self.order_epoch = epoch;
+        }
+        let n = self
+            .loader
+            .fill(&self.order, epoch, b as usize, &mut self.x, &mut self.y);
+        self.drawn += 1;
+        self.model.set_batch(n, &self.x, &self.y)?;
+        Ok(n)
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RoundRecord {
+    pub round: usize,
+    pub step: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_acc: f64,
+    pub test_loss: Option<f64>,
+    pub test_acc: Option<f64>,
+    pub round_time_s: f64,
+    pub compute_s: f64,
+    pub sync_s: f64,
+}
+
+/// Result of a pre-training run.
+#[derive(Clone, Debug, Serialize)]
+pub struct PretrainSummary {
+    pub final_test_acc: f64,
+    pub wall_s: f64,
+    pub compute_s: f64,
+    pub sync_s: f64,
+    pub sync_bytes_sent: u64,
+    pub sync_bytes_closed_form: u64,
+}
+
+impl PretrainConfig {
+    /// Check values before any work.
+    pub fn validate(&self) -> Result<()> {
+        for (v, what) in [
+            (self.rounds, "--rounds"),
+            (self.local_steps, "--local-steps"),
+            (self.batch_size, "--batch-size"),
+            (self.eval_every, "--eval-every"),
+        ] {
+            if v == 0 {
+                return Err(Error::config(format!("{what} must be at least 1")));
+            }
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::config(format!(
+                "--lr must be a positive number, got {}",
+                self.lr
+            )));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(Error::config(format!(
+                "--momentum must be in [0, 1), got {}",
+                self.momentum
+            )));
+        }
+        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
+            return Err(Error::config(format!(
+                "--weight-decay must be >= 0, got {}",
+                self.weight_decay
+            )));
+        }
+        if !(self.warmup_rounds >= 0.0 && self.warmup_rounds.is_finite()) {
+            return Err(Error::config("--warmup-rounds must be >= 0"));
+        }
+        if self.simulate > 0 && self.method == Method::Dense {
+            return Err(Error::config("--simulate-workers applies to --method loft only"));
+        }
+        self.arch.validate()
+    }
+}
+
+/// FNV-1a over the bits of the parameters and statistics.
+pub fn fingerprint(params: &[f32], stats: &[f32]) -> u64 {
+    params.iter().chain(stats).fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
+        (h ^ v.to_bits() as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Run LoFT or dense pre-training on this rank. `comm` spans the ranks of the job.
+pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary> {
+    cfg.validate()?;
+    let (rank, ranks) = (comm.rank(), comm.size());
+    if cfg.simulate > 0 && ranks > 1 {
+        return Err(Error::config(
+            "--simulate-workers runs in one process; start it without mpirun",
+        ));
+    }
+    let workers = if cfg.simulate > 0 { cfg.simulate } else { ranks };
+    let lead = rank == 0;
+    if lead {
+        prepare_out_dir(&cfg.out)?;
+    }
+    let mode = if lead { Mode::parse(&cfg.progress)? } else { Mode::Quiet };
+    let wall = Instant::now();
+    let mut split = data::load(&cfg.dataset, &cfg.data_dir)?;
+    if cfg.train_subset > 0 {
+        split.train.truncate(cfg.train_subset);
+    }
+    if cfg.test_subset > 0 {
+        split.test.truncate(cfg.test_subset);
+    }
+    let (train, test) = (&split.train, &split.test);
+    if cfg.arch.classes < train.classes || cfg.arch.in_channels != train.channels {
+        return Err(Error::config(format!(
+            "the model ({} channels, {} classes) does not fit {} ({} channels, {} classes)",
+            cfg.arch.in_channels,
+            cfg.arch.classes,
+            cfg.dataset.name(),
+            train.channels,
+            train.classes
+        )));
+    }
+    let (h, w) = (train.height, train.width);
+    let full_graph = Graph::build(&cfg.arch, h, w, None)?;
+    let be = Arc::new(CpuBackend::<f32>::new());
+    let mut full = Model::new(be.clone(), full_graph.clone(), cfg.batch_size)?;
+    full.init(cfg.seed)?;
+    let (mean, std) = train.channel_stats();
+
+    // The local workers: one per rank, or all S when simulating.
+    let local: Vec<usize> = if cfg.simulate > 0 {
+        (0..workers).collect()
+    } else {
+        vec![rank]
+    };
+    let p0 = Partition::draw(&full_graph, cfg.seed, 0, workers);
+    let mut ws = Vec::new();
+    for &r in &local {
+        let graph = match cfg.method {
+            Method::Loft => Graph::build(&cfg.arch, h, w, Some(&p0.widths(&full_graph, r)))?,
+            Method::Dense => full_graph.clone(),
+        };
+        let mut model = Model::new(be.clone(), graph.clone(), cfg.batch_size)?;
+        if cfg.method == Method::Dense {
+            // the dense worker trains the full model itself, from the same initial weights
+            model.params.copy_from_slice(&full.params);
+            model.stats.copy_from_slice(&full.stats);
+        }
+        let loader = Loader::new(
+            train,
+            cfg.batch_size,
+            mean.clone(),
+            std.clone(),
+            cfg.augment,
+            true,
+            false,
+            cfg.seed,
+            r as u64,
+        );
+        ws.push(Worker {
+            rank: r,
+            graph,
+            model,
+            loader,
+            order: Vec::new(),
+            order_epoch: 0,
+            drawn: 0,
+            x: vec![0.0; cfg.batch_size * train.image_len()],
+            y: vec![0; cfg.batch_size],
+        });
+    }
+    // Sub-layouts of every rank (for unpacking their slices); fixed over rounds.
+    let sub_graphs: Vec<Graph> = match cfg.method {
+        Method::Loft => (0..workers)
+            .map(|r| Graph::build(&cfg.arch, h, w, Some(&p0.widths(&full_graph, r))))
+            .collect::<Result<_>>()?,
+        Method::Dense => Vec::new(),
+    };
+    let test_loader = Loader::new(
+        test,
+        cfg.batch_size,
+        mean.clone(),
+        std.clone(),
+        Augment::none(),
+        false,
+        false,
+        cfg.seed,
+        0,
+    )
+    .with_shard(
+        if cfg.simulate > 0 { 0 } else { rank },
+        if cfg.simulate > 0 { 1 } else { ranks },
+    );
+    let steps_per_epoch = ws[0].loader.batches_per_epoch();
+    let sched = Schedule {
+        base_lr: cfg.lr,
+        kind: cfg.schedule.clone(),
+        warmup_steps: (cfg.warmup_rounds * cfg.local_steps as f64).round() as usize,
+        steps_per_epoch,
+        total_steps: cfg.rounds * cfg.local_steps,
+    };
+    let (shared_n, counts) = accounting::loft_sync_elements(&full_graph, workers as u64);
+    let counts: Vec<usize> = counts.iter().map(|&c| c as usize).collect();
+    let mut log = None;
+    if lead {
+        let (sh, pa) = full_graph.param_counts();
+        let resolved = serde_json::json!({
+            "config": cfg, "workers": workers, "ranks": ranks, "device": "cpu",
+            "threads": rayon::current_num_threads(),
+            "params": { "shared": sh, "partitioned": pa },
+            "sync_elements": { "allreduce": shared_n, "allgather_counts": &counts },
+            "version": env!("CARGO_PKG_VERSION"),
+        });
+        write_atomic(
+            &cfg.out.join("config.json"),
+            serde_json::to_string_pretty(&resolved).expect("json").as_bytes(),
+        )?;
+        let path = cfg.out.join("metrics.jsonl");
+        log = Some((std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?, path));
+        if mode != Mode::Quiet {
+            eprintln!(
+                "loft pretrain: {:?} with {workers} worker(s) on {ranks} rank(s), {} (base {}, inner x{}), {} rounds x {} local steps, batch {}",
+                cfg.method, cfg.arch.name(), cfg.arch.base_width, cfg.arch.inner_width, cfg.rounds, cfg.local_steps, cfg.batch_size
+            );
+        }
+    }
+
+    let mut x_eval = vec![0.0f32; cfg.batch_size * test.image_len()];
+    let mut y_eval = vec![0u32; cfg.batch_size];
+    let mut bar = Progress::new(mode, "pretrain", cfg.rounds);
+    let (mut compute_s, mut sync_s) = (0.0f64, 0.0f64);
+    let mut last_acc = 0.0;
+    let mut step = 0usize;
+    let mut shared_buf: Vec<f32> = Vec::new();
+    let mut part_buf: Vec<f32> = Vec::new();
+    let mut gathered = vec![0.0f32; counts.iter().sum()];
+    for t in 0..cfg.rounds {
+        let t0 = Instant::now();
+        crate::comm::injected_failure(rank, t)?;
+        let p = Partition::draw(&full_graph, cfg.seed, t as u64, workers);
+        if cfg.method == Method::Loft && ranks > 1 {
+            let hashes = comm.allgather_u64(Purpose::Metrics, p.hash());
+            if hashes.iter().any(|&h| h != hashes[0]) {
+                return Err(Error::config(format!(
+                    "round {t}: ranks disagree on the partition (hashes {hashes:x?})"
+                )));
+            }
+        }
+        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0.0f64, 0.0f64);
+        let mut lr = sched.lr(step);
+        let tc = Instant::now();
+        for wk in ws.iter_mut() {
+            match cfg.method {
+                Method::Loft => {
+                    slices::extract(
+                        &full_graph.params,
+                        &wk.graph.params,
+                        &p,
+                        wk.rank,
+                        &full.params,
+                        &mut wk.model.params,
+                    );
+                    slices::extract(
+                        &full_graph.stats,
+                        &wk.graph.stats,
+                        &p,
+                        wk.rank,
+                        &full.stats,
+                        &mut wk.model.stats,
+                    );
+                    wk.model.reset_momentum();
+                }
+                Method::Dense => {
+                    if cfg.reset_momentum {
+                        wk.model.reset_momentum();
+                    }
+                }
+            }
+            for k in 0..cfg.local_steps {
+                lr = sched.lr(step + k);
+                let hp = Sgd {
+                    lr: lr as f32,
+                    momentum: cfg.momentum as f32,
+                    weight_decay: cfg.weight_decay as f32,
+                };
+                let n = wk.next_batch()?;
+                let (l, c) = match cfg.method {
+                    Method::Loft => wk.model.train_step(n, &hp)?,
+                    Method::Dense => {
+                        wk.model.forward(n, true);
+                        let r = wk.model.loss(n, true)?;
+                        wk.model.backward(n);
+                        if ranks > 1 {
+                            let ts = Instant::now();
+                            comm.allreduce_sum(Purpose::Gradients, &mut wk.model.grads);
+                            let inv = ranks as f32;
+                            for g in wk.model.grads.iter_mut() {
+                                *g /= inv;
+                            }
+                            sync_s += ts.elapsed().as_secs_f64();
+                        }
+                        wk.model.sgd_step(&hp);
+                        r
+                    }
+                };
+                if !l.is_finite() {
+                    return Err(Error::config(format!(
+                        "training diverged in round {} (loss {l}); lower --lr or add --warmup-rounds",
+                        t + 1
+                    )));
+                }
+                loss_sum += l;
+                correct += c as f64;
+                seen += n as f64;
+            }
+        }
+        step += cfg.local_steps;
+        let compute = tc.elapsed().as_secs_f64();
+        // Re-assemble the model.
+        let ts = Instant::now();
+        match cfg.method {
+            Method::Loft => {
+                // shared parameters and statistics: mean over workers
+                let mut parts: Vec<Vec<f32>> = Vec::with_capacity(ws.len());
+                for wk in &ws {
+                    let mut v = Vec::with_capacity(shared_n as usize);
+                    slices::pack_shared(&wk.graph.params, &wk.model.params, &mut v);
+                    slices::pack_shared(&wk.graph.stats, &wk.model.stats, &mut v);
+                    parts.push(v);
+                }
+                shared_buf.resize(shared_n as usize, 0.0);
+                let refs: Vec<&[f32]> = parts.iter().map(|v| &v[..]).collect();
+                sum_in_rank_order(&refs, &mut shared_buf);
+                comm.allreduce_sum(Purpose::Sync, &mut shared_buf);
+                let inv = workers as f32;
+                for v in shared_buf.iter_mut() {
+                    *v /= inv;
+                }
+                let used = slices::unpack_shared(&full_graph.params, &shared_buf, &mut full.params);
+                slices::unpack_shared(&full_graph.stats, &shared_buf[used..], &mut full.stats);
+                // partitioned slices: every worker's, in rank order
+                if cfg.simulate > 0 || ranks == 1 {
+                    gathered.clear();
+                    for wk in &ws {
+                        slices::pack_partitioned(&wk.graph.params, &wk.model.params, &mut gathered);
+                        slices::pack_partitioned(&wk.graph.stats, &wk.model.stats, &mut gathered);
+                    }
+                } else {
+                    part_buf.clear();
+                    let wk = &ws[0];
+                    slices::pack_partitioned(&wk.graph.params, &wk.model.params, &mut part_buf);
+                    slices::pack_partitioned(&wk.graph.stats, &wk.model.stats, &mut part_buf);
+                    comm.allgatherv(Purpose::Sync, &part_buf, &counts, &mut gathered);
+                }
+                let mut at = 0;
+                for (r, sg) in sub_graphs.iter().enumerate() {
+                    let np = slices::partitioned_len(&sg.params);
+                    let ns = slices::partitioned_len(&sg.stats);
+                    slices::insert_partitioned(
+                        &full_graph.params,
+                        &sg.params,
+                        &p,
+                        r,
+                        &gathered[at..at + np],
+                        &mut full.params,
+                    );
+                    slices::insert_partitioned(
+                        &full_graph.stats,
+                        &sg.stats,
+                        &p,
+                        r,
+                        &gathered[at + np..at + np + ns],
+                        &mut full.stats,
+                    );
+                    at += np + ns;
+                }
+            }
+            Method::Dense => {
+                let wk = &mut ws[0];
+                if ranks > 1 {
+                    // gradients were averaged every step; BN running statistics are local,
+                    // so average them once per round to keep the replicas identical
+                    comm.allreduce_sum(Purpose::Sync, &mut wk.model.stats);
+                    let inv = ranks as f32;
+                    for v in wk.model.stats.iter_mut() {
+                        *v /= inv;
+                    }
+                }
+                full.params.copy_from_slice(&wk.model.params);
+                full.stats.copy_from_slice(&wk.model.stats);
+            }
+        }
+        let sync = ts.elapsed().as_secs_f64();
+        if cfg.verify && ranks > 1 {
+            let h = fingerprint(&full.params, &full.stats);
+            let all = comm.allgather_u64(Purpose::Metrics, h);
+            if all.iter().any(|&x| x != all[0]) {
+                return Err(Error::config(format!(
+                    "round {}: ranks hold different parameters after sync ({all:x?})",
+                    t + 1
+                )));
+            }
+        }
+        compute_s += compute;
+        sync_s += sync;
+        // metrics, averaged over ranks
+        let mut m = [loss_sum, correct, seen];
+        comm.allreduce_sum_f64(Purpose::Metrics, &mut m);
+        let evaluate = (t + 1) % cfg.eval_every == 0 || t + 1 == cfg.rounds;
+        let (mut test_loss, mut test_acc) = (None, None);
+        if evaluate {
+            let (mut tl, mut tc, mut tn) = (0.0, 0.0, 0.0);
+            let order = test_loader.order(0);
+            for b in 0..test_loader.batches_per_epoch() {
+                let n = test_loader.fill(&order, 0, b, &mut x_eval, &mut y_eval);
+                full.set_batch(n, &x_eval, &y_eval)?;
+                let (l, c) = full.eval_step(n)?;
+                tl += l;
+                tc += c as f64;
+                tn += n as f64;
+            }
+            let mut e = [tl, tc, tn];
+            comm.allreduce_sum_f64(Purpose::Metrics, &mut e);
+            test_loss = Some(e[0] / e[2].max(1.0));
+            test_acc = Some(100.0 * e[1] / e[2].max(1.0));
+            last_acc = test_acc.unwrap_or(0.0);
+        }
+        let rec = RoundRecord {
+            round: t + 1,
+            step,
+            lr,
+            train_loss: m[0] / m[2],
+            train_acc: 100.0 * m[1] / m[2],
+            test_loss,
+            test_acc,
+            round_time_s: t0.elapsed().as_secs_f64(),
+            compute_s: compute,
+            sync_s: sync,
+        };
+        if let Some((f, path)) = log.as_mut() {
+            writeln!(f, "{}", serde_json::to_string(&rec).expect("json")).map_err(|e| Error::io(&*path, e))?;
+            f.flush().map_err(|e| Error::io(&*path, e))?;
+        }
+        bar.update(t + 1, || {
+            let test = test_acc.map(|a| format!(" test {a:.2}%")).unwrap_or_default();
+            format!("loss {:.4} acc {:.2}%{test}", rec.train_loss, rec.train_acc)
+        });
+        if evaluate && mode == Mode::Lines {
+            eprintln!(
+                "round {}/{}: train loss {:.4} acc {:.2}% test acc {last_acc:.2}%",
+                t + 1,
+                cfg.rounds,
+                rec.train_loss,
+                rec.train_acc
+            );
+        }
+    }
+    bar.finish();
+
+    // Ledger: measured against the closed form, per rank.
+    let sync_tally = comm.ledger().purpose_total(Purpose::Sync);
+    let closed: u64 = match cfg.method {
+        Method::Loft if ranks > 1 => {
+            let (n, c) = accounting::loft_sync_elements(&full_graph, ranks as u64);
+            cfg.rounds as u64
+                * (accounting::allreduce_rank_bytes(n, ranks as u64, rank as u64).0
+                    + accounting::allgatherv_rank_bytes(&c, rank).0)
+        }
+        _ => 0,
+    };
+    let sent_all = comm.allgather_u64(Purpose::Metrics, sync_tally.bytes_sent);
+    let recv_all = comm.allgather_u64(Purpose::Metrics, sync_tally.bytes_received);
+    let closed_all = comm.allgather_u64(Purpose::Metrics, closed);
+    if lead {
+        let counts_model = accounting::ModelCounts::of(&full_graph);
+        let report = serde_json::json!({
+            "ranks": ranks,
+            "workers": workers,
+            "rounds": cfg.rounds,
+            "per_rank_sync_bytes_sent": sent_all,
+            "per_rank_sync_bytes_received": recv_all,
+            "per_rank_sync_bytes_closed_form": closed_all,
+            "rank0_ledger": comm.ledger().to_json(),
+            "closed_form": {
+                "loft_total_bytes": cfg.rounds as u64 * accounting::loft_round_bytes(&full_graph, workers as u64),
+                "paper_accounting_bytes": accounting::paper_bytes(&counts_model, workers as u64, cfg.rounds as u64),
+            },
+        });
+        write_atomic(
+            &cfg.out.join("ledger.json"),
+            serde_json::to_string_pretty(&report).expect("json").as_bytes(),
+        )?;
+        let params_path = cfg.out.join("params.f32");
+        let bytes: Vec<u8> = full
+            .params
+            .iter()
+            .chain(full.stats.iter())
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        write_atomic(&params_path, &bytes)?;
+    }
+    let summary = PretrainSummary {
+        final_test_acc: last_acc,
+        wall_s: wall.elapsed().as_secs_f64(),
+        compute_s,
+        sync_s,
+        sync_bytes_sent: sync_tally.bytes_sent,
+        sync_bytes_closed_form: closed,
+    };
+    if lead {
+        write_atomic(
+            &cfg.out.join("summary.json"),
+            serde_json::to_string_pretty(&summary).expect("json").as_bytes(),
+        )?;
+    }
+    Ok(summary)
+}
