@@ -4,7 +4,8 @@
 # (no apt-get update, no network).
 set -euo pipefail
 
-PACKAGES=(libopenmpi-dev openmpi-bin libclang-dev libhdf5-dev pkg-config dataset-fashion-mnist)
+PACKAGES=(libopenmpi-dev openmpi-bin libclang-dev libhdf5-dev pkg-config dataset-fashion-mnist
+          slurmctld slurmd slurm-client munge)
 
 is_installed() {
     local status

@@ -120,8 +120,15 @@ pub struct RoundRecord {
 pub struct PretrainSummary {
     pub final_test_acc: f64,
     pub wall_s: f64,
+    /// Rank 0's local compute and sync seconds.
     pub compute_s: f64,
     pub sync_s: f64,
+    /// Per rank: compute seconds, sync seconds (milliseconds as integers) and peak RSS bytes.
+    pub per_rank_compute_ms: Vec<u64>,
+    pub per_rank_sync_ms: Vec<u64>,
+    pub per_rank_peak_rss_bytes: Vec<u64>,
+    /// Parameters (shared + partitioned) held by rank 0's worker model.
+    pub worker_params: usize,
     pub sync_bytes_sent: u64,
     pub sync_bytes_closed_form: u64,
 }
@@ -587,11 +594,19 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
             .collect();
         write_atomic(&params_path, &bytes)?;
     }
+    let per_rank_compute_ms = comm.allgather_u64(Purpose::Metrics, (compute_s * 1e3) as u64);
+    let per_rank_sync_ms = comm.allgather_u64(Purpose::Metrics, (sync_s * 1e3) as u64);
+    let rss = crate::bench::peak_rss_bytes().unwrap_or(0);
+    let per_rank_peak_rss_bytes = comm.allgather_u64(Purpose::Metrics, rss);
     let summary = PretrainSummary {
         final_test_acc: last_acc,
         wall_s: wall.elapsed().as_secs_f64(),
         compute_s,
         sync_s,
+        per_rank_compute_ms,
+        per_rank_sync_ms,
+        per_rank_peak_rss_bytes,
+        worker_params: ws[0].graph.params.total,
         sync_bytes_sent: sync_tally.bytes_sent,
         sync_bytes_closed_form: closed,
     };
