@@ -39,42 +39,19 @@ pub enum Command {
 pub struct PretrainArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub optim: OptimArgs,
     /// loft (filter-wise partitioned rounds) or dense (full model; data-parallel over ranks).
     #[arg(long, default_value = "loft")]
     pub method: String,
-    /// Data set: fashion-mnist, cifar10, cifar100, synthetic.
-    #[arg(long, default_value = "fashion-mnist")]
-    pub dataset: String,
-    /// Directory of the data files [default: the data set's standard place].
-    #[arg(long)]
-    pub data_dir: Option<PathBuf>,
-    /// Train on the first N training samples only (0 = all).
-    #[arg(long, default_value_t = 0)]
-    pub train_subset: usize,
-    /// Evaluate on the first N test samples only (0 = all).
-    #[arg(long, default_value_t = 0)]
-    pub test_subset: usize,
     /// Rounds (each: local steps, then re-assembly).
     #[arg(long, default_value_t = 50)]
     pub rounds: usize,
     /// SGD steps per round on every worker.
     #[arg(long, default_value_t = 16)]
     pub local_steps: usize,
-    /// Mini-batch size per worker.
-    #[arg(long, default_value_t = 128)]
-    pub batch_size: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
-    pub lr: f64,
-    /// SGD momentum.
-    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
-    pub momentum: f64,
-    /// Weight decay.
-    #[arg(long, default_value_t = 5e-4, allow_negative_numbers = true)]
-    pub weight_decay: f64,
-    /// Learning-rate schedule over all steps: cosine, step or constant.
-    #[arg(long, default_value = "cosine")]
-    pub schedule: String,
     /// Rounds of linear warmup.
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub warmup_rounds: f64,
@@ -178,11 +155,9 @@ impl ModelArgs {
     }
 }
 
-/// `loft train`.
-#[derive(Args, Debug)]
-pub struct TrainArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
+/// Flags that choose the data.
+#[derive(Args, Debug, Clone)]
+pub struct DataArgs {
     /// Data set: fashion-mnist, cifar10, cifar100, synthetic.
     #[arg(long, default_value = "fashion-mnist")]
     pub dataset: String,
@@ -196,10 +171,21 @@ pub struct TrainArgs {
     /// Evaluate on the first N test samples only (0 = all).
     #[arg(long, default_value_t = 0)]
     pub test_subset: usize,
-    /// Training epochs.
-    #[arg(long, default_value_t = 3)]
-    pub epochs: usize,
-    /// Mini-batch size.
+}
+
+impl DataArgs {
+    /// The data set and the directory its files are read from.
+    pub fn resolve(&self) -> Result<(DatasetKind, PathBuf)> {
+        let kind = DatasetKind::parse(&self.dataset)?;
+        let dir = self.data_dir.clone().unwrap_or_else(|| kind.default_dir());
+        Ok((kind, dir))
+    }
+}
+
+/// Flags of the SGD optimizer.
+#[derive(Args, Debug, Clone)]
+pub struct OptimArgs {
+    /// Mini-batch size (per worker for pretrain).
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
     /// Peak learning rate.
@@ -214,6 +200,20 @@ pub struct TrainArgs {
     /// Learning-rate schedule: cosine, step or constant.
     #[arg(long, default_value = "cosine")]
     pub schedule: String,
+}
+
+/// `loft train`.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub optim: OptimArgs,
+    /// Training epochs.
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
     /// Epochs at which the step schedule multiplies the rate by --gamma.
     #[arg(long, value_delimiter = ',', default_value = "")]
     pub milestones: Vec<String>,
@@ -294,7 +294,7 @@ impl TrainArgs {
     /// The resolved training configuration.
     pub fn config(&self) -> Result<TrainConfig> {
         check_device(&self.device)?;
-        let dataset = DatasetKind::parse(&self.dataset)?;
+        let (dataset, data_dir) = self.data.resolve()?;
         let (c, _, _, classes) = dataset.shape();
         let arch = self.model.spec(c, classes)?;
         let milestones = self
@@ -307,24 +307,23 @@ impl TrainArgs {
                     .map_err(|_| Error::config(format!("--milestones: '{m}' is not an epoch number")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let schedule = Schedule::parse_kind(&self.schedule, &milestones, self.gamma)?;
+        let schedule = Schedule::parse_kind(&self.optim.schedule, &milestones, self.gamma)?;
         let default_aug = dataset.default_augment();
         let augment = Augment {
             crop_pad: self.crop_pad.unwrap_or(default_aug.crop_pad),
             flip: self.flip.unwrap_or(default_aug.flip),
         };
-        let data_dir = self.data_dir.clone().unwrap_or_else(|| dataset.default_dir());
         let cfg = TrainConfig {
             arch,
             dataset,
             data_dir,
-            train_subset: self.train_subset,
-            test_subset: self.test_subset,
+            train_subset: self.data.train_subset,
+            test_subset: self.data.test_subset,
             epochs: self.epochs,
-            batch_size: self.batch_size,
-            lr: self.lr,
-            momentum: self.momentum,
-            weight_decay: self.weight_decay,
+            batch_size: self.optim.batch_size,
+            lr: self.optim.lr,
+            momentum: self.optim.momentum,
+            weight_decay: self.optim.weight_decay,
             schedule,
             warmup_epochs: self.warmup_epochs,
             augment,
@@ -368,24 +367,24 @@ impl PretrainArgs {
             "dense" => crate::loft::Method::Dense,
             m => return Err(Error::config(format!("unknown method '{m}' (expected loft or dense)"))),
         };
-        let dataset = DatasetKind::parse(&self.dataset)?;
+        let (dataset, data_dir) = self.data.resolve()?;
         let (c, _, _, classes) = dataset.shape();
         let arch = self.model.spec(c, classes)?;
-        let schedule = Schedule::parse_kind(&self.schedule, &[], 0.1)?;
+        let schedule = Schedule::parse_kind(&self.optim.schedule, &[], 0.1)?;
         let cfg = crate::loft::PretrainConfig {
             method,
             arch,
-            data_dir: self.data_dir.clone().unwrap_or_else(|| dataset.default_dir()),
+            data_dir,
             augment: dataset.default_augment(),
             dataset,
-            train_subset: self.train_subset,
-            test_subset: self.test_subset,
+            train_subset: self.data.train_subset,
+            test_subset: self.data.test_subset,
             rounds: self.rounds,
             local_steps: self.local_steps,
-            batch_size: self.batch_size,
-            lr: self.lr,
-            momentum: self.momentum,
-            weight_decay: self.weight_decay,
+            batch_size: self.optim.batch_size,
+            lr: self.optim.lr,
+            momentum: self.optim.momentum,
+            weight_decay: self.optim.weight_decay,
             schedule,
             warmup_rounds: self.warmup_rounds,
             reset_momentum: self.reset_momentum,

@@ -91,12 +91,23 @@ pub fn matmul<T: Real>(dst: &mut [T], ld: usize, a: Mat<'_, T>, b: Mat<'_, T>, a
     // SAFETY: the asserts above check that every index gemm touches, (m-1)*ld + (n-1) in dst,
     // (m-1)*a.rs + (k-1)*a.cs in a and (k-1)*b.rs + (n-1)*b.cs in b, is in bounds; dst is
     // borrowed mutably and cannot alias a or b.
+    unsafe { gemm_raw(dst.as_mut_ptr(), ld, a, b, accumulate, par) }
+}
+
+/// The one call into the gemm crate: `dst (+)= a @ b` with row stride `ld`.
+///
+/// # Safety
+/// Every element gemm reads or writes must be in bounds: `(m-1) ld + (n-1)` of dst and the
+/// last index of each operand; no other thread may touch those dst elements meanwhile.
+unsafe fn gemm_raw<T: Real>(dst: *mut T, ld: usize, a: Mat<'_, T>, b: Mat<'_, T>, accumulate: bool, par: Parallelism) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    // SAFETY: forwarded to the caller.
     flagged(|| unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             ld as isize,
             accumulate,
@@ -149,34 +160,12 @@ pub unsafe fn matmul_into_block<T: Real>(dst: SendPtr<T>, ld: usize, a: Mat<'_, 
         a.data.len() > a.max_index() && b.data.len() > b.max_index(),
         "matmul: operand too small"
     );
-    if m == 0 || n == 0 || k == 0 {
-        assert!(k > 0 || accumulate, "matmul_into_block: empty inner dimension");
+    assert!(k > 0, "matmul_into_block: empty inner dimension");
+    if m == 0 || n == 0 {
         return;
     }
     // SAFETY: operands are bounds-checked above; the caller guarantees dst.
-    flagged(|| unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.0,
-            1,
-            ld as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    })
+    unsafe { gemm_raw(dst.0, ld, a, b, accumulate, Parallelism::None) }
 }
 
 #[cfg(test)]
