@@ -58,6 +58,10 @@ pub struct PretrainArgs {
     /// Dense only: zero the momentum every --local-steps steps, like LoFT's fresh optimizer.
     #[arg(long)]
     pub reset_momentum: bool,
+    /// LoFT only: keep each filter's momentum across rounds instead of a fresh optimizer
+    /// (the momentum travels with its filter at sync).
+    #[arg(long)]
+    pub keep_momentum: bool,
     /// Evaluate the assembled model every N rounds (and after the last).
     #[arg(long, default_value_t = 10)]
     pub eval_every: usize,
@@ -67,6 +71,10 @@ pub struct PretrainArgs {
     /// After every sync, check that all ranks hold bit-identical parameters (costs one hash).
     #[arg(long)]
     pub verify: bool,
+    /// Re-estimate BN running statistics with N training batches before each evaluation
+    /// (evaluation only) [default: 50 for loft, 0 for dense].
+    #[arg(long)]
+    pub bn_recalibrate: Option<usize>,
     /// Seed of every random stream.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -388,10 +396,14 @@ impl PretrainArgs {
             schedule,
             warmup_rounds: self.warmup_rounds,
             reset_momentum: self.reset_momentum,
+            keep_momentum: self.keep_momentum,
             seed: self.seed,
             eval_every: self.eval_every,
             simulate: self.simulate_workers,
             verify: self.verify,
+            bn_recalibrate: self
+                .bn_recalibrate
+                .unwrap_or(if method == crate::loft::Method::Loft { 50 } else { 0 }),
             out: self.out.clone(),
             progress: self.progress.clone(),
         };

@@ -88,6 +88,9 @@ fn training_steps_allocate_nothing_after_warmup() {
         let n = steady_state_allocations(arch, stem, hw, 1);
         assert_eq!(n, 0, "{arch}: {n} allocations in 10 steady-state steps on one thread");
         let n = steady_state_allocations(arch, stem, hw, 2);
-        assert!(n <= SCHEDULER_NOISE, "{arch}: {n} allocations in 10 steady-state steps on two threads");
+        assert!(
+            n <= SCHEDULER_NOISE,
+            "{arch}: {n} allocations in 10 steady-state steps on two threads"
+        );
     }
 }

@@ -135,6 +135,59 @@ fn mpi_runs_match_single_process_simulation_bit_for_bit_and_count_every_byte() {
 }
 
 #[test]
+fn uneven_shares_work_and_match_the_simulation() {
+    let Some(_) = mpirun() else { return };
+    // inner width 3 x base 3: blocks of 18, 36 and 72 inner filters over 4 ranks
+    let extra = ["--inner-width", "3", "--verify"];
+    let mpi_dir = tmp("uneven-mpi");
+    ok(&run_mpi(4, &small(&mpi_dir, &extra), &[]));
+    let sim_dir = tmp("uneven-sim");
+    ok(&run_single(&small(
+        &sim_dir,
+        &["--inner-width", "3", "--simulate-workers", "4"],
+    )));
+    assert_eq!(params(&mpi_dir), params(&sim_dir));
+    let l = ledger(&mpi_dir);
+    assert_eq!(l["per_rank_sync_bytes_sent"], l["per_rank_sync_bytes_closed_form"]);
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(mpi_dir.join("config.json")).unwrap()).unwrap();
+    let counts: Vec<u64> = cfg["sync_elements"]["allgather_counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert!(
+        counts.iter().any(|&c| c != counts[0]),
+        "shares should be uneven: {counts:?}"
+    );
+}
+
+#[test]
+fn kept_momentum_travels_with_its_filters() {
+    let Some(_) = mpirun() else { return };
+    let mpi_dir = tmp("keep-mpi");
+    ok(&run_mpi(2, &small(&mpi_dir, &["--keep-momentum", "--verify"]), &[]));
+    let sim_dir = tmp("keep-sim");
+    ok(&run_single(&small(
+        &sim_dir,
+        &["--keep-momentum", "--simulate-workers", "2"],
+    )));
+    assert_eq!(params(&mpi_dir), params(&sim_dir));
+    let l = ledger(&mpi_dir);
+    assert_eq!(l["per_rank_sync_bytes_sent"], l["per_rank_sync_bytes_closed_form"]);
+    // kept momentum changes the result against a fresh optimizer every round
+    let fresh = tmp("keep-fresh");
+    ok(&run_single(&small(&fresh, &["--simulate-workers", "2"])));
+    assert_ne!(params(&fresh), params(&sim_dir));
+    // with one worker, kept momentum is plain dense training
+    let one = tmp("keep-one");
+    ok(&run_single(&small(&one, &["--keep-momentum"])));
+    let dense = tmp("keep-dense");
+    ok(&run_single(&small(&dense, &["--method", "dense"])));
+    assert_eq!(params(&one), params(&dense));
+}
+
+#[test]
 fn loft_with_one_worker_equals_dense_training_with_momentum_reset() {
     let Some(_) = mpirun() else { return };
     let loft = tmp("s1-loft");

@@ -82,13 +82,16 @@ pub fn share(width: u64, s: u64, r: u64) -> u64 {
     width / s + u64::from(r < width % s)
 }
 
-/// What one LoFT sync moves for rank r of s: (allreduce elements, allgatherv counts per rank).
+/// What one LoFT sync moves: (allreduce elements, allgatherv counts per rank).
 /// Allreduce: shared parameters and shared BN statistics. Allgather: every rank's slices of
-/// the partitioned parameters and BN statistics.
-pub fn loft_sync_elements(g: &Graph, s: u64) -> (u64, Vec<u64>) {
+/// the partitioned parameters and BN statistics. With `momentum` (momentum kept across
+/// rounds) the momentum buffer travels too: its shared part in the allreduce, its slices in
+/// the allgather.
+pub fn loft_sync_elements(g: &Graph, s: u64, momentum: bool) -> (u64, Vec<u64>) {
     let c = ModelCounts::of(g);
     let mut counts = vec![0u64; s as usize];
-    for e in g.params.entries.iter().chain(&g.stats.entries) {
+    let momentum_entries = if momentum { &g.params.entries[..] } else { &[] };
+    for e in g.params.entries.iter().chain(&g.stats.entries).chain(momentum_entries) {
         if let Role::Partitioned { axis, block } = e.role {
             let width = g.inner[block] as u64;
             let per_filter = e.len as u64 / e.shape[axis] as u64;
@@ -97,12 +100,13 @@ pub fn loft_sync_elements(g: &Graph, s: u64) -> (u64, Vec<u64>) {
             }
         }
     }
-    (c.shared + c.shared_stats, counts)
+    let shared_momentum = if momentum { c.shared } else { 0 };
+    (c.shared + c.shared_stats + shared_momentum, counts)
 }
 
 /// Total bytes sent by all ranks in one LoFT sync (equal to the total received).
-pub fn loft_round_bytes(g: &Graph, s: u64) -> u64 {
-    let (n, counts) = loft_sync_elements(g, s);
+pub fn loft_round_bytes(g: &Graph, s: u64, momentum: bool) -> u64 {
+    let (n, counts) = loft_sync_elements(g, s, momentum);
     (0..s)
         .map(|r| allreduce_rank_bytes(n, s, r).0 + allgatherv_rank_bytes(&counts, r as usize).0)
         .sum()

@@ -16,8 +16,8 @@ fn figures(g: &Graph, s: usize, rounds: u64, local_steps: u64, batch: u64, cuts:
     let su = s as u64;
     let samples = rounds * local_steps * batch * su;
     let steps = rounds * local_steps;
-    let (n, counts) = acc::loft_sync_elements(g, su);
-    let loft_round = acc::loft_round_bytes(g, su);
+    let (n, counts) = acc::loft_sync_elements(g, su, false);
+    let loft_round = acc::loft_round_bytes(g, su, false);
     let paper = acc::paper_bytes(&c, su, rounds);
     let gpipe = acc::gpipe_bytes(g, cuts, samples / su.max(1) * su);
     let dp = steps * acc::data_parallel_step_bytes(g, su);

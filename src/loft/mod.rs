@@ -57,6 +57,9 @@ pub struct PretrainConfig {
     pub warmup_rounds: f64,
     /// Dense only: zero the momentum every `local_steps` steps (LoFT's fresh optimizer).
     pub reset_momentum: bool,
+    /// LoFT only: keep each filter's momentum across rounds (it travels with the filter at
+    /// sync) instead of a fresh optimizer every round.
+    pub keep_momentum: bool,
     pub augment: Augment,
     pub seed: u64,
     pub eval_every: usize,
@@ -64,6 +67,10 @@ pub struct PretrainConfig {
     pub simulate: usize,
     /// After every sync, check that all ranks hold bit-identical parameters.
     pub verify: bool,
+    /// Before each evaluation, re-estimate the BN running statistics of the assembled model
+    /// with this many training-mode forward passes (the trained statistics were gathered on
+    /// narrow sub-networks). Evaluation only: the training state is restored afterwards.
+    pub bn_recalibrate: usize,
     pub out: PathBuf,
     pub progress: String,
 }
@@ -129,6 +136,9 @@ pub struct PretrainSummary {
     pub per_rank_peak_rss_bytes: Vec<u64>,
     /// Parameters (shared + partitioned) held by rank 0's worker model.
     pub worker_params: usize,
+    /// Forward FLOPs per sample of rank 0's worker model, and of the full model.
+    pub worker_flops_per_sample: f64,
+    pub full_flops_per_sample: f64,
     pub sync_bytes_sent: u64,
     pub sync_bytes_closed_form: u64,
 }
@@ -170,7 +180,22 @@ impl PretrainConfig {
         if self.simulate > 0 && self.method == Method::Dense {
             return Err(Error::config("--simulate-workers applies to --method loft only"));
         }
+        if self.keep_momentum && self.method == Method::Dense {
+            return Err(Error::config(
+                "--keep-momentum applies to --method loft only (dense keeps it unless --reset-momentum)",
+            ));
+        }
         self.arch.validate()
+    }
+}
+
+/// Append a worker's partitioned slices in the canonical order: parameters, BN statistics,
+/// then (when momentum is kept) the momentum.
+fn pack_slices(wk: &Worker<'_>, momentum: bool, out: &mut Vec<f32>) {
+    slices::pack_partitioned(&wk.graph.params, &wk.model.params, out);
+    slices::pack_partitioned(&wk.graph.stats, &wk.model.stats, out);
+    if momentum {
+        slices::pack_partitioned(&wk.graph.params, &wk.model.momentum, out);
     }
 }
 
@@ -286,6 +311,18 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
         if cfg.simulate > 0 { 0 } else { rank },
         if cfg.simulate > 0 { 1 } else { ranks },
     );
+    // training batches for BN recalibration: a stream of their own
+    let recal_loader = Loader::new(
+        train,
+        cfg.batch_size,
+        mean.clone(),
+        std.clone(),
+        cfg.augment,
+        true,
+        false,
+        cfg.seed ^ 0x6263_7265_6361_6c00,
+        if cfg.simulate > 0 { 0 } else { rank as u64 },
+    );
     let steps_per_epoch = ws[0].loader.batches_per_epoch();
     let sched = Schedule {
         base_lr: cfg.lr,
@@ -294,7 +331,7 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
         steps_per_epoch,
         total_steps: cfg.rounds * cfg.local_steps,
     };
-    let (shared_n, counts) = accounting::loft_sync_elements(&full_graph, workers as u64);
+    let (shared_n, counts) = accounting::loft_sync_elements(&full_graph, workers as u64, cfg.keep_momentum);
     let counts: Vec<usize> = counts.iter().map(|&c| c as usize).collect();
     let mut log = None;
     if lead {
@@ -333,6 +370,9 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
         let t0 = Instant::now();
         crate::comm::injected_failure(rank, t)?;
         let p = Partition::draw(&full_graph, cfg.seed, t as u64, workers);
+        if cfg.verify {
+            p.check_cover(&full_graph)?;
+        }
         if cfg.method == Method::Loft && ranks > 1 {
             let hashes = comm.allgather_u64(Purpose::Metrics, p.hash());
             if hashes.iter().any(|&h| h != hashes[0]) {
@@ -363,7 +403,12 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
                         &full.stats,
                         &mut wk.model.stats,
                     );
-                    wk.model.reset_momentum();
+                    if cfg.keep_momentum {
+                        let (fl, sl) = (&full_graph.params, &wk.graph.params);
+                        slices::extract(fl, sl, &p, wk.rank, &full.momentum, &mut wk.model.momentum);
+                    } else {
+                        wk.model.reset_momentum();
+                    }
                 }
                 Method::Dense => {
                     if cfg.reset_momentum {
@@ -421,6 +466,9 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
                     let mut v = Vec::with_capacity(shared_n as usize);
                     slices::pack_shared(&wk.graph.params, &wk.model.params, &mut v);
                     slices::pack_shared(&wk.graph.stats, &wk.model.stats, &mut v);
+                    if cfg.keep_momentum {
+                        slices::pack_shared(&wk.graph.params, &wk.model.momentum, &mut v);
+                    }
                     parts.push(v);
                 }
                 shared_buf.resize(shared_n as usize, 0.0);
@@ -431,20 +479,20 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
                 for v in shared_buf.iter_mut() {
                     *v /= inv;
                 }
-                let used = slices::unpack_shared(&full_graph.params, &shared_buf, &mut full.params);
-                slices::unpack_shared(&full_graph.stats, &shared_buf[used..], &mut full.stats);
+                let mut used = slices::unpack_shared(&full_graph.params, &shared_buf, &mut full.params);
+                used += slices::unpack_shared(&full_graph.stats, &shared_buf[used..], &mut full.stats);
+                if cfg.keep_momentum {
+                    slices::unpack_shared(&full_graph.params, &shared_buf[used..], &mut full.momentum);
+                }
                 // partitioned slices: every worker's, in rank order
                 if cfg.simulate > 0 || ranks == 1 {
                     gathered.clear();
                     for wk in &ws {
-                        slices::pack_partitioned(&wk.graph.params, &wk.model.params, &mut gathered);
-                        slices::pack_partitioned(&wk.graph.stats, &wk.model.stats, &mut gathered);
+                        pack_slices(wk, cfg.keep_momentum, &mut gathered);
                     }
                 } else {
                     part_buf.clear();
-                    let wk = &ws[0];
-                    slices::pack_partitioned(&wk.graph.params, &wk.model.params, &mut part_buf);
-                    slices::pack_partitioned(&wk.graph.stats, &wk.model.stats, &mut part_buf);
+                    pack_slices(&ws[0], cfg.keep_momentum, &mut part_buf);
                     comm.allgatherv(Purpose::Sync, &part_buf, &counts, &mut gathered);
                 }
                 let mut at = 0;
@@ -468,6 +516,11 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
                         &mut full.stats,
                     );
                     at += np + ns;
+                    if cfg.keep_momentum {
+                        let m = &gathered[at..at + np];
+                        slices::insert_partitioned(&full_graph.params, &sg.params, &p, r, m, &mut full.momentum);
+                        at += np;
+                    }
                 }
             }
             Method::Dense => {
@@ -504,6 +557,26 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
         let evaluate = (t + 1) % cfg.eval_every == 0 || t + 1 == cfg.rounds;
         let (mut test_loss, mut test_acc) = (None, None);
         if evaluate {
+            let saved_stats = if cfg.bn_recalibrate > 0 {
+                Some(full.stats.clone())
+            } else {
+                None
+            };
+            if cfg.bn_recalibrate > 0 {
+                let order = recal_loader.order(t as u64);
+                for b in 0..cfg.bn_recalibrate.min(recal_loader.batches_per_epoch()) {
+                    let n = recal_loader.fill(&order, t as u64, b, &mut x_eval, &mut y_eval);
+                    full.set_batch(n, &x_eval, &y_eval)?;
+                    full.forward(n, true);
+                }
+                if ranks > 1 {
+                    comm.allreduce_sum(Purpose::Metrics, &mut full.stats);
+                    let inv = ranks as f32;
+                    for v in full.stats.iter_mut() {
+                        *v /= inv;
+                    }
+                }
+            }
             let (mut tl, mut tc, mut tn) = (0.0, 0.0, 0.0);
             let order = test_loader.order(0);
             for b in 0..test_loader.batches_per_epoch() {
@@ -513,6 +586,9 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
                 tl += l;
                 tc += c as f64;
                 tn += n as f64;
+            }
+            if let Some(st) = saved_stats {
+                full.stats.copy_from_slice(&st);
             }
             let mut e = [tl, tc, tn];
             comm.allreduce_sum_f64(Purpose::Metrics, &mut e);
@@ -556,7 +632,7 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
     let sync_tally = comm.ledger().purpose_total(Purpose::Sync);
     let closed: u64 = match cfg.method {
         Method::Loft if ranks > 1 => {
-            let (n, c) = accounting::loft_sync_elements(&full_graph, ranks as u64);
+            let (n, c) = accounting::loft_sync_elements(&full_graph, ranks as u64, cfg.keep_momentum);
             cfg.rounds as u64
                 * (accounting::allreduce_rank_bytes(n, ranks as u64, rank as u64).0
                     + accounting::allgatherv_rank_bytes(&c, rank).0)
@@ -577,7 +653,7 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
             "per_rank_sync_bytes_closed_form": closed_all,
             "rank0_ledger": comm.ledger().to_json(),
             "closed_form": {
-                "loft_total_bytes": cfg.rounds as u64 * accounting::loft_round_bytes(&full_graph, workers as u64),
+                "loft_total_bytes": cfg.rounds as u64 * accounting::loft_round_bytes(&full_graph, workers as u64, cfg.keep_momentum),
                 "paper_accounting_bytes": accounting::paper_bytes(&counts_model, workers as u64, cfg.rounds as u64),
             },
         });
@@ -607,6 +683,8 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
         per_rank_sync_ms,
         per_rank_peak_rss_bytes,
         worker_params: ws[0].graph.params.total,
+        worker_flops_per_sample: ws[0].graph.flops_per_sample(),
+        full_flops_per_sample: full_graph.flops_per_sample(),
         sync_bytes_sent: sync_tally.bytes_sent,
         sync_bytes_closed_form: closed,
     };

@@ -52,6 +52,25 @@ impl Partition {
             .map(|i| &self.owned[r][i][..])
     }
 
+    /// Check that every inner filter of every partitioned block is owned by exactly one rank.
+    pub fn check_cover(&self, g: &Graph) -> crate::Result<()> {
+        for (i, &b) in self.blocks.iter().enumerate() {
+            let mut seen = vec![0u32; g.blocks[b].inner];
+            for own in &self.owned {
+                for &j in &own[i] {
+                    seen[j] += 1;
+                }
+            }
+            if let Some(j) = seen.iter().position(|&c| c != 1) {
+                return Err(crate::Error::config(format!(
+                    "round {}: inner filter {j} of block {b} is owned {} times",
+                    self.round, seen[j]
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// A 64-bit fingerprint (FNV-1a over every index), to check that ranks agree.
     pub fn hash(&self) -> u64 {
         let mut h = 0xcbf2_9ce4_8422_2325u64 ^ self.round;
@@ -80,6 +99,7 @@ mod tests {
         for workers in [1, 2, 3, 4, 5] {
             for round in 0..3 {
                 let p = Partition::draw(&g, 9, round, workers);
+                p.check_cover(&g).unwrap();
                 for (i, &b) in p.blocks.iter().enumerate() {
                     let mut all: Vec<usize> = (0..workers).flat_map(|r| p.owned[r][i].clone()).collect();
                     all.sort_unstable();
