@@ -139,6 +139,11 @@ pub struct PretrainSummary {
     /// Forward FLOPs per sample of rank 0's worker model, and of the full model.
     pub worker_flops_per_sample: f64,
     pub full_flops_per_sample: f64,
+    /// Bytes of rank 0's worker model buffers (parameters, gradients, momentum, statistics,
+    /// activations and their gradients at the batch size), and of the full model kept for
+    /// re-assembly and evaluation.
+    pub worker_model_bytes: usize,
+    pub full_model_bytes: usize,
     pub sync_bytes_sent: u64,
     pub sync_bytes_closed_form: u64,
 }
@@ -685,6 +690,8 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
         worker_params: ws[0].graph.params.total,
         worker_flops_per_sample: ws[0].graph.flops_per_sample(),
         full_flops_per_sample: full_graph.flops_per_sample(),
+        worker_model_bytes: ws[0].model.device_bytes(),
+        full_model_bytes: full.device_bytes(),
         sync_bytes_sent: sync_tally.bytes_sent,
         sync_bytes_closed_form: closed,
     };
