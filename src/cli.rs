@@ -106,10 +106,13 @@ pub struct CommArgs {
     /// LoFT rounds R.
     #[arg(long, default_value_t = 250)]
     pub rounds: usize,
-    /// Samples processed by the pipeline (GPipe) and steps of data-parallel training are
-    /// derived from rounds x local steps x batch x S unless given.
+    /// Local steps per round (samples = rounds x local steps x batch x S).
     #[arg(long, default_value_t = 16)]
     pub local_steps: usize,
+    /// Samples seen by GPipe and data-parallel training [default: rounds x local steps x
+    /// batch x S, the samples of the LoFT run].
+    #[arg(long)]
+    pub samples: Option<u64>,
     /// Batch size per worker.
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,

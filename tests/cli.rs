@@ -253,3 +253,34 @@ fn missing_and_corrupt_data_files_give_one_line_errors() {
     }
     assert_one_line_error(&run(&dir), "magic");
 }
+
+#[test]
+fn comm_reports_the_paper_figures_and_the_four_accountings() {
+    let out = loft(&["comm", "--paper"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for fig in ["104.59", "144.27", "104.77", "144.64", "791.09"] {
+        assert!(text.contains(&format!("{fig} ({fig})")), "{fig} missing from:\n{text}");
+    }
+    let out = loft(&[
+        "comm",
+        "--arch",
+        "preresnet34",
+        "--workers",
+        "4",
+        "--rounds",
+        "250",
+        "--samples",
+        "1000",
+        "--json",
+    ]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["paper"]["gb"], "144.27");
+    assert_eq!(v["samples"], 1000);
+    // GPipe-4: 4 bytes x 2 x samples x (65536 + 32768 + 16384) activations at the cuts
+    assert_eq!(v["gpipe"]["bytes"], 4 * 2 * 1000 * (65536 + 32768 + 16384));
+    assert!(v["loft"]["bytes"].as_u64().unwrap() > 0 && v["data_parallel"]["bytes"].as_u64().unwrap() > 0);
+    assert_one_line_error(&loft(&["comm", "--workers", "0"]), "--workers");
+    assert_one_line_error(&loft(&["comm", "--cuts", "5"]), "--cuts");
+}

@@ -11,15 +11,25 @@ fn gb(bytes: u64) -> String {
 }
 
 /// The figures of one (graph, S) setting as JSON.
-fn figures(g: &Graph, s: usize, rounds: u64, local_steps: u64, batch: u64, cuts: &[usize]) -> serde_json::Value {
+#[allow(clippy::too_many_arguments)]
+fn figures(
+    g: &Graph,
+    s: usize,
+    rounds: u64,
+    local_steps: u64,
+    batch: u64,
+    samples: Option<u64>,
+    cuts: &[usize],
+) -> serde_json::Value {
     let c = ModelCounts::of(g);
     let su = s as u64;
-    let samples = rounds * local_steps * batch * su;
-    let steps = rounds * local_steps;
+    let samples = samples.unwrap_or(rounds * local_steps * batch * su);
+    // data-parallel steps that see the same samples with a global batch of S x batch
+    let steps = samples.div_ceil(batch * su);
     let (n, counts) = acc::loft_sync_elements(g, su, false);
     let loft_round = acc::loft_round_bytes(g, su, false);
     let paper = acc::paper_bytes(&c, su, rounds);
-    let gpipe = acc::gpipe_bytes(g, cuts, samples / su.max(1) * su);
+    let gpipe = acc::gpipe_bytes(g, cuts, samples);
     let dp = steps * acc::data_parallel_step_bytes(g, su);
     json!({
         "arch": g.spec.name(), "workers": s, "rounds": rounds, "local_steps": local_steps,
@@ -29,7 +39,7 @@ fn figures(g: &Graph, s: usize, rounds: u64, local_steps: u64, batch: u64, cuts:
         "paper": { "bytes": paper, "gb": acc::gb_truncated(paper) },
         "loft": { "bytes_per_round": loft_round, "bytes": rounds * loft_round,
                   "allreduce_elements": n, "allgather_counts": counts },
-        "data_parallel": { "bytes_per_step": acc::data_parallel_step_bytes(g, su), "bytes": dp },
+        "data_parallel": { "steps": steps, "bytes_per_step": acc::data_parallel_step_bytes(g, su), "bytes": dp },
         "gpipe": { "cuts_after_stage": cuts, "elements_per_sample": acc::gpipe_cut_elements(g, cuts), "bytes": gpipe },
         "improvement_gpipe_over_paper_loft": if paper > 0 { gpipe as f64 / paper as f64 } else { 0.0 },
     })
@@ -45,9 +55,9 @@ fn paper_graph(arch: &str, classes: usize, stem: Stem) -> Result<Graph> {
 
 /// Run `loft comm`.
 pub fn run(a: &CommArgs) -> Result<()> {
-    if a.workers == 0 || a.rounds == 0 || a.local_steps == 0 || a.batch_size == 0 {
+    if a.workers == 0 || a.rounds == 0 || a.local_steps == 0 || a.batch_size == 0 || a.samples == Some(0) {
         return Err(Error::config(
-            "--workers, --rounds, --local-steps and --batch-size must be at least 1",
+            "--workers, --rounds, --local-steps, --batch-size and --samples must be at least 1",
         ));
     }
     if a.paper {
@@ -148,6 +158,7 @@ pub fn run(a: &CommArgs) -> Result<()> {
         a.rounds as u64,
         a.local_steps as u64,
         a.batch_size as u64,
+        a.samples,
         &cuts,
     );
     if a.json {
