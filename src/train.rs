@@ -73,33 +73,32 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// Check the optimizer flags shared by every training command.
+pub fn validate_sgd(batch_size: usize, lr: f64, momentum: f64, weight_decay: f64) -> Result<()> {
+    if batch_size == 0 {
+        return Err(Error::config("--batch-size must be at least 1"));
+    }
+    if !(lr > 0.0 && lr.is_finite()) {
+        return Err(Error::config(format!("--lr must be a positive number, got {lr}")));
+    }
+    if !(0.0..1.0).contains(&momentum) {
+        return Err(Error::config(format!("--momentum must be in [0, 1), got {momentum}")));
+    }
+    if !(weight_decay >= 0.0 && weight_decay.is_finite()) {
+        return Err(Error::config(format!(
+            "--weight-decay must be >= 0, got {weight_decay}"
+        )));
+    }
+    Ok(())
+}
+
 impl TrainConfig {
     /// Check every value before any work starts.
     pub fn validate(&self) -> Result<()> {
         if self.epochs == 0 {
             return Err(Error::config("--epochs must be at least 1"));
         }
-        if self.batch_size == 0 {
-            return Err(Error::config("--batch-size must be at least 1"));
-        }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(Error::config(format!(
-                "--lr must be a positive number, got {}",
-                self.lr
-            )));
-        }
-        if !(0.0..1.0).contains(&self.momentum) {
-            return Err(Error::config(format!(
-                "--momentum must be in [0, 1), got {}",
-                self.momentum
-            )));
-        }
-        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            return Err(Error::config(format!(
-                "--weight-decay must be >= 0, got {}",
-                self.weight_decay
-            )));
-        }
+        validate_sgd(self.batch_size, self.lr, self.momentum, self.weight_decay)?;
         if !(self.warmup_epochs >= 0.0 && self.warmup_epochs.is_finite()) {
             return Err(Error::config(format!(
                 "--warmup-epochs must be >= 0, got {}",

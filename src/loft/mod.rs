@@ -154,31 +154,13 @@ impl PretrainConfig {
         for (v, what) in [
             (self.rounds, "--rounds"),
             (self.local_steps, "--local-steps"),
-            (self.batch_size, "--batch-size"),
             (self.eval_every, "--eval-every"),
         ] {
             if v == 0 {
                 return Err(Error::config(format!("{what} must be at least 1")));
             }
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(Error::config(format!(
-                "--lr must be a positive number, got {}",
-                self.lr
-            )));
-        }
-        if !(0.0..1.0).contains(&self.momentum) {
-            return Err(Error::config(format!(
-                "--momentum must be in [0, 1), got {}",
-                self.momentum
-            )));
-        }
-        if !(self.weight_decay >= 0.0 && self.weight_decay.is_finite()) {
-            return Err(Error::config(format!(
-                "--weight-decay must be >= 0, got {}",
-                self.weight_decay
-            )));
-        }
+        crate::train::validate_sgd(self.batch_size, self.lr, self.momentum, self.weight_decay)?;
         if !(self.warmup_rounds >= 0.0 && self.warmup_rounds.is_finite()) {
             return Err(Error::config("--warmup-rounds must be >= 0"));
         }
