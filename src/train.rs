@@ -126,39 +126,57 @@ pub fn prepare_out_dir(out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Load a data set (optionally only its first samples) and check that `arch` fits it.
+pub fn load_for(
+    arch: &ArchSpec,
+    dataset: &DatasetKind,
+    dir: &Path,
+    train_subset: usize,
+    test_subset: usize,
+) -> Result<data::Split> {
+    let mut split = data::load(dataset, dir)?;
+    if train_subset > 0 {
+        split.train.truncate(train_subset);
+    }
+    if test_subset > 0 {
+        split.test.truncate(test_subset);
+    }
+    if split.train.is_empty() || split.test.is_empty() {
+        return Err(Error::config("the training and test sets must not be empty"));
+    }
+    if arch.classes < split.train.classes {
+        return Err(Error::config(format!(
+            "--classes {} is fewer than the {} classes of {}",
+            arch.classes,
+            split.train.classes,
+            dataset.name()
+        )));
+    }
+    if arch.in_channels != split.train.channels {
+        return Err(Error::Shape(format!(
+            "the model takes {} input channels but {} images have {}",
+            arch.in_channels,
+            dataset.name(),
+            split.train.channels
+        )));
+    }
+    Ok(split)
+}
+
 /// Train and evaluate; returns the summary. Writes the run directory as it goes.
 pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
     cfg.validate()?;
     prepare_out_dir(&cfg.out)?;
     let mode = Mode::parse(&cfg.progress)?;
     let wall = Instant::now();
-    let mut split = data::load(&cfg.dataset, &cfg.data_dir)?;
-    if cfg.train_subset > 0 {
-        split.train.truncate(cfg.train_subset);
-    }
-    if cfg.test_subset > 0 {
-        split.test.truncate(cfg.test_subset);
-    }
+    let split = load_for(
+        &cfg.arch,
+        &cfg.dataset,
+        &cfg.data_dir,
+        cfg.train_subset,
+        cfg.test_subset,
+    )?;
     let (train, test) = (&split.train, &split.test);
-    if train.is_empty() || test.is_empty() {
-        return Err(Error::config("the training and test sets must not be empty"));
-    }
-    if cfg.arch.classes < train.classes {
-        return Err(Error::config(format!(
-            "--classes {} is fewer than the {} classes of {}",
-            cfg.arch.classes,
-            train.classes,
-            cfg.dataset.name()
-        )));
-    }
-    if cfg.arch.in_channels != train.channels {
-        return Err(Error::Shape(format!(
-            "the model takes {} input channels but {} images have {}",
-            cfg.arch.in_channels,
-            cfg.dataset.name(),
-            train.channels
-        )));
-    }
     let graph = Graph::build(&cfg.arch, train.height, train.width, None)?;
     let (shared, partitioned) = graph.param_counts();
     let be = Arc::new(CpuBackend::<f32>::new());

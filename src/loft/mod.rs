@@ -16,7 +16,7 @@ pub mod slices;
 use crate::backend::cpu::CpuBackend;
 use crate::comm::accounting;
 use crate::comm::{sum_in_rank_order, Comm, Purpose};
-use crate::data::{self, Augment, DatasetKind, Loader};
+use crate::data::{Augment, DatasetKind, Loader};
 use crate::model::{ArchSpec, Graph, Model};
 use crate::ops::Sgd;
 use crate::progress::{Mode, Progress};
@@ -209,24 +209,14 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
     }
     let mode = if lead { Mode::parse(&cfg.progress)? } else { Mode::Quiet };
     let wall = Instant::now();
-    let mut split = data::load(&cfg.dataset, &cfg.data_dir)?;
-    if cfg.train_subset > 0 {
-        split.train.truncate(cfg.train_subset);
-    }
-    if cfg.test_subset > 0 {
-        split.test.truncate(cfg.test_subset);
-    }
+    let split = crate::train::load_for(
+        &cfg.arch,
+        &cfg.dataset,
+        &cfg.data_dir,
+        cfg.train_subset,
+        cfg.test_subset,
+    )?;
     let (train, test) = (&split.train, &split.test);
-    if cfg.arch.classes < train.classes || cfg.arch.in_channels != train.channels {
-        return Err(Error::config(format!(
-            "the model ({} channels, {} classes) does not fit {} ({} channels, {} classes)",
-            cfg.arch.in_channels,
-            cfg.arch.classes,
-            cfg.dataset.name(),
-            train.channels,
-            train.classes
-        )));
-    }
     let (h, w) = (train.height, train.width);
     let full_graph = Graph::build(&cfg.arch, h, w, None)?;
     let be = Arc::new(CpuBackend::<f32>::new());
