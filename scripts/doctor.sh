@@ -79,6 +79,11 @@ if [[ -n "$clang_lib" ]]; then
 else
     bad libclang "not found; apt-get install libclang-dev (or: make deps)"
 fi
+if have sbatch && have slurmctld && have slurmd && have munged; then
+    ok Slurm "slurm-client $(dpkg-query -W -f='${Version}' slurm-client 2>/dev/null), with slurmctld, slurmd and munge (scripts/slurm_local.sh)"
+else
+    bad Slurm "optional (for the Slurm test); apt-get install slurmctld slurmd slurm-client munge (or: make deps)"
+fi
 
 echo "== data"
 fm_files=(train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte)
