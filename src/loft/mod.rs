@@ -176,6 +176,60 @@ impl PretrainConfig {
     }
 }
 
+/// Evaluation of the assembled model: optional BN recalibration on training batches, then the
+/// test set (each rank its shard), with loss and accuracy summed over ranks.
+struct Evaluation<'a, 'd> {
+    test: &'a Loader<'d>,
+    recal: &'a Loader<'d>,
+    recal_batches: usize,
+}
+
+impl Evaluation<'_, '_> {
+    /// (mean test loss, test accuracy %) of `full`. Its BN statistics are restored afterwards,
+    /// so evaluation never changes the training state.
+    fn run(
+        &self,
+        full: &mut Model<CpuBackend<f32>>,
+        comm: &mut dyn Comm,
+        round: u64,
+        x: &mut [f32],
+        y: &mut [u32],
+    ) -> Result<(f64, f64)> {
+        let saved_stats = (self.recal_batches > 0).then(|| full.stats.clone());
+        if self.recal_batches > 0 {
+            let order = self.recal.order(round);
+            for b in 0..self.recal_batches.min(self.recal.batches_per_epoch()) {
+                let n = self.recal.fill(&order, round, b, x, y);
+                full.set_batch(n, x, y)?;
+                full.forward(n, true);
+            }
+            if comm.size() > 1 {
+                comm.allreduce_sum(Purpose::Metrics, &mut full.stats);
+                let inv = comm.size() as f32;
+                for v in full.stats.iter_mut() {
+                    *v /= inv;
+                }
+            }
+        }
+        let (mut loss, mut correct, mut seen) = (0.0, 0.0, 0.0);
+        let order = self.test.order(0);
+        for b in 0..self.test.batches_per_epoch() {
+            let n = self.test.fill(&order, 0, b, x, y);
+            full.set_batch(n, x, y)?;
+            let (l, c) = full.eval_step(n)?;
+            loss += l;
+            correct += c as f64;
+            seen += n as f64;
+        }
+        if let Some(st) = saved_stats {
+            full.stats.copy_from_slice(&st);
+        }
+        let mut e = [loss, correct, seen];
+        comm.allreduce_sum_f64(Purpose::Metrics, &mut e);
+        Ok((e[0] / e[2].max(1.0), 100.0 * e[1] / e[2].max(1.0)))
+    }
+}
+
 /// Append a worker's partitioned slices in the canonical order: parameters, BN statistics,
 /// then (when momentum is kept) the momentum.
 fn pack_slices(wk: &Worker<'_>, momentum: bool, out: &mut Vec<f32>) {
@@ -534,44 +588,15 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
         let evaluate = (t + 1) % cfg.eval_every == 0 || t + 1 == cfg.rounds;
         let (mut test_loss, mut test_acc) = (None, None);
         if evaluate {
-            let saved_stats = if cfg.bn_recalibrate > 0 {
-                Some(full.stats.clone())
-            } else {
-                None
+            let eval = Evaluation {
+                test: &test_loader,
+                recal: &recal_loader,
+                recal_batches: cfg.bn_recalibrate,
             };
-            if cfg.bn_recalibrate > 0 {
-                let order = recal_loader.order(t as u64);
-                for b in 0..cfg.bn_recalibrate.min(recal_loader.batches_per_epoch()) {
-                    let n = recal_loader.fill(&order, t as u64, b, &mut x_eval, &mut y_eval);
-                    full.set_batch(n, &x_eval, &y_eval)?;
-                    full.forward(n, true);
-                }
-                if ranks > 1 {
-                    comm.allreduce_sum(Purpose::Metrics, &mut full.stats);
-                    let inv = ranks as f32;
-                    for v in full.stats.iter_mut() {
-                        *v /= inv;
-                    }
-                }
-            }
-            let (mut tl, mut tc, mut tn) = (0.0, 0.0, 0.0);
-            let order = test_loader.order(0);
-            for b in 0..test_loader.batches_per_epoch() {
-                let n = test_loader.fill(&order, 0, b, &mut x_eval, &mut y_eval);
-                full.set_batch(n, &x_eval, &y_eval)?;
-                let (l, c) = full.eval_step(n)?;
-                tl += l;
-                tc += c as f64;
-                tn += n as f64;
-            }
-            if let Some(st) = saved_stats {
-                full.stats.copy_from_slice(&st);
-            }
-            let mut e = [tl, tc, tn];
-            comm.allreduce_sum_f64(Purpose::Metrics, &mut e);
-            test_loss = Some(e[0] / e[2].max(1.0));
-            test_acc = Some(100.0 * e[1] / e[2].max(1.0));
-            last_acc = test_acc.unwrap_or(0.0);
+            let (l, a) = eval.run(&mut full, comm, t as u64, &mut x_eval, &mut y_eval)?;
+            test_loss = Some(l);
+            test_acc = Some(a);
+            last_acc = a;
         }
         let rec = RoundRecord {
             round: t + 1,
