@@ -176,6 +176,89 @@ impl PretrainConfig {
     }
 }
 
+/// LoFT re-assembly: one allreduce-mean of everything shared, one allgatherv of the slices.
+struct Reassembly<'g> {
+    full_graph: &'g Graph,
+    /// Every rank's sub-network (for unpacking its slices).
+    sub_graphs: &'g [Graph],
+    /// Packed slice length of every rank.
+    counts: &'g [usize],
+    /// Shared parameters + shared BN statistics (+ shared momentum).
+    shared_len: usize,
+    workers: usize,
+    /// Momentum travels with the parameters.
+    momentum: bool,
+    /// Every worker is in this process (simulation, or one rank).
+    local_all: bool,
+    /// Buffers: the shared sum `(shared_len)`, each local worker's shared pack, this rank's
+    /// packed slices, and every rank's slices in rank order `(sum counts)`.
+    shared: Vec<f32>,
+    parts: Vec<Vec<f32>>,
+    own: Vec<f32>,
+    gathered: Vec<f32>,
+}
+
+impl Reassembly<'_> {
+    /// Re-assemble `full` from the local workers (and, through `comm`, the other ranks).
+    fn sync(&mut self, p: &Partition, ws: &[Worker<'_>], full: &mut Model<CpuBackend<f32>>, comm: &mut dyn Comm) {
+        let g = self.full_graph;
+        // shared parameters and statistics: mean over workers, summed in rank order
+        self.parts.resize_with(ws.len(), Vec::new);
+        for (v, wk) in self.parts.iter_mut().zip(ws) {
+            v.clear();
+            slices::pack_shared(&wk.graph.params, &wk.model.params, v);
+            slices::pack_shared(&wk.graph.stats, &wk.model.stats, v);
+            if self.momentum {
+                slices::pack_shared(&wk.graph.params, &wk.model.momentum, v);
+            }
+        }
+        self.shared.resize(self.shared_len, 0.0);
+        let refs: Vec<&[f32]> = self.parts.iter().map(|v| &v[..]).collect();
+        sum_in_rank_order(&refs, &mut self.shared);
+        comm.allreduce_sum(Purpose::Sync, &mut self.shared);
+        let inv = self.workers as f32;
+        for v in self.shared.iter_mut() {
+            *v /= inv;
+        }
+        let mut used = slices::unpack_shared(&g.params, &self.shared, &mut full.params);
+        used += slices::unpack_shared(&g.stats, &self.shared[used..], &mut full.stats);
+        if self.momentum {
+            slices::unpack_shared(&g.params, &self.shared[used..], &mut full.momentum);
+        }
+        // partitioned slices: every worker's, in rank order
+        if self.local_all {
+            self.gathered.clear();
+            for wk in ws {
+                pack_slices(wk, self.momentum, &mut self.gathered);
+            }
+        } else {
+            self.own.clear();
+            pack_slices(&ws[0], self.momentum, &mut self.own);
+            comm.allgatherv(Purpose::Sync, &self.own, self.counts, &mut self.gathered);
+        }
+        let mut at = 0;
+        for (r, sg) in self.sub_graphs.iter().enumerate() {
+            let np = slices::partitioned_len(&sg.params);
+            let ns = slices::partitioned_len(&sg.stats);
+            let packed = &self.gathered[at..];
+            slices::insert_partitioned(&g.params, &sg.params, p, r, &packed[..np], &mut full.params);
+            slices::insert_partitioned(&g.stats, &sg.stats, p, r, &packed[np..np + ns], &mut full.stats);
+            at += np + ns;
+            if self.momentum {
+                slices::insert_partitioned(
+                    &g.params,
+                    &sg.params,
+                    p,
+                    r,
+                    &packed[np + ns..2 * np + ns],
+                    &mut full.momentum,
+                );
+                at += np;
+            }
+        }
+    }
+}
+
 /// Evaluation of the assembled model: optional BN recalibration on training batches, then the
 /// test set (each rank its shard), with loss and accuracy summed over ranks.
 struct Evaluation<'a, 'd> {
@@ -394,9 +477,19 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
     let (mut compute_s, mut sync_s) = (0.0f64, 0.0f64);
     let mut last_acc = 0.0;
     let mut step = 0usize;
-    let mut shared_buf: Vec<f32> = Vec::new();
-    let mut part_buf: Vec<f32> = Vec::new();
-    let mut gathered = vec![0.0f32; counts.iter().sum()];
+    let mut reassembly = Reassembly {
+        full_graph: &full_graph,
+        sub_graphs: &sub_graphs,
+        counts: &counts,
+        shared_len: shared_n as usize,
+        workers,
+        momentum: cfg.keep_momentum,
+        local_all: cfg.simulate > 0 || ranks == 1,
+        shared: Vec::new(),
+        parts: Vec::new(),
+        own: Vec::new(),
+        gathered: vec![0.0f32; counts.iter().sum()],
+    };
     for t in 0..cfg.rounds {
         let t0 = Instant::now();
         crate::comm::injected_failure(rank, t)?;
@@ -490,70 +583,7 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
         // Re-assemble the model.
         let ts = Instant::now();
         match cfg.method {
-            Method::Loft => {
-                // shared parameters and statistics: mean over workers
-                let mut parts: Vec<Vec<f32>> = Vec::with_capacity(ws.len());
-                for wk in &ws {
-                    let mut v = Vec::with_capacity(shared_n as usize);
-                    slices::pack_shared(&wk.graph.params, &wk.model.params, &mut v);
-                    slices::pack_shared(&wk.graph.stats, &wk.model.stats, &mut v);
-                    if cfg.keep_momentum {
-                        slices::pack_shared(&wk.graph.params, &wk.model.momentum, &mut v);
-                    }
-                    parts.push(v);
-                }
-                shared_buf.resize(shared_n as usize, 0.0);
-                let refs: Vec<&[f32]> = parts.iter().map(|v| &v[..]).collect();
-                sum_in_rank_order(&refs, &mut shared_buf);
-                comm.allreduce_sum(Purpose::Sync, &mut shared_buf);
-                let inv = workers as f32;
-                for v in shared_buf.iter_mut() {
-                    *v /= inv;
-                }
-                let mut used = slices::unpack_shared(&full_graph.params, &shared_buf, &mut full.params);
-                used += slices::unpack_shared(&full_graph.stats, &shared_buf[used..], &mut full.stats);
-                if cfg.keep_momentum {
-                    slices::unpack_shared(&full_graph.params, &shared_buf[used..], &mut full.momentum);
-                }
-                // partitioned slices: every worker's, in rank order
-                if cfg.simulate > 0 || ranks == 1 {
-                    gathered.clear();
-                    for wk in &ws {
-                        pack_slices(wk, cfg.keep_momentum, &mut gathered);
-                    }
-                } else {
-                    part_buf.clear();
-                    pack_slices(&ws[0], cfg.keep_momentum, &mut part_buf);
-                    comm.allgatherv(Purpose::Sync, &part_buf, &counts, &mut gathered);
-                }
-                let mut at = 0;
-                for (r, sg) in sub_graphs.iter().enumerate() {
-                    let np = slices::partitioned_len(&sg.params);
-                    let ns = slices::partitioned_len(&sg.stats);
-                    slices::insert_partitioned(
-                        &full_graph.params,
-                        &sg.params,
-                        &p,
-                        r,
-                        &gathered[at..at + np],
-                        &mut full.params,
-                    );
-                    slices::insert_partitioned(
-                        &full_graph.stats,
-                        &sg.stats,
-                        &p,
-                        r,
-                        &gathered[at + np..at + np + ns],
-                        &mut full.stats,
-                    );
-                    at += np + ns;
-                    if cfg.keep_momentum {
-                        let m = &gathered[at..at + np];
-                        slices::insert_partitioned(&full_graph.params, &sg.params, &p, r, m, &mut full.momentum);
-                        at += np;
-                    }
-                }
-            }
+            Method::Loft => reassembly.sync(&p, &ws, &mut full, comm),
             Method::Dense => {
                 let wk = &mut ws[0];
                 if ranks > 1 {
