@@ -368,10 +368,17 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
         vec![rank]
     };
     let p0 = Partition::draw(&full_graph, cfg.seed, 0, workers);
+    // Sub-layouts of every rank (for unpacking their slices); fixed over rounds.
+    let sub_graphs: Vec<Graph> = match cfg.method {
+        Method::Loft => (0..workers)
+            .map(|r| Graph::build(&cfg.arch, h, w, Some(&p0.widths(&full_graph, r))))
+            .collect::<Result<_>>()?,
+        Method::Dense => Vec::new(),
+    };
     let mut ws = Vec::new();
     for &r in &local {
         let graph = match cfg.method {
-            Method::Loft => Graph::build(&cfg.arch, h, w, Some(&p0.widths(&full_graph, r)))?,
+            Method::Loft => sub_graphs[r].clone(),
             Method::Dense => full_graph.clone(),
         };
         let mut model = Model::new(be.clone(), graph.clone(), cfg.batch_size)?;
@@ -403,13 +410,6 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
             y: vec![0; cfg.batch_size],
         });
     }
-    // Sub-layouts of every rank (for unpacking their slices); fixed over rounds.
-    let sub_graphs: Vec<Graph> = match cfg.method {
-        Method::Loft => (0..workers)
-            .map(|r| Graph::build(&cfg.arch, h, w, Some(&p0.widths(&full_graph, r))))
-            .collect::<Result<_>>()?,
-        Method::Dense => Vec::new(),
-    };
     let test_loader = Loader::new(
         test,
         cfg.batch_size,
