@@ -87,6 +87,41 @@ pub struct PretrainArgs {
     /// Compute device: auto, cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
+}
+
+/// Flags of checkpointing and resuming.
+#[derive(Args, Debug, Clone)]
+pub struct CheckpointArgs {
+    /// Continue a run exactly: a checkpoint file, a checkpoints/ directory or a run directory
+    /// (its newest valid checkpoint). The configuration comes from the checkpoint; flags given
+    /// with --resume must agree with it, except --out, --data-dir, --progress and --verify.
+    #[arg(long, value_name = "PATH")]
+    pub resume: Option<PathBuf>,
+    /// Write a checkpoint every N epochs (train) or rounds (pretrain), and always at the end
+    /// and on SIGTERM / SIGUSR1 / SIGINT; 0: only those [default: 1 epoch, 10 rounds].
+    #[arg(long, value_name = "N")]
+    pub checkpoint_every: Option<usize>,
+    /// Keep the newest K checkpoints in <out>/checkpoints.
+    #[arg(long, value_name = "K", default_value_t = 3)]
+    pub keep: usize,
+}
+
+impl CheckpointArgs {
+    /// The run control for a run writing into `out`; checkpoints every `default_every` unless
+    /// --checkpoint-every says otherwise. Installs the stop-signal handlers.
+    pub fn control(&self, out: &std::path::Path, default_every: usize) -> Result<crate::train::RunControl> {
+        let mut ctl = crate::train::RunControl::new(out, self.checkpoint_every.unwrap_or(default_every), self.keep);
+        ctl.saver.validate()?;
+        ctl.stop = crate::stop::StopFlag::install()?;
+        Ok(ctl)
+    }
+
+    /// The checkpoint to resume from, if --resume was given.
+    pub fn found(&self) -> Result<Option<crate::checkpoint::Found>> {
+        self.resume.as_deref().map(crate::checkpoint::find).transpose()
+    }
 }
 
 /// `loft comm`.
@@ -252,6 +287,8 @@ pub struct TrainArgs {
     /// Progress output: auto (a bar on a terminal, lines otherwise), bar, lines, none.
     #[arg(long, default_value = "auto")]
     pub progress: String,
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
 }
 
 /// `loft info`.
@@ -416,8 +453,38 @@ impl PretrainArgs {
     }
 }
 
-/// Run the parsed command line.
-pub fn run(cli: Cli) -> Result<()> {
+/// The configuration and run control of a training command: from the flags, or, with
+/// --resume, from the checkpoint (checked against the flags given).
+fn resolved<C: serde::Serialize + serde::de::DeserializeOwned>(
+    cfg: C,
+    out: impl Fn(&C) -> PathBuf,
+    ck: &CheckpointArgs,
+    default_every: usize,
+    m: Option<&clap::ArgMatches>,
+) -> Result<(C, crate::train::RunControl)> {
+    let found = ck.found()?;
+    let cfg = match (&found, m) {
+        (Some(f), Some(m)) => crate::resume::config(&cfg, f, m)?,
+        (Some(f), None) => f.checkpoint.config_as(&f.path)?,
+        (None, _) => cfg,
+    };
+    let mut ctl = ck.control(&out(&cfg), default_every)?;
+    ctl.resume = found;
+    Ok((cfg, ctl))
+}
+
+/// Exit status for a run's ending: 0, or [`crate::checkpoint::EXIT_STOPPED`] when a signal
+/// stopped it after writing a checkpoint.
+pub fn exit_code(e: &crate::train::Ending) -> i32 {
+    match e {
+        crate::train::Ending::Completed(_) => 0,
+        crate::train::Ending::Stopped(_) => crate::checkpoint::EXIT_STOPPED,
+    }
+}
+
+/// Run the parsed command line; `matches` (when given) tells which flags were typed, for
+/// checking them against a checkpoint. Returns the process exit status.
+pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
     if cli.threads > 0 {
         rayon::ThreadPoolBuilder::new()
             .num_threads(cli.threads)
@@ -426,16 +493,23 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     match cli.command {
         Command::Train(a) => {
-            let cfg = a.config()?;
-            let s = crate::train::run(&cfg)?;
-            println!(
-                "final test accuracy {:.2}% (best {:.2}%) in {:.1}s; run directory {}",
-                s.final_test_acc,
-                s.best_test_acc,
-                s.wall_s,
-                s.out.display()
-            );
-            Ok(())
+            let sub = matches.and_then(|m| m.subcommand_matches("train"));
+            let (cfg, ctl) = resolved(a.config()?, |c| c.out.clone(), &a.checkpoint, 1, sub)?;
+            cfg.validate()?;
+            let s = crate::train::run(&cfg, &ctl)?;
+            match &s.ending {
+                crate::train::Ending::Completed(_) => println!(
+                    "final test accuracy {:.2}% (best {:.2}%) in {:.1}s; run directory {}",
+                    s.final_test_acc,
+                    s.best_test_acc,
+                    s.wall_s,
+                    s.out.display()
+                ),
+                crate::train::Ending::Stopped(p) => {
+                    println!("stopped; resume with: loft train --resume {}", p.display())
+                }
+            }
+            Ok(exit_code(&s.ending))
         }
         Command::Info(a) => {
             let g = a.graph()?;
@@ -447,26 +521,36 @@ pub fn run(cli: Cli) -> Result<()> {
             } else {
                 print!("{}", crate::info::table(&g));
             }
-            Ok(())
+            Ok(0)
         }
         Command::Pretrain(a) => {
-            let cfg = a.config()?;
+            let sub = matches.and_then(|m| m.subcommand_matches("pretrain"));
+            let (cfg, ctl) = resolved(a.config()?, |c| c.out.clone(), &a.checkpoint, 10, sub)?;
+            cfg.validate()?;
+            let mut code = 0;
             crate::comm::run_with_comm(|comm| {
-                let s = crate::loft::run(&cfg, comm)?;
+                let s = crate::loft::run(&cfg, &ctl, comm)?;
+                code = exit_code(&s.ending);
                 if comm.rank() == 0 {
-                    println!(
-                        "final test accuracy {:.2}% in {:.1}s (compute {:.1}s, sync {:.1}s); run directory {}",
-                        s.final_test_acc,
-                        s.wall_s,
-                        s.compute_s,
-                        s.sync_s,
-                        cfg.out.display()
-                    );
+                    match &s.ending {
+                        crate::train::Ending::Completed(_) => println!(
+                            "final test accuracy {:.2}% in {:.1}s (compute {:.1}s, sync {:.1}s); run directory {}",
+                            s.final_test_acc,
+                            s.wall_s,
+                            s.compute_s,
+                            s.sync_s,
+                            cfg.out.display()
+                        ),
+                        crate::train::Ending::Stopped(p) => {
+                            println!("stopped; resume with: loft pretrain --resume {}", p.display())
+                        }
+                    }
                 }
                 Ok(())
-            })
+            })?;
+            Ok(code)
         }
-        Command::Comm(a) => crate::comm::report::run(&a),
+        Command::Comm(a) => crate::comm::report::run(&a).map(|()| 0),
         Command::Bench(a) => {
             if a.batch == 0 {
                 return Err(Error::config("--batch must be at least 1"));
@@ -478,6 +562,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     quick: a.quick,
                 }),
             }
+            .map(|()| 0)
         }
     }
 }

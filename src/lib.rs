@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod checkpoint;
 pub mod cli;
 pub mod comm;
 pub mod data;
@@ -11,8 +12,10 @@ pub mod loft;
 pub mod model;
 pub mod ops;
 pub mod progress;
+pub mod resume;
 pub mod rng;
 pub mod schedule;
+pub mod stop;
 pub mod train;
 
 pub use error::{Error, Result};

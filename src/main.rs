@@ -1,11 +1,18 @@
 //! The `loft` binary: parse the command line, run it, and turn any error into one line.
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 fn main() {
-    let cli = loft::cli::Cli::parse();
-    if let Err(e) = loft::cli::run(cli) {
-        eprintln!("loft: error: {e}");
-        std::process::exit(1);
+    let matches = loft::cli::Cli::command().get_matches();
+    let cli = match loft::cli::Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    match loft::cli::run(cli, Some(&matches)) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("loft: error: {e}");
+            std::process::exit(1);
+        }
     }
 }

@@ -7,20 +7,22 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
+use crate::checkpoint::{Checkpoint, DataIdentity, Found, Saver, State};
 use crate::data::{self, Augment, DatasetKind, Loader};
 use crate::model::{ArchSpec, Graph, Model};
 use crate::ops::Sgd;
 use crate::progress::{Mode, Progress};
 use crate::schedule::{Kind, Schedule};
+use crate::stop::StopFlag;
 use crate::{Error, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Everything a dense training run needs, resolved.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainConfig {
     pub arch: ArchSpec,
     pub dataset: DatasetKind,
@@ -62,6 +64,7 @@ pub struct TrainSummary {
     pub best_test_acc: f64,
     pub wall_s: f64,
     pub out: PathBuf,
+    pub ending: Ending,
 }
 
 /// Write `bytes` to `path` atomically: a temporary file in the same directory, then rename.
@@ -163,9 +166,61 @@ pub fn load_for(
     Ok(split)
 }
 
+/// How a run checkpoints, resumes and stops.
+pub struct RunControl {
+    /// Where and how often checkpoints are written.
+    pub saver: Saver,
+    /// The checkpoint to continue from.
+    pub resume: Option<Found>,
+    /// Set by SIGTERM / SIGUSR1 / SIGINT.
+    pub stop: StopFlag,
+}
+
+impl RunControl {
+    /// Checkpoints every `every` rounds or epochs into `out/checkpoints`, keeping `keep`; no
+    /// resume; no signal handling.
+    pub fn new(out: &Path, every: usize, keep: usize) -> Self {
+        RunControl {
+            saver: Saver {
+                dir: out.join("checkpoints"),
+                every,
+                keep,
+            },
+            resume: None,
+            stop: StopFlag::never(),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub enum Ending {
+    /// Every epoch or round ran; the final checkpoint.
+    Completed(PathBuf),
+    /// A signal stopped it; the checkpoint to resume from.
+    Stopped(PathBuf),
+}
+
+/// Open `metrics.jsonl` for appending after writing `text` (the log so far) into it.
+pub fn start_log(path: &Path, text: &str) -> Result<std::fs::File> {
+    let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(text.as_bytes()).map_err(|e| Error::io(path, e))?;
+    Ok(f)
+}
+
+/// Append one record to the log file and to its in-memory copy.
+pub fn log_line(f: &mut std::fs::File, path: &Path, text: &mut String, rec: &impl Serialize) -> Result<()> {
+    let line = serde_json::to_string(rec).expect("json") + "\n";
+    f.write_all(line.as_bytes()).map_err(|e| Error::io(path, e))?;
+    f.flush().map_err(|e| Error::io(path, e))?;
+    text.push_str(&line);
+    Ok(())
+}
+
 /// Train and evaluate; returns the summary. Writes the run directory as it goes.
-pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
+pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
     cfg.validate()?;
+    ctl.saver.validate()?;
     prepare_out_dir(&cfg.out)?;
     let mode = Mode::parse(&cfg.progress)?;
     let wall = Instant::now();
@@ -184,6 +239,12 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
     model.init(cfg.seed)?;
 
     let (mean, std) = train.channel_stats();
+    let identity = DataIdentity {
+        train_samples: train.len(),
+        test_samples: test.len(),
+        mean: mean.clone(),
+        std: std.clone(),
+    };
     let train_loader = Loader::new(
         train,
         cfg.batch_size,
@@ -215,6 +276,29 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
         total_steps: steps_per_epoch * cfg.epochs,
     };
 
+    // Where the run starts: the beginning, or a checkpoint.
+    let mut st = State {
+        workers: 1,
+        data: identity.clone(),
+        ..State::default()
+    };
+    let mut log_text = String::new();
+    if let Some(f) = &ctl.resume {
+        let c = &f.checkpoint;
+        if c.kind != "train" {
+            return Err(Error::format(
+                &f.path,
+                format!("is a {} checkpoint; resume it with loft {}", c.kind, c.kind),
+            ));
+        }
+        c.check_fits(&f.path, &model.graph.params, &model.graph.stats, &identity, 1)?;
+        model.params.copy_from_slice(&c.params);
+        model.stats.copy_from_slice(&c.stats);
+        model.momentum.copy_from_slice(&c.momentum);
+        st = c.state.clone();
+        log_text = c.metrics_log.clone();
+    }
+
     let resolved = serde_json::json!({
         "config": cfg,
         "device": be.name(),
@@ -224,6 +308,7 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
         "test_samples": test.len(),
         "steps_per_epoch": steps_per_epoch,
         "normalisation": { "mean": &mean, "std": &std },
+        "resumed_from": ctl.resume.as_ref().map(|f| &f.path),
         "version": env!("CARGO_PKG_VERSION"),
     });
     write_atomic(
@@ -231,7 +316,7 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
         serde_json::to_string_pretty(&resolved).expect("json").as_bytes(),
     )?;
     let log_path = cfg.out.join("metrics.jsonl");
-    let mut log = std::fs::File::create(&log_path).map_err(|e| Error::io(&log_path, e))?;
+    let mut log = start_log(&log_path, &log_text)?;
 
     if mode != Mode::Quiet {
         eprintln!(
@@ -247,23 +332,55 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
             cfg.epochs,
             steps_per_epoch
         );
+        if let Some(f) = &ctl.resume {
+            eprintln!(
+                "resuming from {} (epoch {}, batch {}, step {})",
+                f.path.display(),
+                st.epoch,
+                st.batch,
+                st.step
+            );
+        }
     }
+    let config_json = serde_json::to_string(cfg).expect("json");
+    let wall_before = st.wall_s;
+    // The checkpoint of the current state.
+    let save = |model: &Model<CpuBackend<f32>>, st: &State, log_text: &str| -> Result<PathBuf> {
+        let mut st = st.clone();
+        st.wall_s = wall_before + wall.elapsed().as_secs_f64();
+        ctl.saver.save(&Checkpoint {
+            kind: "train".into(),
+            method: "dense".into(),
+            config: config_json.clone(),
+            data_position: vec![st.step],
+            state: st,
+            seed: cfg.seed,
+            params: model.params.clone(),
+            param_layout: model.graph.params.clone(),
+            stats: model.stats.clone(),
+            stat_layout: model.graph.stats.clone(),
+            momentum: model.momentum.clone(),
+            partition: None,
+            ledgers: vec![Default::default()],
+            metrics_log: log_text.to_string(),
+        })
+    };
     let sample_len = train.image_len();
     let mut x = vec![0f32; cfg.batch_size * sample_len];
     let mut y = vec![0u32; cfg.batch_size];
-    let mut step = 0;
-    let mut best = 0.0f64;
-    let mut last = 0.0f64;
-    for epoch in 0..cfg.epochs {
+    let mut ending = None;
+    while (st.epoch as usize) < cfg.epochs && ending.is_none() {
+        let epoch = st.epoch as usize;
         let t0 = Instant::now();
         let order = train_loader.order(epoch as u64);
-        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        let seen_before = st.accum[2];
         let mut bar = Progress::new(mode, format!("epoch {}/{}", epoch + 1, cfg.epochs), steps_per_epoch);
-        let mut lr = sched.lr(step);
-        for b in 0..steps_per_epoch {
+        let mut lr = sched.lr(st.step as usize);
+        while (st.batch as usize) < steps_per_epoch {
+            let b = st.batch as usize;
             let n = train_loader.fill(&order, epoch as u64, b, &mut x, &mut y);
             model.set_batch(n, &x, &y)?;
-            lr = sched.lr(step);
+            lr = sched.lr(st.step as usize);
             let hp = Sgd {
                 lr: lr as f32,
                 momentum: cfg.momentum as f32,
@@ -278,37 +395,47 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
                     b + 1
                 )));
             }
-            loss_sum += l;
-            correct += c;
-            seen += n;
-            step += 1;
-            let ips = seen as f64 / t0.elapsed().as_secs_f64();
+            st.accum[0] += l;
+            st.accum[1] += c as f64;
+            st.accum[2] += n as f64;
+            st.step += 1;
+            st.batch += 1;
+            let [loss_sum, correct, seen] = st.accum;
+            let ips = (seen - seen_before) / t0.elapsed().as_secs_f64();
             bar.update(b + 1, || {
                 format!(
                     "loss {:.4} acc {:.2}% lr {lr:.4} {ips:.0} img/s",
-                    loss_sum / seen as f64,
-                    100.0 * correct as f64 / seen as f64
+                    loss_sum / seen,
+                    100.0 * correct / seen
                 )
             });
+            if ctl.stop.requested() && (st.batch as usize) < steps_per_epoch {
+                bar.finish();
+                ending = Some(Ending::Stopped(save(&model, &st, &log_text)?));
+                break;
+            }
+        }
+        if ending.is_some() {
+            break;
         }
         bar.finish();
         let train_time = t0.elapsed().as_secs_f64();
         let (test_loss, test_acc) = evaluate(&mut model, &test_loader, &mut x, &mut y)?;
-        last = test_acc;
-        best = best.max(test_acc);
+        st.last_acc = test_acc;
+        st.best_acc = st.best_acc.max(test_acc);
+        let [loss_sum, correct, seen] = st.accum;
         let rec = EpochRecord {
             epoch: epoch + 1,
-            step,
+            step: st.step as usize,
             lr,
-            train_loss: loss_sum / seen as f64,
-            train_acc: 100.0 * correct as f64 / seen as f64,
+            train_loss: loss_sum / seen,
+            train_acc: 100.0 * correct / seen,
             test_loss,
             test_acc,
             epoch_time_s: t0.elapsed().as_secs_f64(),
-            train_images_per_s: seen as f64 / train_time,
+            train_images_per_s: (seen - seen_before) / train_time,
         };
-        writeln!(log, "{}", serde_json::to_string(&rec).expect("json")).map_err(|e| Error::io(&log_path, e))?;
-        log.flush().map_err(|e| Error::io(&log_path, e))?;
+        log_line(&mut log, &log_path, &mut log_text, &rec)?;
         if mode != Mode::Quiet {
             eprintln!(
                 "epoch {}/{}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% | {:.1}s, {:.0} img/s",
@@ -322,17 +449,47 @@ pub fn run(cfg: &TrainConfig) -> Result<TrainSummary> {
                 rec.train_images_per_s
             );
         }
+        st.epoch += 1;
+        st.batch = 0;
+        st.accum = [0.0; 3];
+        st.done = st.epoch as usize == cfg.epochs;
+        if st.done {
+            ending = Some(Ending::Completed(save(&model, &st, &log_text)?));
+        } else if ctl.stop.requested() {
+            ending = Some(Ending::Stopped(save(&model, &st, &log_text)?));
+        } else if ctl.saver.due(st.epoch as usize) {
+            save(&model, &st, &log_text)?;
+        }
+    }
+    let ending = match ending {
+        Some(e) => e,
+        // resumed from the final checkpoint of a finished run: nothing left to do
+        None => Ending::Completed(ctl.resume.as_ref().map(|f| f.path.clone()).unwrap_or_default()),
+    };
+    if let Ending::Stopped(p) = &ending {
+        if mode != Mode::Quiet {
+            eprintln!(
+                "loft train: stopped by {} at epoch {} batch {}; checkpoint {}",
+                ctl.stop.signal_name(),
+                st.epoch + 1,
+                st.batch,
+                p.display()
+            );
+        }
     }
     let summary = TrainSummary {
-        final_test_acc: last,
-        best_test_acc: best,
+        final_test_acc: st.last_acc,
+        best_test_acc: st.best_acc,
         wall_s: wall.elapsed().as_secs_f64(),
         out: cfg.out.clone(),
+        ending,
     };
-    write_atomic(
-        &cfg.out.join("summary.json"),
-        serde_json::to_string_pretty(&summary).expect("json").as_bytes(),
-    )?;
+    if matches!(summary.ending, Ending::Completed(_)) {
+        write_atomic(
+            &cfg.out.join("summary.json"),
+            serde_json::to_string_pretty(&summary).expect("json").as_bytes(),
+        )?;
+    }
     Ok(summary)
 }
 

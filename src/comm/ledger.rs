@@ -29,6 +29,9 @@ pub enum Purpose {
     Gradients,
     /// Metrics and checks (losses, accuracy counts, partition hashes).
     Metrics,
+    /// Checkpoint bookkeeping (gathering every rank's ledger for rank 0 to save). Not
+    /// restored on resume, so it counts what this process did.
+    Control,
 }
 
 /// Totals of one (purpose, kind).

@@ -27,10 +27,14 @@ pub trait Comm {
     fn allgatherv(&mut self, purpose: Purpose, send: &[f32], counts: &[usize], recv: &mut [f32]);
     /// Gather one u64 from every rank.
     fn allgather_u64(&mut self, purpose: Purpose, value: u64) -> Vec<u64>;
+    /// Gather `values` (the same count on every rank) from every rank, in rank order.
+    fn allgather_u64s(&mut self, purpose: Purpose, values: &[u64]) -> Vec<u64>;
     /// Wait for every rank.
     fn barrier(&mut self);
     /// This rank's ledger.
     fn ledger(&self) -> &Ledger;
+    /// This rank's ledger, to restore it when a run resumes.
+    fn ledger_mut(&mut self) -> &mut Ledger;
     /// End the whole job with `code` (every rank), after this rank's message is printed.
     fn abort(&self, code: i32) -> !;
 }

@@ -170,12 +170,25 @@ impl Comm for MpiComm {
         all
     }
 
+    fn allgather_u64s(&mut self, purpose: Purpose, values: &[u64]) -> Vec<u64> {
+        let mut all = vec![0u64; self.size * values.len()];
+        self.world.all_gather_into(values, &mut all[..]);
+        let (s, n) = (self.size as u64, values.len() as u64);
+        self.ledger
+            .record(purpose, Kind::Allgather, 8 * n * (s - 1), 8 * n * (s - 1));
+        all
+    }
+
     fn barrier(&mut self) {
         self.world.barrier();
     }
 
     fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    fn ledger_mut(&mut self) -> &mut Ledger {
+        &mut self.ledger
     }
 
     fn abort(&self, code: i32) -> ! {

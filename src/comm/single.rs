@@ -31,9 +31,15 @@ impl Comm for SingleComm {
     fn allgather_u64(&mut self, _purpose: Purpose, value: u64) -> Vec<u64> {
         vec![value]
     }
+    fn allgather_u64s(&mut self, _purpose: Purpose, values: &[u64]) -> Vec<u64> {
+        values.to_vec()
+    }
     fn barrier(&mut self) {}
     fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+    fn ledger_mut(&mut self) -> &mut Ledger {
+        &mut self.ledger
     }
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)

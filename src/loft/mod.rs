@@ -14,6 +14,7 @@ pub mod partition;
 pub mod slices;
 
 use crate::backend::cpu::CpuBackend;
+use crate::checkpoint::{self, Checkpoint, DataIdentity, State};
 use crate::comm::accounting;
 use crate::comm::{sum_in_rank_order, Comm, Purpose};
 use crate::data::{Augment, DatasetKind, Loader};
@@ -21,17 +22,16 @@ use crate::model::{ArchSpec, Graph, Model};
 use crate::ops::Sgd;
 use crate::progress::{Mode, Progress};
 use crate::schedule::{Kind, Schedule};
-use crate::train::{prepare_out_dir, write_atomic};
+use crate::train::{log_line, prepare_out_dir, start_log, write_atomic, Ending, RunControl};
 use crate::{Error, Result};
 use partition::Partition;
-use serde::Serialize;
-use std::io::Write;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Pre-training method.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     Loft,
@@ -39,7 +39,7 @@ pub enum Method {
 }
 
 /// A resolved pre-training configuration.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PretrainConfig {
     pub method: Method,
     pub arch: ArchSpec,
@@ -146,6 +146,7 @@ pub struct PretrainSummary {
     pub full_model_bytes: usize,
     pub sync_bytes_sent: u64,
     pub sync_bytes_closed_form: u64,
+    pub ending: Ending,
 }
 
 impl PretrainConfig {
@@ -323,6 +324,45 @@ fn pack_slices(wk: &Worker<'_>, momentum: bool, out: &mut Vec<f32>) {
     }
 }
 
+/// Write the checkpoint of the assembled model after a round: every rank contributes its
+/// ledger and data position, rank 0 writes the file, and no rank returns before it is
+/// complete. Returns the checkpoint's path (the same on every rank).
+fn save_checkpoint(
+    ctl: &RunControl,
+    comm: &mut dyn Comm,
+    make: impl FnOnce() -> Checkpoint,
+    ws: &[Worker<'_>],
+    workers: usize,
+    step: u64,
+) -> Result<PathBuf> {
+    let (ledgers, positions) = if ws.len() == workers {
+        // every worker is in this process
+        (vec![comm.ledger().clone()], ws.iter().map(|w| w.drawn).collect())
+    } else {
+        let table = checkpoint::ledger_table(std::slice::from_ref(comm.ledger()));
+        let all = comm.allgather_u64s(Purpose::Control, &table);
+        let pos = comm.allgather_u64s(Purpose::Control, &[ws[0].drawn]);
+        (checkpoint::ledgers_from_table(&all), pos)
+    };
+    let mut result = Ok(PathBuf::new());
+    if comm.rank() == 0 {
+        let mut c = make();
+        c.ledgers = ledgers;
+        c.data_position = positions;
+        result = ctl.saver.save(&c);
+    }
+    let ok = comm.allgather_u64(Purpose::Control, result.is_ok() as u64);
+    let path = result?;
+    if ok.iter().any(|&v| v == 0) {
+        return Err(Error::config("rank 0 could not write the checkpoint"));
+    }
+    Ok(if path.as_os_str().is_empty() {
+        ctl.saver.dir.join(Checkpoint::file_name(step))
+    } else {
+        path
+    })
+}
+
 /// FNV-1a over the bits of the parameters and statistics.
 pub fn fingerprint(params: &[f32], stats: &[f32]) -> u64 {
     params.iter().chain(stats).fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
@@ -331,8 +371,9 @@ pub fn fingerprint(params: &[f32], stats: &[f32]) -> u64 {
 }
 
 /// Run LoFT or dense pre-training on this rank. `comm` spans the ranks of the job.
-pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary> {
+pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Result<PretrainSummary> {
     cfg.validate()?;
+    ctl.saver.validate()?;
     let (rank, ranks) = (comm.rank(), comm.size());
     if cfg.simulate > 0 && ranks > 1 {
         return Err(Error::config(
@@ -410,6 +451,66 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
             y: vec![0; cfg.batch_size],
         });
     }
+    let identity = DataIdentity {
+        train_samples: train.len(),
+        test_samples: test.len(),
+        mean: mean.clone(),
+        std: std.clone(),
+    };
+    // Where the run starts: the beginning, or a checkpoint.
+    let mut st = State {
+        workers,
+        data: identity.clone(),
+        ..State::default()
+    };
+    let mut log_text = String::new();
+    if let Some(f) = &ctl.resume {
+        let c = &f.checkpoint;
+        if c.kind != "pretrain" {
+            return Err(Error::format(
+                &f.path,
+                format!("is a {} checkpoint; resume it with loft {}", c.kind, c.kind),
+            ));
+        }
+        c.check_fits(&f.path, &full_graph.params, &full_graph.stats, &identity, workers)?;
+        if let Some(saved) = &c.partition {
+            if *saved != Partition::draw(&full_graph, cfg.seed, saved.round, workers) {
+                return Err(Error::format(
+                    &f.path,
+                    format!("the partition of round {} differs from the one this loft draws; it was written by an incompatible version", saved.round + 1),
+                ));
+            }
+        }
+        full.params.copy_from_slice(&c.params);
+        full.stats.copy_from_slice(&c.stats);
+        full.momentum.copy_from_slice(&c.momentum);
+        for wk in ws.iter_mut() {
+            wk.drawn = c.data_position[wk.rank];
+            if cfg.method == Method::Dense {
+                wk.model.params.copy_from_slice(&c.params);
+                wk.model.stats.copy_from_slice(&c.stats);
+                wk.model.momentum.copy_from_slice(&c.momentum);
+            }
+        }
+        // this rank's ledger so far; checkpoint bookkeeping counts this process only
+        let mut restored = c
+            .ledgers
+            .get(if cfg.simulate > 0 { 0 } else { rank })
+            .cloned()
+            .unwrap_or_default();
+        restored.entries.retain(|(p, _), _| *p != Purpose::Control);
+        for (k, v) in comm
+            .ledger()
+            .entries
+            .iter()
+            .filter(|((p, _), _)| *p == Purpose::Control)
+        {
+            restored.entries.insert(*k, *v);
+        }
+        *comm.ledger_mut() = restored;
+        st = c.state.clone();
+        log_text = c.metrics_log.clone();
+    }
     let test_loader = Loader::new(
         test,
         cfg.batch_size,
@@ -455,6 +556,7 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
             "threads": rayon::current_num_threads(),
             "params": { "shared": sh, "partitioned": pa },
             "sync_elements": { "allreduce": shared_n, "allgather_counts": &counts },
+            "resumed_from": ctl.resume.as_ref().map(|f| &f.path),
             "version": env!("CARGO_PKG_VERSION"),
         });
         write_atomic(
@@ -462,21 +564,27 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
             serde_json::to_string_pretty(&resolved).expect("json").as_bytes(),
         )?;
         let path = cfg.out.join("metrics.jsonl");
-        log = Some((std::fs::File::create(&path).map_err(|e| Error::io(&path, e))?, path));
+        log = Some((start_log(&path, &log_text)?, path));
         if mode != Mode::Quiet {
             eprintln!(
                 "loft pretrain: {:?} with {workers} worker(s) on {ranks} rank(s), {} (base {}, inner x{}), {} rounds x {} local steps, batch {}",
                 cfg.method, cfg.arch.name(), cfg.arch.base_width, cfg.arch.inner_width, cfg.rounds, cfg.local_steps, cfg.batch_size
             );
+            if let Some(f) = &ctl.resume {
+                eprintln!("resuming from {} after round {}", f.path.display(), st.round);
+            }
         }
     }
 
     let mut x_eval = vec![0.0f32; cfg.batch_size * test.image_len()];
     let mut y_eval = vec![0u32; cfg.batch_size];
     let mut bar = Progress::new(mode, "pretrain", cfg.rounds);
-    let (mut compute_s, mut sync_s) = (0.0f64, 0.0f64);
-    let mut last_acc = 0.0;
-    let mut step = 0usize;
+    let (mut compute_s, mut sync_s) = (st.compute_s, st.sync_s);
+    let mut last_acc = st.last_acc;
+    let mut step = st.step as usize;
+    let wall_before = st.wall_s;
+    let config_json = serde_json::to_string(cfg).expect("json");
+    let mut ending = None;
     let mut reassembly = Reassembly {
         full_graph: &full_graph,
         sub_graphs: &sub_graphs,
@@ -490,7 +598,7 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
         own: Vec::new(),
         gathered: vec![0.0f32; counts.iter().sum()],
     };
-    for t in 0..cfg.rounds {
+    for t in st.round as usize..cfg.rounds {
         let t0 = Instant::now();
         crate::comm::injected_failure(rank, t)?;
         let p = Partition::draw(&full_graph, cfg.seed, t as u64, workers);
@@ -613,7 +721,8 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
         compute_s += compute;
         sync_s += sync;
         // metrics, averaged over ranks
-        let mut m = [loss_sum, correct, seen];
+        // the fourth entry: how many ranks were asked to stop (all stop together)
+        let mut m = [loss_sum, correct, seen, ctl.stop.requested() as u8 as f64];
         comm.allreduce_sum_f64(Purpose::Metrics, &mut m);
         let evaluate = (t + 1) % cfg.eval_every == 0 || t + 1 == cfg.rounds;
         let (mut test_loss, mut test_acc) = (None, None);
@@ -641,8 +750,7 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
             sync_s: sync,
         };
         if let Some((f, path)) = log.as_mut() {
-            writeln!(f, "{}", serde_json::to_string(&rec).expect("json")).map_err(|e| Error::io(&*path, e))?;
-            f.flush().map_err(|e| Error::io(&*path, e))?;
+            log_line(f, path, &mut log_text, &rec)?;
         }
         bar.update(t + 1, || {
             let test = test_acc.map(|a| format!(" test {a:.2}%")).unwrap_or_default();
@@ -657,8 +765,60 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
                 rec.train_acc
             );
         }
+        st.round = (t + 1) as u64;
+        st.step = step as u64;
+        st.last_acc = last_acc;
+        st.best_acc = st.best_acc.max(test_acc.unwrap_or(0.0));
+        (st.compute_s, st.sync_s) = (compute_s, sync_s);
+        st.wall_s = wall_before + wall.elapsed().as_secs_f64();
+        st.done = t + 1 == cfg.rounds;
+        let stop = m[3] > 0.0;
+        if st.done || stop || ctl.saver.due(t + 1) {
+            let make = || Checkpoint {
+                kind: "pretrain".into(),
+                method: serde_json::to_value(cfg.method)
+                    .expect("json")
+                    .as_str()
+                    .unwrap_or("")
+                    .into(),
+                config: config_json.clone(),
+                state: st.clone(),
+                seed: cfg.seed,
+                params: full.params.clone(),
+                param_layout: full_graph.params.clone(),
+                stats: full.stats.clone(),
+                stat_layout: full_graph.stats.clone(),
+                momentum: match cfg.method {
+                    Method::Dense => ws[0].model.momentum.clone(),
+                    Method::Loft => full.momentum.clone(),
+                },
+                data_position: Vec::new(),
+                partition: (cfg.method == Method::Loft).then(|| p.clone()),
+                ledgers: Vec::new(),
+                metrics_log: log_text.clone(),
+            };
+            let path = save_checkpoint(ctl, comm, make, &ws, workers, st.step)?;
+            if st.done {
+                ending = Some(Ending::Completed(path));
+            } else if stop {
+                bar.finish();
+                if mode != Mode::Quiet {
+                    eprintln!(
+                        "loft pretrain: stopped by a signal after round {}; checkpoint {}",
+                        t + 1,
+                        path.display()
+                    );
+                }
+                ending = Some(Ending::Stopped(path));
+                break;
+            }
+        }
     }
     bar.finish();
+    // resumed from the final checkpoint of a finished run: nothing was left to do
+    let ending =
+        ending.unwrap_or_else(|| Ending::Completed(ctl.resume.as_ref().map(|f| f.path.clone()).unwrap_or_default()));
+    let completed = matches!(ending, Ending::Completed(_));
 
     // Ledger: measured against the closed form, per rank.
     let sync_tally = comm.ledger().purpose_total(Purpose::Sync);
@@ -674,7 +834,7 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
     let sent_all = comm.allgather_u64(Purpose::Metrics, sync_tally.bytes_sent);
     let recv_all = comm.allgather_u64(Purpose::Metrics, sync_tally.bytes_received);
     let closed_all = comm.allgather_u64(Purpose::Metrics, closed);
-    if lead {
+    if lead && completed {
         let counts_model = accounting::ModelCounts::of(&full_graph);
         let report = serde_json::json!({
             "ranks": ranks,
@@ -721,8 +881,9 @@ pub fn run(cfg: &PretrainConfig, comm: &mut dyn Comm) -> Result<PretrainSummary>
         full_model_bytes: full.device_bytes(),
         sync_bytes_sent: sync_tally.bytes_sent,
         sync_bytes_closed_form: closed,
+        ending,
     };
-    if lead {
+    if lead && completed {
         write_atomic(
             &cfg.out.join("summary.json"),
             serde_json::to_string_pretty(&summary).expect("json").as_bytes(),

@@ -1,0 +1,685 @@
+//! HDF5 checkpoints: the whole state of a run, written atomically, read back with every check.
+//!
+//! One file per checkpoint, `step-NNNNNNNNN.h5` in the run directory's `checkpoints/`. The
+//! layout of the file is documented in `docs/checkpoint-format.md`. Rank 0 writes the
+//! replicated state (the assembled model after a sync); it first writes a hidden temporary
+//! file in the same directory, closes and fsyncs it, then renames it over the final name, so
+//! a crash or `kill -9` at any moment leaves the previous checkpoints intact.
+//!
+//! Random streams are counter-based (every stream is derived from the seed, a purpose and
+//! integers such as epoch, rank and round, see [`crate::rng`]), so the random state of a run
+//! is the seed plus each worker's position in its data stream.
+
+pub mod format;
+
+use crate::comm::{Kind, Ledger, Purpose, Tally};
+use crate::loft::partition::Partition;
+use crate::model::layout::{Entry, Layout, Role};
+use crate::{Error, Result};
+use format::{Get, Put};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Value of the root attribute `format`.
+pub const FORMAT_NAME: &str = "loft-checkpoint";
+/// Version of the layout this build writes; it reads this version and older.
+pub const FORMAT_VERSION: u64 = 1;
+/// Exit status of a run that stopped on SIGTERM / SIGUSR1 / SIGINT after writing a
+/// checkpoint (EX_TEMPFAIL: try again, i.e. resume).
+pub const EXIT_STOPPED: i32 = 75;
+
+/// The data a run was trained on, to refuse a resume on different data.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DataIdentity {
+    pub train_samples: usize,
+    pub test_samples: usize,
+    /// Per-channel mean and standard deviation of the training images.
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+/// Where a run stands, and the counters it carries (the `/state` dataset, as JSON).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct State {
+    /// Rounds completed (pre-training).
+    pub round: u64,
+    /// Epochs completed, and batches done of the epoch in progress (training).
+    pub epoch: u64,
+    pub batch: u64,
+    /// Optimizer steps completed (per worker).
+    pub step: u64,
+    /// The run had completed when this checkpoint was written.
+    pub done: bool,
+    /// Workers of the run (LoFT sub-networks or data-parallel replicas).
+    pub workers: usize,
+    /// Sums of the epoch or round in progress: loss, correct predictions, samples.
+    pub accum: [f64; 3],
+    /// Best and latest test accuracy (%).
+    pub best_acc: f64,
+    pub last_acc: f64,
+    /// Seconds spent so far (rank 0): computing, synchronizing, in total.
+    pub compute_s: f64,
+    pub sync_s: f64,
+    pub wall_s: f64,
+    pub data: DataIdentity,
+}
+
+/// Everything needed to continue a run exactly.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    /// "train" or "pretrain".
+    pub kind: String,
+    /// "loft" or "dense".
+    pub method: String,
+    /// The resolved configuration, as JSON.
+    pub config: String,
+    pub state: State,
+    pub seed: u64,
+    /// Flat parameters, BN running statistics and SGD momentum, with their layouts.
+    pub params: Vec<f32>,
+    pub param_layout: Layout,
+    pub stats: Vec<f32>,
+    pub stat_layout: Layout,
+    pub momentum: Vec<f32>,
+    /// Batches drawn so far from each worker's data stream.
+    pub data_position: Vec<u64>,
+    /// The partition of the last completed LoFT round.
+    pub partition: Option<Partition>,
+    /// Every rank's ledger (one entry on a single process).
+    pub ledgers: Vec<Ledger>,
+    /// `metrics.jsonl` up to this point.
+    pub metrics_log: String,
+}
+
+const PURPOSES: [Purpose; 4] = [Purpose::Sync, Purpose::Gradients, Purpose::Metrics, Purpose::Control];
+const KINDS: [Kind; 4] = [Kind::Allreduce, Kind::Allgather, Kind::Broadcast, Kind::PointToPoint];
+
+/// Ledgers as a `(ranks, 4 purposes, 4 kinds, 3)` table of calls, bytes sent, bytes received.
+pub fn ledger_table(ledgers: &[Ledger]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for l in ledgers {
+        for p in PURPOSES {
+            for k in KINDS {
+                let t = l.entries.get(&(p, k)).copied().unwrap_or_default();
+                out.extend([t.calls, t.bytes_sent, t.bytes_received]);
+            }
+        }
+    }
+    out
+}
+
+pub fn ledgers_from_table(t: &[u64]) -> Vec<Ledger> {
+    let per = PURPOSES.len() * KINDS.len() * 3;
+    t.chunks(per)
+        .map(|c| {
+            let mut l = Ledger::default();
+            let mut i = 0;
+            for p in PURPOSES {
+                for k in KINDS {
+                    let tally = Tally {
+                        calls: c[i],
+                        bytes_sent: c[i + 1],
+                        bytes_received: c[i + 2],
+                    };
+                    if tally != Tally::default() {
+                        l.entries.insert((p, k), tally);
+                    }
+                    i += 3;
+                }
+            }
+            l
+        })
+        .collect()
+}
+
+fn role_name(r: &Role) -> (&'static str, i64, i64) {
+    match *r {
+        Role::Shared => ("shared", -1, -1),
+        Role::Partitioned { block, axis } => ("partitioned", block as i64, axis as i64),
+    }
+}
+
+/// Longest shape the layout table stores (conv weights are 4-D).
+const MAX_NDIM: usize = 4;
+
+fn put_layout(parent: &hdf5::Group, name: &str, l: &Layout) -> hdf5::Result<()> {
+    let g = parent.create_group(name)?;
+    let p = Put { group: &g };
+    let n = l.entries.len();
+    let names: Vec<String> = l.entries.iter().map(|e| e.name.clone()).collect();
+    let mut shape = vec![0u64; n * MAX_NDIM];
+    for (i, e) in l.entries.iter().enumerate() {
+        for (j, &d) in e.shape.iter().enumerate() {
+            shape[i * MAX_NDIM + j] = d as u64;
+        }
+    }
+    let roles: Vec<String> = l.entries.iter().map(|e| role_name(&e.role).0.to_string()).collect();
+    p.texts("name", &names)?;
+    p.u64s("shape", &shape, &[n, MAX_NDIM])?;
+    p.u64s(
+        "ndim",
+        &l.entries.iter().map(|e| e.shape.len() as u64).collect::<Vec<_>>(),
+        &[n],
+    )?;
+    p.u64s(
+        "offset",
+        &l.entries.iter().map(|e| e.offset as u64).collect::<Vec<_>>(),
+        &[n],
+    )?;
+    p.u64s("len", &l.entries.iter().map(|e| e.len as u64).collect::<Vec<_>>(), &[n])?;
+    p.texts("role", &roles)?;
+    p.i64s(
+        "block",
+        &l.entries.iter().map(|e| role_name(&e.role).1).collect::<Vec<_>>(),
+        &[n],
+    )?;
+    p.i64s(
+        "axis",
+        &l.entries.iter().map(|e| role_name(&e.role).2).collect::<Vec<_>>(),
+        &[n],
+    )?;
+    p.attr_u64("total", l.total as u64)
+}
+
+fn get_layout(parent: &hdf5::Group, name: &str, path: &Path) -> Result<Layout> {
+    let g = Get { group: parent, path }.subgroup(name)?;
+    let get = Get { group: &g, path };
+    let names = get.texts("name")?;
+    let n = names.len();
+    let shape = get.u64s("shape")?;
+    let (ndim, offset, len) = (get.u64s("ndim")?, get.u64s("offset")?, get.u64s("len")?);
+    let (roles, block, axis) = (get.texts("role")?, get.i64s("block")?, get.i64s("axis")?);
+    let bad = |m: String| Error::format(path, format!("layout /{name}: {m}"));
+    if [
+        shape.len() / MAX_NDIM,
+        ndim.len(),
+        offset.len(),
+        len.len(),
+        roles.len(),
+        block.len(),
+        axis.len(),
+    ]
+    .iter()
+    .any(|&k| k != n)
+    {
+        return Err(bad("its columns have different lengths".into()));
+    }
+    let mut l = Layout::default();
+    for i in 0..n {
+        let nd = ndim[i] as usize;
+        if nd > MAX_NDIM {
+            return Err(bad(format!("tensor {} has {nd} dimensions", names[i])));
+        }
+        let shp: Vec<usize> = shape[i * MAX_NDIM..i * MAX_NDIM + nd]
+            .iter()
+            .map(|&d| d as usize)
+            .collect();
+        let role = match roles[i].as_str() {
+            "shared" => Role::Shared,
+            "partitioned" if block[i] >= 0 && axis[i] >= 0 => Role::Partitioned {
+                block: block[i] as usize,
+                axis: axis[i] as usize,
+            },
+            r => return Err(bad(format!("tensor {} has an unknown role '{r}'", names[i]))),
+        };
+        let at = l.push(names[i].clone(), &shp, role);
+        let e: &Entry = &l.entries[at];
+        if e.offset as u64 != offset[i] || e.len as u64 != len[i] {
+            return Err(bad(format!("tensor {} is not packed back to back", names[i])));
+        }
+    }
+    if l.total as u64 != get.attr_u64("total")? {
+        return Err(bad("its total does not match its entries".into()));
+    }
+    Ok(l)
+}
+
+/// Test hook: `LOFT_INJECT_CHECKPOINT_STALL=N` makes the N-th checkpoint write of this process
+/// stop forever after its temporary file is complete and before the rename (so a test can
+/// `kill -9` the writer at the worst moment).
+fn stall_requested() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, Ordering::Relaxed) + 1;
+    std::env::var("LOFT_INJECT_CHECKPOINT_STALL")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        == Some(n)
+}
+
+impl Checkpoint {
+    /// File name of the checkpoint taken after `step` optimizer steps.
+    pub fn file_name(step: u64) -> String {
+        format!("step-{step:09}.h5")
+    }
+
+    /// Write to `path` atomically: a hidden temporary file in the same directory, closed and
+    /// fsynced, then renamed. On failure the temporary file is removed and `path` (or an
+    /// older checkpoint) is untouched.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint.h5");
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let result = self.write_file(&tmp).and_then(|()| {
+            let f = std::fs::File::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
+            f.sync_all().map_err(|e| Error::io(&tmp, e))?;
+            if stall_requested() {
+                eprintln!(
+                    "loft: test hook: checkpoint {} written to {}, stalling before the rename",
+                    path.display(),
+                    tmp.display()
+                );
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(3600));
+                }
+            }
+            std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn write_file(&self, tmp: &Path) -> Result<()> {
+        let werr = |e: hdf5::Error| Error::format(tmp, format!("writing the checkpoint failed: {}", one_line(&e)));
+        let file = hdf5::File::create(tmp).map_err(werr)?;
+        self.write_groups(&file).map_err(werr)?;
+        file.close().map_err(werr)
+    }
+
+    fn write_groups(&self, file: &hdf5::File) -> hdf5::Result<()> {
+        let s = &self.state;
+        let root = Put { group: file };
+        root.attr_text("format", FORMAT_NAME)?;
+        root.attr_u64("format_version", FORMAT_VERSION)?;
+        root.attr_text("loft_version", env!("CARGO_PKG_VERSION"))?;
+        root.attr_text("kind", &self.kind)?;
+        root.attr_text("method", &self.method)?;
+        for (k, v) in [("round", s.round), ("epoch", s.epoch), ("step", s.step)] {
+            root.attr_u64(k, v)?;
+        }
+        root.attr_u64("workers", s.workers as u64)?;
+        root.text("config", &self.config)?;
+        root.text("state", &serde_json::to_string(s).expect("state serializes"))?;
+        root.f32s("params", &self.params, &[self.params.len()])?;
+        root.f32s("stats", &self.stats, &[self.stats.len()])?;
+        root.f32s("momentum", &self.momentum, &[self.momentum.len()])?;
+        let layout = file.create_group("layout")?;
+        put_layout(&layout, "params", &self.param_layout)?;
+        put_layout(&layout, "stats", &self.stat_layout)?;
+        let rng = file.create_group("rng")?;
+        let r = Put { group: &rng };
+        r.attr_u64("seed", self.seed)?;
+        r.attr_text(
+            "algorithm",
+            "xoshiro256** per stream, seeded by SplitMix64 from (seed, purpose, ids)",
+        )?;
+        r.u64s("data_position", &self.data_position, &[self.data_position.len()])?;
+        if let Some(p) = &self.partition {
+            let g = file.create_group("partition")?;
+            let put = Put { group: &g };
+            put.attr_u64("round", p.round)?;
+            put.attr_u64("workers", p.owned.len() as u64)?;
+            let mut owner = Vec::new();
+            let mut widths = Vec::new();
+            for i in 0..p.blocks.len() {
+                let w: usize = p.owned.iter().map(|o| o[i].len()).sum();
+                let mut own = vec![u64::MAX; w];
+                for (rank, o) in p.owned.iter().enumerate() {
+                    for &j in &o[i] {
+                        own[j] = rank as u64;
+                    }
+                }
+                owner.extend(own);
+                widths.push(w as u64);
+            }
+            let blocks: Vec<u64> = p.blocks.iter().map(|&b| b as u64).collect();
+            put.u64s("blocks", &blocks, &[blocks.len()])?;
+            put.u64s("widths", &widths, &[widths.len()])?;
+            put.u64s("owner", &owner, &[owner.len()])?;
+        }
+        let g = file.create_group("ledger")?;
+        let table = ledger_table(&self.ledgers);
+        Put { group: &g }.u64s("tally", &table, &[self.ledgers.len(), PURPOSES.len(), KINDS.len(), 3])?;
+        let g = file.create_group("log")?;
+        Put { group: &g }.text("metrics", &self.metrics_log)
+    }
+
+    /// Read and check a checkpoint: format and version, every checksum, and the consistency
+    /// of the buffers with their layouts. Errors name the file and the problem.
+    pub fn read(path: &Path) -> Result<Checkpoint> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+        if meta.is_dir() {
+            return Err(Error::format(path, "is a directory, not a checkpoint file"));
+        }
+        let file = hdf5::File::open(path).map_err(|e| {
+            Error::format(
+                path,
+                format!(
+                    "not a readable HDF5 checkpoint (truncated or corrupted?): {}",
+                    one_line(&e)
+                ),
+            )
+        })?;
+        let root = Get { group: &file, path };
+        let format = root
+            .attr_text("format")
+            .map_err(|_| Error::format(path, "not a loft checkpoint (no 'format' attribute)"))?;
+        if format != FORMAT_NAME {
+            return Err(Error::format(
+                path,
+                format!("not a loft checkpoint (format '{format}')"),
+            ));
+        }
+        let version = root.attr_u64("format_version")?;
+        if version > FORMAT_VERSION {
+            return Err(Error::format(
+                path,
+                format!(
+                    "checkpoint format version {version} is newer than this loft reads (up to {FORMAT_VERSION}); use a newer loft"
+                ),
+            ));
+        }
+        let state: State = serde_json::from_str(&root.text("state")?)
+            .map_err(|e| Error::format(path, format!("/state is not valid: {e}")))?;
+        let config = root.text("config")?;
+        serde_json::from_str::<serde_json::Value>(&config)
+            .map_err(|e| Error::format(path, format!("/config is not valid JSON: {e}")))?;
+        let layout = Get { group: &file, path }.subgroup("layout")?;
+        let param_layout = get_layout(&layout, "params", path)?;
+        let stat_layout = get_layout(&layout, "stats", path)?;
+        let params = root.f32s("params")?;
+        let stats = root.f32s("stats")?;
+        let momentum = root.f32s("momentum")?;
+        if params.len() != param_layout.total || momentum.len() != param_layout.total {
+            return Err(Error::format(
+                path,
+                format!(
+                    "/params has {} and /momentum {} values but the layout holds {}",
+                    params.len(),
+                    momentum.len(),
+                    param_layout.total
+                ),
+            ));
+        }
+        if stats.len() != stat_layout.total {
+            return Err(Error::format(
+                path,
+                format!(
+                    "/stats has {} values but its layout holds {}",
+                    stats.len(),
+                    stat_layout.total
+                ),
+            ));
+        }
+        let rng = root.subgroup("rng")?;
+        let rget = Get { group: &rng, path };
+        let seed = rget.attr_u64("seed")?;
+        let data_position = rget.u64s("data_position")?;
+        let partition = if file.link_exists("partition") {
+            let g = root.subgroup("partition")?;
+            let get = Get { group: &g, path };
+            let workers = get.attr_u64("workers")? as usize;
+            let blocks = get.u64s("blocks")?;
+            let widths = get.u64s("widths")?;
+            let owner = get.u64s("owner")?;
+            if widths.len() != blocks.len() || widths.iter().sum::<u64>() as usize != owner.len() {
+                return Err(Error::format(path, "/partition: blocks, widths and owners disagree"));
+            }
+            let mut owned = vec![vec![Vec::new(); blocks.len()]; workers];
+            let mut at = 0;
+            for (i, &w) in widths.iter().enumerate() {
+                for j in 0..w as usize {
+                    let r = owner[at + j] as usize;
+                    if r >= workers {
+                        return Err(Error::format(path, "/partition: an owner rank is out of range"));
+                    }
+                    owned[r][i].push(j);
+                }
+                at += w as usize;
+            }
+            Some(Partition {
+                round: get.attr_u64("round")?,
+                blocks: blocks.iter().map(|&b| b as usize).collect(),
+                owned,
+            })
+        } else {
+            None
+        };
+        let lg = root.subgroup("ledger")?;
+        let lget = Get { group: &lg, path };
+        let shape = lget.shape("tally")?;
+        if shape.len() != 4 || shape[1..] != [PURPOSES.len(), KINDS.len(), 3] {
+            return Err(Error::format(path, format!("/ledger/tally has shape {shape:?}")));
+        }
+        let ledgers = ledgers_from_table(&lget.u64s("tally")?);
+        let log = root.subgroup("log")?;
+        let metrics_log = Get { group: &log, path }.text("metrics")?;
+        Ok(Checkpoint {
+            kind: root.attr_text("kind")?,
+            method: root.attr_text("method")?,
+            config,
+            state,
+            seed,
+            params,
+            param_layout,
+            stats,
+            stat_layout,
+            momentum,
+            data_position,
+            partition,
+            ledgers,
+            metrics_log,
+        })
+    }
+
+    /// Check that this checkpoint continues a run of this network (same layouts), on the
+    /// same data, with the same number of workers.
+    pub fn check_fits(
+        &self,
+        path: &Path,
+        params: &Layout,
+        stats: &Layout,
+        data: &DataIdentity,
+        workers: usize,
+    ) -> Result<()> {
+        for (mine, theirs, what) in [
+            (&self.param_layout, params, "parameters"),
+            (&self.stat_layout, stats, "BN statistics"),
+        ] {
+            if mine == theirs {
+                continue;
+            }
+            let diff = mine
+                .entries
+                .iter()
+                .zip(&theirs.entries)
+                .find(|(a, b)| a != b)
+                .map(|(a, b)| format!("'{}' {:?} there, '{}' {:?} here", a.name, a.shape, b.name, b.shape))
+                .unwrap_or_else(|| format!("{} tensors there, {} here", mine.entries.len(), theirs.entries.len()));
+            return Err(Error::format(
+                path,
+                format!("the checkpoint holds a different network ({what}: {diff}); resume with its architecture or start a new run"),
+            ));
+        }
+        let d = &self.state.data;
+        if d != data {
+            return Err(Error::format(
+                path,
+                format!(
+                    "the checkpoint was trained on other data ({} train / {} test samples, channel means {:?}; now {} / {}, {:?})",
+                    d.train_samples, d.test_samples, d.mean, data.train_samples, data.test_samples, data.mean
+                ),
+            ));
+        }
+        if self.state.workers != workers {
+            return Err(Error::format(
+                path,
+                format!(
+                    "the checkpoint was written by a run of {} worker(s); resume it with {} (mpirun -np {} or --simulate-workers {})",
+                    self.state.workers, self.state.workers, self.state.workers, self.state.workers
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The resolved configuration, as a typed value.
+    pub fn config_as<T: serde::de::DeserializeOwned>(&self, path: &Path) -> Result<T> {
+        serde_json::from_str(&self.config).map_err(|e| {
+            Error::format(
+                path,
+                format!("its configuration does not fit this loft's {} command: {e}", self.kind),
+            )
+        })
+    }
+}
+
+/// An HDF5 error as one line.
+fn one_line(e: &hdf5::Error) -> String {
+    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Checkpoint files in `dir` (complete ones only: temporary files are hidden), oldest first.
+pub fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.strip_suffix(".h5"))
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            out.push((step, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A checkpoint found for `--resume`, with the run directory it belongs to.
+pub struct Found {
+    pub checkpoint: Checkpoint,
+    pub path: PathBuf,
+    /// The run directory: the parent of `checkpoints/`, or the file's own directory.
+    pub run_dir: PathBuf,
+}
+
+/// Resolve `--resume PATH`: a checkpoint file, a `checkpoints/` directory or a run directory.
+/// For a directory the newest checkpoint is taken; one that fails its checks is reported and
+/// the next older one is tried.
+pub fn find(path: &Path) -> Result<Found> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    let run_dir_of = |file: &Path| {
+        let dir = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+        if dir.file_name().and_then(|n| n.to_str()) == Some("checkpoints") {
+            dir.parent().unwrap_or(Path::new(".")).to_path_buf()
+        } else {
+            dir
+        }
+    };
+    if !meta.is_dir() {
+        let checkpoint = Checkpoint::read(path)?;
+        return Ok(Found {
+            checkpoint,
+            path: path.to_path_buf(),
+            run_dir: run_dir_of(path),
+        });
+    }
+    let dir = if path.join("checkpoints").is_dir() {
+        path.join("checkpoints")
+    } else {
+        path.to_path_buf()
+    };
+    let files = list(&dir)?;
+    if files.is_empty() {
+        return Err(Error::format(path, "holds no checkpoint (step-*.h5)"));
+    }
+    let mut last_err = None;
+    for (_, file) in files.iter().rev() {
+        match Checkpoint::read(file) {
+            Ok(checkpoint) => {
+                return Ok(Found {
+                    run_dir: run_dir_of(file),
+                    checkpoint,
+                    path: file.clone(),
+                })
+            }
+            Err(e) => {
+                eprintln!("loft: warning: skipping {e}");
+                last_err = Some(e);
+            }
+        }
+    }
+    Err(last_err.expect("at least one file"))
+}
+
+/// When and where a run writes checkpoints.
+#[derive(Clone, Debug)]
+pub struct Saver {
+    /// The `checkpoints/` directory.
+    pub dir: PathBuf,
+    /// Every N rounds (pre-training) or epochs (training); 0: only at the end and on a signal.
+    pub every: usize,
+    /// Checkpoints kept; older ones are deleted after a new one is complete.
+    pub keep: usize,
+}
+
+impl Saver {
+    /// Check the settings.
+    pub fn validate(&self) -> Result<()> {
+        if self.keep == 0 {
+            return Err(Error::config("--keep must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Whether a checkpoint is due after `done` rounds or epochs.
+    pub fn due(&self, done: usize) -> bool {
+        self.every > 0 && done % self.every == 0
+    }
+
+    /// Write `c` (named after its step), then delete all but the newest `keep` checkpoints.
+    pub fn save(&self, c: &Checkpoint) -> Result<PathBuf> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let path = self.dir.join(Checkpoint::file_name(c.state.step));
+        c.write(&path)?;
+        let files = list(&self.dir)?;
+        if files.len() > self.keep {
+            for (_, old) in &files[..files.len() - self.keep] {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+        Ok(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledger_table_round_trips() {
+        let mut a = Ledger::default();
+        a.record(Purpose::Sync, Kind::Allreduce, 10, 12);
+        a.record(Purpose::Sync, Kind::Allreduce, 10, 12);
+        a.record(Purpose::Metrics, Kind::Allgather, 8, 8);
+        let b = Ledger::default();
+        let t = ledger_table(&[a.clone(), b.clone()]);
+        assert_eq!(t.len(), 2 * 4 * 4 * 3);
+        assert_eq!(ledgers_from_table(&t), vec![a, b]);
+    }
+}
