@@ -32,6 +32,18 @@ pub enum Command {
     Pretrain(Box<PretrainArgs>),
     /// Communication volumes: the paper's accounting, what loft moves, data-parallel, GPipe.
     Comm(CommArgs),
+    /// Check a checkpoint and print its metadata, layout and per-tensor norms.
+    Inspect(InspectArgs),
+}
+
+/// `loft inspect`.
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The checkpoint file (.h5).
+    pub file: PathBuf,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `loft pretrain`.
@@ -551,6 +563,7 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
             Ok(code)
         }
         Command::Comm(a) => crate::comm::report::run(&a).map(|()| 0),
+        Command::Inspect(a) => crate::inspect::run(&a.file, a.json).map(|()| 0),
         Command::Bench(a) => {
             if a.batch == 0 {
                 return Err(Error::config("--batch must be at least 1"));

@@ -8,6 +8,7 @@ pub mod comm;
 pub mod data;
 pub mod error;
 pub mod info;
+pub mod inspect;
 pub mod loft;
 pub mod model;
 pub mod ops;

@@ -288,9 +288,14 @@ impl Checkpoint {
 
     fn write_file(&self, tmp: &Path) -> Result<()> {
         let werr = |e: hdf5::Error| Error::format(tmp, format!("writing the checkpoint failed: {}", one_line(&e)));
-        let file = hdf5::File::create(tmp).map_err(werr)?;
+        let file = hdf5::File::with_options()
+            .with_fcpl(|p| p.userblock(USERBLOCK as u64))
+            .with_fapl(|p| p.libver_latest())
+            .create(tmp)
+            .map_err(werr)?;
         self.write_groups(&file).map_err(werr)?;
-        file.close().map_err(werr)
+        file.close().map_err(werr)?;
+        seal(tmp)
     }
 
     fn write_groups(&self, file: &hdf5::File) -> hdf5::Result<()> {
@@ -358,6 +363,7 @@ impl Checkpoint {
         if meta.is_dir() {
             return Err(Error::format(path, "is a directory, not a checkpoint file"));
         }
+        check_seal(path)?;
         let file = hdf5::File::open(path).map_err(|e| {
             Error::format(
                 path,
@@ -539,6 +545,107 @@ impl Checkpoint {
             )
         })
     }
+}
+
+/// Bytes reserved before the HDF5 data (an HDF5 user block, which HDF5 and h5py skip). It
+/// holds one line, `LOFT-CHECKPOINT <version> crc32=<8 hex> bytes=<n>`, zero-padded: the
+/// CRC-32 and length of everything after it, so any changed or missing byte is detected
+/// before HDF5 parses the file.
+pub const USERBLOCK: usize = 512;
+const SEAL_TAG: &str = "LOFT-CHECKPOINT";
+
+/// CRC-32 and length of the file after the user block.
+fn body_crc(path: &Path) -> Result<(u32, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    f.seek(SeekFrom::Start(USERBLOCK as u64))
+        .map_err(|e| Error::io(path, e))?;
+    let mut h = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    Ok((h.finalize(), n))
+}
+
+/// Write the seal line into the user block of a closed checkpoint file.
+fn seal(path: &Path) -> Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let (crc, n) = body_crc(path)?;
+    let mut line = format!("{SEAL_TAG} {FORMAT_VERSION} crc32={crc:08x} bytes={n}\n").into_bytes();
+    line.resize(USERBLOCK, 0);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    f.seek(SeekFrom::Start(0)).map_err(|e| Error::io(path, e))?;
+    f.write_all(&line).map_err(|e| Error::io(path, e))
+}
+
+/// Check the seal: the file is a loft checkpoint, complete and unchanged since it was written.
+fn check_seal(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut head = vec![0u8; USERBLOCK];
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let got = f.read(&mut head).map_err(|e| Error::io(path, e))?;
+    if head.starts_with(b"\x89HDF") {
+        return Err(Error::format(
+            path,
+            "an HDF5 file, but not a loft checkpoint (no loft header)",
+        ));
+    }
+    if !head[..got].starts_with(SEAL_TAG.as_bytes()) {
+        return Err(Error::format(
+            path,
+            "not a loft checkpoint (no loft header; empty, truncated or another kind of file?)",
+        ));
+    }
+    let damaged = || Error::format(path, "the checkpoint header is damaged");
+    let end = head.iter().position(|&b| b == b'\n').ok_or_else(damaged)?;
+    if got < USERBLOCK || head[end + 1..].iter().any(|&b| b != 0) {
+        return Err(damaged());
+    }
+    let line = std::str::from_utf8(&head[..end]).map_err(|_| damaged())?;
+    let fields: Vec<&str> = line.split(' ').skip(1).collect();
+    let parsed = (|| {
+        let version: u64 = fields.first()?.parse().ok()?;
+        let crc = u32::from_str_radix(fields.get(1)?.strip_prefix("crc32=")?, 16).ok()?;
+        let bytes: u64 = fields.get(2)?.strip_prefix("bytes=")?.parse().ok()?;
+        Some((version, crc, bytes))
+    })();
+    let Some((version, crc, bytes)) = parsed else {
+        return Err(damaged());
+    };
+    if version > FORMAT_VERSION {
+        return Err(Error::format(
+            path,
+            format!("checkpoint format version {version} is newer than this loft reads (up to {FORMAT_VERSION}); use a newer loft"),
+        ));
+    }
+    let (have_crc, have_bytes) = body_crc(path)?;
+    if have_bytes != bytes {
+        return Err(Error::format(
+            path,
+            format!(
+                "the checkpoint is truncated or extended: {} bytes, expected {}",
+                have_bytes + USERBLOCK as u64,
+                bytes + USERBLOCK as u64
+            ),
+        ));
+    }
+    if have_crc != crc {
+        return Err(Error::format(
+            path,
+            format!("the checkpoint is corrupted: file checksum {have_crc:08x}, expected {crc:08x}"),
+        ));
+    }
+    Ok(())
 }
 
 /// An HDF5 error as one line.
