@@ -468,6 +468,7 @@ impl PretrainArgs {
 /// The configuration and run control of a training command: from the flags, or, with
 /// --resume, from the checkpoint (checked against the flags given).
 fn resolved<C: serde::Serialize + serde::de::DeserializeOwned>(
+    kind: &str,
     cfg: C,
     out: impl Fn(&C) -> PathBuf,
     ck: &CheckpointArgs,
@@ -475,6 +476,14 @@ fn resolved<C: serde::Serialize + serde::de::DeserializeOwned>(
     m: Option<&clap::ArgMatches>,
 ) -> Result<(C, crate::train::RunControl)> {
     let found = ck.found()?;
+    if let Some(f) = &found {
+        if f.checkpoint.kind != kind {
+            return Err(Error::format(
+                &f.path,
+                format!("is a {0} checkpoint; resume it with loft {0}", f.checkpoint.kind),
+            ));
+        }
+    }
     let cfg = match (&found, m) {
         (Some(f), Some(m)) => crate::resume::config(&cfg, f, m)?,
         (Some(f), None) => f.checkpoint.config_as(&f.path)?,
@@ -506,7 +515,7 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
     match cli.command {
         Command::Train(a) => {
             let sub = matches.and_then(|m| m.subcommand_matches("train"));
-            let (cfg, ctl) = resolved(a.config()?, |c| c.out.clone(), &a.checkpoint, 1, sub)?;
+            let (cfg, ctl) = resolved("train", a.config()?, |c| c.out.clone(), &a.checkpoint, 1, sub)?;
             cfg.validate()?;
             let s = crate::train::run(&cfg, &ctl)?;
             match &s.ending {
@@ -537,7 +546,7 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
         }
         Command::Pretrain(a) => {
             let sub = matches.and_then(|m| m.subcommand_matches("pretrain"));
-            let (cfg, ctl) = resolved(a.config()?, |c| c.out.clone(), &a.checkpoint, 10, sub)?;
+            let (cfg, ctl) = resolved("pretrain", a.config()?, |c| c.out.clone(), &a.checkpoint, 10, sub)?;
             cfg.validate()?;
             let mut code = 0;
             crate::comm::run_with_comm(|comm| {

@@ -222,6 +222,7 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
     cfg.validate()?;
     ctl.saver.validate()?;
     prepare_out_dir(&cfg.out)?;
+    ctl.saver.prepare()?;
     let mode = Mode::parse(&cfg.progress)?;
     let wall = Instant::now();
     let split = load_for(

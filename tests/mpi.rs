@@ -229,3 +229,141 @@ fn a_failing_rank_ends_the_whole_job_with_its_message() {
         assert!(err.contains("injected"), "{err}");
     }
 }
+
+fn newest_checkpoint(dir: &Path) -> loft::checkpoint::Checkpoint {
+    let files = loft::checkpoint::list(&dir.join("checkpoints")).unwrap();
+    loft::checkpoint::Checkpoint::read(&files.last().expect("a checkpoint").1).unwrap()
+}
+
+fn metrics_without_timings(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().retain(|k, _| !k.ends_with("_s"));
+            v
+        })
+        .collect()
+}
+
+/// Two runs ended identically: parameters, statistics, momentum, metric log, sync ledger.
+fn same_end(a: &Path, b: &Path) {
+    let (ca, cb) = (newest_checkpoint(a), newest_checkpoint(b));
+    assert!(ca.state.done && cb.state.done);
+    assert!(ca.params == cb.params && ca.stats == cb.stats && ca.momentum == cb.momentum);
+    assert_eq!(params(a), params(b));
+    assert_eq!(metrics_without_timings(a), metrics_without_timings(b));
+    let (la, lb) = (ledger(a), ledger(b));
+    assert_eq!(la["per_rank_sync_bytes_sent"], lb["per_rank_sync_bytes_sent"]);
+    assert_eq!(la["per_rank_sync_bytes_received"], lb["per_rank_sync_bytes_received"]);
+    if newest_checkpoint(a).method == "loft" {
+        assert_eq!(lb["per_rank_sync_bytes_sent"], lb["per_rank_sync_bytes_closed_form"]);
+    }
+}
+
+fn resume_args(from: &Path, out: &Path) -> Vec<String> {
+    [
+        "--threads",
+        "1",
+        "pretrain",
+        "--resume",
+        from.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--progress",
+        "none",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn mpi_runs_resume_bit_identical_from_a_checkpoint() {
+    let Some(_) = mpirun() else { return };
+    let mut two_ranks = None;
+    for (np, method) in [(2usize, "loft"), (4, "loft"), (2, "dense")] {
+        let full = tmp(&format!("resume-full-{np}-{method}"));
+        let extra = ["--method", method, "--checkpoint-every", "1", "--keep", "5"];
+        ok(&run_mpi(np, &small(&full, &extra), &[]));
+        let files = loft::checkpoint::list(&full.join("checkpoints")).unwrap();
+        assert_eq!(files.len(), 3);
+        let c = loft::checkpoint::Checkpoint::read(&files[0].1).unwrap();
+        assert_eq!(c.ledgers.len(), np);
+        assert_eq!(c.data_position, vec![2; np]);
+        assert_eq!(c.partition.is_some(), method == "loft");
+        // resume after round 1 on the same number of ranks
+        let resumed = tmp(&format!("resume-part-{np}-{method}"));
+        ok(&run_mpi(np, &resume_args(&files[0].1, &resumed), &[]));
+        same_end(&full, &resumed);
+        // a different number of ranks is refused with the reason
+        let o = run_mpi(np + 1, &resume_args(&files[0].1, &tmp("resume-wrong")), &[]);
+        assert!(!o.status.success());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(&format!("written by a run of {np} worker(s)")), "{err}");
+        if (np, method) == (2, "loft") {
+            two_ranks = Some((full, files[0].1.clone()));
+        }
+    }
+    // S ranks and S simulated workers compute the same bits, so either continues the other
+    let (full, first) = two_ranks.unwrap();
+    let sim = tmp("resume-sim");
+    let mut a = resume_args(&first, &sim);
+    a.extend(["--simulate-workers".to_string(), "2".to_string()]);
+    ok(&run_single(&a));
+    let (cf, cs) = (newest_checkpoint(&full), newest_checkpoint(&sim));
+    assert!(cf.params == cs.params);
+}
+
+#[test]
+fn sigusr1_to_mpirun_stops_every_rank_at_the_same_round() {
+    let Some(_) = mpirun() else { return };
+    let args = |out: &Path| {
+        let mut a = small(out, &["--checkpoint-every", "0"]);
+        let i = a.iter().position(|x| x == "--rounds").unwrap();
+        a[i + 1] = "80".into();
+        a
+    };
+    let stopped = tmp("usr1");
+    let mut c = Command::new("mpirun");
+    c.args(["-np", "2", "--oversubscribe", "--bind-to", "none"])
+        .arg(env!("CARGO_BIN_EXE_loft"))
+        .args(args(&stopped))
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = c.spawn().unwrap();
+    let start = Instant::now();
+    while std::fs::read_to_string(stopped.join("metrics.jsonl"))
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Command::new("kill")
+        .args(["-USR1", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(loft::checkpoint::EXIT_STOPPED),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let c = newest_checkpoint(&stopped);
+    assert!(!c.state.done && c.state.round >= 2 && c.state.round < 80);
+    let mut resume = resume_args(&stopped, &stopped);
+    resume.truncate(5); // resume in place
+    resume.extend(["--progress".to_string(), "none".to_string()]);
+    ok(&run_mpi(2, &resume, &[]));
+    let full = tmp("usr1-full");
+    ok(&run_mpi(2, &args(&full), &[]));
+    same_end(&stopped, &full);
+}

@@ -261,7 +261,15 @@ impl Checkpoint {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint.h5");
         let tmp = dir.join(format!(".{name}.tmp"));
         let _ = std::fs::remove_file(&tmp);
-        let result = self.write_file(&tmp).and_then(|()| {
+        let result = self.write_file(&tmp).map_err(|e| match e {
+            Error::Format { msg, .. } => Error::format(path, format!("{msg} (earlier checkpoints are kept)")),
+            Error::Io { source, .. } => Error::format(
+                path,
+                format!("writing the checkpoint failed: {source} (earlier checkpoints are kept)"),
+            ),
+            e => e,
+        });
+        let result = result.and_then(|()| {
             let f = std::fs::File::open(&tmp).map_err(|e| Error::io(&tmp, e))?;
             f.sync_all().map_err(|e| Error::io(&tmp, e))?;
             if stall_requested() {
@@ -650,7 +658,15 @@ fn check_seal(path: &Path) -> Result<()> {
 
 /// An HDF5 error as one line.
 fn one_line(e: &hdf5::Error) -> String {
-    e.to_string().split_whitespace().collect::<Vec<_>>().join(" ")
+    let text = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+    // HDF5's I/O errors carry a long trailer; keep the cause and the system's message
+    match (text.find(": time ="), text.find("error message = '")) {
+        (Some(cut), Some(m)) => {
+            let msg = &text[m + 17..];
+            format!("{}: {}", &text[..cut], msg.split('\'').next().unwrap_or(msg))
+        }
+        _ => text,
+    }
 }
 
 /// Checkpoint files in `dir` (complete ones only: temporary files are hidden), oldest first.
@@ -754,9 +770,19 @@ impl Saver {
         Ok(())
     }
 
+    /// Create the checkpoint directory and check that files can be written in it, so a bad
+    /// path fails before any training.
+    pub fn prepare(&self) -> Result<()> {
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let probe = self.dir.join(".write-test");
+        std::fs::write(&probe, b"").map_err(|e| Error::io(&self.dir, e))?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(())
+    }
+
     /// Whether a checkpoint is due after `done` rounds or epochs.
     pub fn due(&self, done: usize) -> bool {
-        self.every > 0 && done % self.every == 0
+        self.every > 0 && done.is_multiple_of(self.every)
     }
 
     /// Write `c` (named after its step), then delete all but the newest `keep` checkpoints.

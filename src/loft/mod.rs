@@ -353,7 +353,7 @@ fn save_checkpoint(
     }
     let ok = comm.allgather_u64(Purpose::Control, result.is_ok() as u64);
     let path = result?;
-    if ok.iter().any(|&v| v == 0) {
+    if ok.contains(&0) {
         return Err(Error::config("rank 0 could not write the checkpoint"));
     }
     Ok(if path.as_os_str().is_empty() {
@@ -384,6 +384,7 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
     let lead = rank == 0;
     if lead {
         prepare_out_dir(&cfg.out)?;
+        ctl.saver.prepare()?;
     }
     let mode = if lead { Mode::parse(&cfg.progress)? } else { Mode::Quiet };
     let wall = Instant::now();
