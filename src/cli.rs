@@ -34,6 +34,23 @@ pub enum Command {
     Comm(CommArgs),
     /// Check a checkpoint and print its metadata, layout and per-tensor norms.
     Inspect(InspectArgs),
+    /// Filter distance between two checkpoints of one network (D_idx and D_w, per block).
+    Distance(DistanceArgs),
+}
+
+/// `loft distance`.
+#[derive(Args, Debug)]
+pub struct DistanceArgs {
+    /// Checkpoint A.
+    pub a: PathBuf,
+    /// Checkpoint B (the reference: its kept filters define the rows compared).
+    pub b: PathBuf,
+    /// Pruning ratio p in [0, 1): each prunable block keeps floor((1-p) wC) filters.
+    #[arg(long, default_value_t = 0.5)]
+    pub ratio: f64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `loft inspect`.
@@ -573,6 +590,7 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
         }
         Command::Comm(a) => crate::comm::report::run(&a).map(|()| 0),
         Command::Inspect(a) => crate::inspect::run(&a.file, a.json).map(|()| 0),
+        Command::Distance(a) => crate::ticket::run_distance(&a.a, &a.b, a.ratio, a.json).map(|()| 0),
         Command::Bench(a) => {
             if a.batch == 0 {
                 return Err(Error::config("--batch must be at least 1"));

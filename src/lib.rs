@@ -17,6 +17,7 @@ pub mod resume;
 pub mod rng;
 pub mod schedule;
 pub mod stop;
+pub mod ticket;
 pub mod train;
 
 pub use error::{Error, Result};

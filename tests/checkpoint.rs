@@ -569,3 +569,57 @@ fn h5py_reads_a_checkpoint_and_agrees_with_loft_inspect() {
     assert_eq!(got["step"], 8);
     assert_eq!(got["config_lr"], 0.05);
 }
+
+#[test]
+fn filter_distance_between_checkpoints() {
+    let dir = tmp("distance");
+    ok(&run(&pretrain_args(&dir, &["--checkpoint-every", "1", "--keep", "10"])));
+    let files = checkpoints(&dir);
+    let dist = |a: &Path, b: &Path| {
+        let o = loft()
+            .args([
+                "distance",
+                a.to_str().unwrap(),
+                b.to_str().unwrap(),
+                "--ratio",
+                "0.5",
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        ok(&o);
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let same = dist(&files[3], &files[3]);
+    assert_eq!(
+        (same["index"].as_f64(), same["weight"].as_f64()),
+        (Some(0.0), Some(0.0))
+    );
+    let d = dist(&files[0], &files[3]);
+    let w = d["weight"].as_f64().unwrap();
+    assert!(w > 0.0 && w < 2.0, "{d}");
+    assert_eq!(d["blocks"].as_array().unwrap().len(), 5); // preresnet18: 5 blocks without projection
+                                                          // another network is refused
+    let other = tmp("distance-other");
+    ok(&run(&with(pretrain_args(&other, &[]), "--base-width", "4")));
+    let o = loft()
+        .args([
+            "distance",
+            files[3].to_str().unwrap(),
+            checkpoints(&other)[0].to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    one_line_error(&o, "different network");
+    let o = loft()
+        .args([
+            "distance",
+            files[3].to_str().unwrap(),
+            files[3].to_str().unwrap(),
+            "--ratio",
+            "1.5",
+        ])
+        .output()
+        .unwrap();
+    one_line_error(&o, "--ratio");
+}

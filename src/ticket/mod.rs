@@ -1,0 +1,301 @@
+//! Lottery tickets: which inner filters of each prunable block a ticket keeps, and the filter
+//! distance between two models (spec sections 5 and 6).
+//!
+//! A block is prunable when it has no projection shortcut (every stage, stage 1 included).
+//! The score of inner filter j of a block is the squared L2 norm of row j of its `conv1`
+//! weight `(wC, C, k, k)`. A ticket at ratio p keeps the floor((1-p) wC) best filters of every
+//! prunable block (at least one).
+
+use crate::model::{Entry, Layout};
+use crate::rng::{Purpose, Rng};
+use crate::{Error, Result};
+use serde::Serialize;
+
+/// Which filters a ticket keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Criterion {
+    /// The largest conv1 row norms (the method).
+    Largest,
+    /// The smallest (ablation).
+    Smallest,
+    /// A uniformly random subset (ablation), drawn from the seed.
+    Random,
+}
+
+impl Criterion {
+    /// Parse `largest`, `smallest` or `random`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "largest" => Ok(Criterion::Largest),
+            "smallest" => Ok(Criterion::Smallest),
+            "random" => Ok(Criterion::Random),
+            _ => Err(Error::config(format!(
+                "unknown criterion '{s}' (expected largest, smallest or random)"
+            ))),
+        }
+    }
+}
+
+/// A prunable block as seen in a parameter layout.
+#[derive(Clone, Debug)]
+pub struct PrunableBlock {
+    /// Name prefix, e.g. `s2.b1`.
+    pub name: String,
+    /// Its `conv1.weight` entry; `shape[0]` is the inner width wC.
+    pub conv1: Entry,
+}
+
+/// The prunable blocks of a network, in network order: every block with a `conv1.weight` and
+/// no `proj.weight`.
+pub fn prunable_blocks(layout: &Layout) -> Vec<PrunableBlock> {
+    layout
+        .entries
+        .iter()
+        .filter_map(|e| {
+            let prefix = e.name.strip_suffix(".conv1.weight")?;
+            let has_proj = layout.find(&format!("{prefix}.proj.weight")).is_some();
+            (!has_proj).then(|| PrunableBlock {
+                name: prefix.to_string(),
+                conv1: e.clone(),
+            })
+        })
+        .collect()
+}
+
+/// Squared L2 norm of every inner filter (conv1 row) of `b`, in f64.
+pub fn scores(b: &PrunableBlock, params: &[f32]) -> Vec<f64> {
+    let rows = b.conv1.shape[0];
+    let row_len = b.conv1.len / rows;
+    let w = &params[b.conv1.offset..b.conv1.offset + b.conv1.len];
+    w.chunks(row_len)
+        .map(|r| r.iter().map(|&x| x as f64 * x as f64).sum())
+        .collect()
+}
+
+/// Filters kept of a block of width `width` at pruning ratio `ratio`: floor((1-p) width), at
+/// least one.
+pub fn keep_count(width: usize, ratio: f64) -> usize {
+    (((1.0 - ratio) * width as f64 + 1e-9).floor() as usize).clamp(1, width)
+}
+
+/// The sorted indices a ticket keeps in every prunable block. Ties go to the lower index.
+pub fn kept(blocks: &[PrunableBlock], params: &[f32], ratio: f64, criterion: Criterion, seed: u64) -> Vec<Vec<usize>> {
+    blocks
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let s = scores(b, params);
+            let k = keep_count(s.len(), ratio);
+            let mut order: Vec<usize> = match criterion {
+                Criterion::Random => Rng::stream(seed, Purpose::Prune, &[i as u64]).permutation(s.len()),
+                Criterion::Largest => {
+                    let mut o: Vec<usize> = (0..s.len()).collect();
+                    o.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+                    o
+                }
+                Criterion::Smallest => {
+                    let mut o: Vec<usize> = (0..s.len()).collect();
+                    o.sort_by(|&a, &b| s[a].total_cmp(&s[b]).then(a.cmp(&b)));
+                    o
+                }
+            };
+            order.truncate(k);
+            order.sort_unstable();
+            order
+        })
+        .collect()
+}
+
+/// Check a pruning ratio: p in [0, 1).
+pub fn validate_ratio(ratio: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&ratio) {
+        return Err(Error::config(format!("--ratio must be in [0, 1), got {ratio}")));
+    }
+    Ok(())
+}
+
+/// Distance of one block.
+#[derive(Clone, Debug, Serialize)]
+pub struct BlockDistance {
+    pub block: String,
+    /// Filters kept in B, and how many of them A keeps too.
+    pub kept: usize,
+    pub common: usize,
+    /// ||U(A) - U(B)||_F / ||U(B)||_F over the rows B keeps, each scaled to unit norm.
+    pub weight: f64,
+}
+
+/// The filter distance between models A and B at ratio p (spec section 6).
+#[derive(Clone, Debug, Serialize)]
+pub struct Distance {
+    pub ratio: f64,
+    /// D_idx = 1 - sum |T(A) ∩ T(B)| / sum |T(B)|, in [0, 1].
+    pub index: f64,
+    /// D_w: the mean over blocks of the weight distances.
+    pub weight: f64,
+    pub blocks: Vec<BlockDistance>,
+}
+
+/// Row `j` of a conv1 weight, scaled to unit norm (zero rows stay zero).
+fn unit_row(b: &PrunableBlock, params: &[f32], j: usize) -> Vec<f64> {
+    let row_len = b.conv1.len / b.conv1.shape[0];
+    let r = &params[b.conv1.offset + j * row_len..b.conv1.offset + (j + 1) * row_len];
+    let n = r.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+    r.iter().map(|&x| if n > 0.0 { x as f64 / n } else { 0.0 }).collect()
+}
+
+/// D_idx and D_w between parameter buffers `a` and `b` of the same `layout`.
+pub fn distance(layout: &Layout, a: &[f32], b: &[f32], ratio: f64) -> Result<Distance> {
+    validate_ratio(ratio)?;
+    if a.len() != layout.total || b.len() != layout.total {
+        return Err(Error::Shape(format!(
+            "distance: buffers of {} and {} values for a layout of {}",
+            a.len(),
+            b.len(),
+            layout.total
+        )));
+    }
+    let blocks = prunable_blocks(layout);
+    if blocks.is_empty() {
+        return Err(Error::config("the network has no prunable block"));
+    }
+    let ka = kept(&blocks, a, ratio, Criterion::Largest, 0);
+    let kb = kept(&blocks, b, ratio, Criterion::Largest, 0);
+    let mut out = Vec::with_capacity(blocks.len());
+    for (i, blk) in blocks.iter().enumerate() {
+        let common = kb[i].iter().filter(|j| ka[i].binary_search(j).is_ok()).count();
+        let (mut diff, mut norm) = (0.0f64, 0.0f64);
+        for &j in &kb[i] {
+            let (ua, ub) = (unit_row(blk, a, j), unit_row(blk, b, j));
+            diff += ua.iter().zip(&ub).map(|(x, y)| (x - y) * (x - y)).sum::<f64>();
+            norm += ub.iter().map(|y| y * y).sum::<f64>();
+        }
+        out.push(BlockDistance {
+            block: blk.name.clone(),
+            kept: kb[i].len(),
+            common,
+            weight: if norm > 0.0 { (diff / norm).sqrt() } else { 0.0 },
+        });
+    }
+    let (common, total): (usize, usize) = out.iter().fold((0, 0), |(c, t), d| (c + d.common, t + d.kept));
+    Ok(Distance {
+        ratio,
+        index: 1.0 - common as f64 / total as f64,
+        weight: out.iter().map(|d| d.weight).sum::<f64>() / out.len() as f64,
+        blocks: out,
+    })
+}
+
+/// `loft distance A B --ratio p [--json]`: the filter distance between two checkpoints.
+pub fn run_distance(a: &std::path::Path, b: &std::path::Path, ratio: f64, as_json: bool) -> Result<()> {
+    validate_ratio(ratio)?;
+    let ca = crate::checkpoint::Checkpoint::read(a)?;
+    let cb = crate::checkpoint::Checkpoint::read(b)?;
+    if ca.param_layout != cb.param_layout {
+        return Err(Error::format(
+            b,
+            format!(
+                "holds a different network than {}; the distance needs the same architecture",
+                a.display()
+            ),
+        ));
+    }
+    let d = distance(&ca.param_layout, &ca.params, &cb.params, ratio)?;
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&d).expect("json"));
+        return Ok(());
+    }
+    println!(
+        "filter distance at ratio {ratio}: D_idx {:.4}  D_w {:.4}",
+        d.index, d.weight
+    );
+    println!("{:<10} {:>6} {:>8} {:>8}", "block", "kept", "common", "D_w");
+    for blk in &d.blocks {
+        println!(
+            "{:<10} {:>6} {:>8} {:>8.4}",
+            blk.block, blk.kept, blk.common, blk.weight
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ArchSpec, Graph, Model};
+    use std::sync::Arc;
+
+    fn model(seed: u64) -> (Graph, Vec<f32>) {
+        let mut s = ArchSpec::named("preresnet18").unwrap();
+        s.base_width = 4;
+        let g = Graph::build(&s, 32, 32, None).unwrap();
+        let be = Arc::new(crate::backend::cpu::CpuBackend::<f32>::new());
+        let mut m = Model::new(be, g.clone(), 1).unwrap();
+        m.init(seed).unwrap();
+        (g, m.params.clone())
+    }
+
+    #[test]
+    fn prunable_blocks_are_those_without_projection() {
+        let (g, _) = model(1);
+        let names: Vec<String> = prunable_blocks(&g.params).into_iter().map(|b| b.name).collect();
+        // PreResNet-18: the first block of stages 2-4 has a projection
+        assert_eq!(names, ["s1.b0", "s1.b1", "s2.b1", "s3.b1", "s4.b1"]);
+        let from_arch: usize = g.blocks.iter().filter(|b| b.prunable).count();
+        assert_eq!(names.len(), from_arch);
+    }
+
+    #[test]
+    fn largest_keeps_the_biggest_rows_and_counts_follow_the_ratio() {
+        let (g, mut p) = model(1);
+        let blocks = prunable_blocks(&g.params);
+        // make row 5 of the first block the largest by far
+        let e = &blocks[0].conv1;
+        let row = e.len / e.shape[0];
+        for v in &mut p[e.offset + 5 * row..e.offset + 6 * row] {
+            *v = 10.0;
+        }
+        let k = kept(&blocks, &p, 0.8, Criterion::Largest, 0);
+        assert_eq!(k[0].len(), keep_count(8, 0.8));
+        assert!(k[0].contains(&5));
+        let small = kept(&blocks, &p, 0.8, Criterion::Smallest, 0);
+        assert!(!small[0].contains(&5));
+        for (kk, b) in k.iter().zip(&blocks) {
+            assert_eq!(kk.len(), keep_count(b.conv1.shape[0], 0.8));
+            assert!(kk.windows(2).all(|w| w[0] < w[1]));
+        }
+        assert_eq!(keep_count(16, 0.3), 11);
+        assert_eq!(keep_count(16, 0.5), 8);
+        assert_eq!(keep_count(10, 0.3), 7); // 0.7 * 10 is 7, not 6.9999
+        assert_eq!(keep_count(4, 0.99), 1);
+        let r1 = kept(&blocks, &p, 0.5, Criterion::Random, 3);
+        assert_eq!(r1, kept(&blocks, &p, 0.5, Criterion::Random, 3));
+        assert_ne!(r1, kept(&blocks, &p, 0.5, Criterion::Random, 4));
+    }
+
+    #[test]
+    fn distance_is_zero_to_itself_and_positive_between_models() {
+        let (g, a) = model(1);
+        let (_, b) = model(2);
+        let same = distance(&g.params, &a, &a, 0.5).unwrap();
+        assert_eq!((same.index, same.weight), (0.0, 0.0));
+        let d = distance(&g.params, &a, &b, 0.5).unwrap();
+        assert!(d.index > 0.0 && d.index <= 1.0, "{}", d.index);
+        assert!(d.weight > 0.0);
+        // scaling every weight changes neither the kept indices nor the unit rows
+        let scaled: Vec<f32> = a.iter().map(|v| v * 4.0).collect();
+        let s = distance(&g.params, &scaled, &a, 0.5).unwrap();
+        assert_eq!(s.index, 0.0);
+        assert!(s.weight < 1e-6);
+        // hand-computed on one block: D_idx from the overlap
+        let blk = &prunable_blocks(&g.params)[0];
+        let (ka, kb) = (
+            kept(std::slice::from_ref(blk), &a, 0.5, Criterion::Largest, 0),
+            kept(std::slice::from_ref(blk), &b, 0.5, Criterion::Largest, 0),
+        );
+        let common = kb[0].iter().filter(|j| ka[0].contains(j)).count();
+        assert_eq!(d.blocks[0].common, common);
+        assert!(distance(&g.params, &a, &b, 1.0).is_err());
+    }
+}
