@@ -36,6 +36,86 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Filter distance between two checkpoints of one network (D_idx and D_w, per block).
     Distance(DistanceArgs),
+    /// Prune a pre-trained checkpoint into a ticket (narrow network, or masked full network).
+    Prune(PruneArgs),
+    /// Fine-tune a ticket (data-parallel over the ranks under mpirun); best and final accuracy.
+    Finetune(Box<FinetuneArgs>),
+}
+
+/// `loft prune`.
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// The pre-trained checkpoint (from loft train or loft pretrain).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// Pruning ratio p in [0, 1): every prunable block keeps floor((1-p) wC) inner filters.
+    #[arg(long)]
+    pub ratio: f64,
+    /// Which filters to keep: largest (conv1 row norms), smallest or random (ablations).
+    #[arg(long, default_value = "largest")]
+    pub criterion: String,
+    /// Keep the full shapes and hold the pruned filters at zero with a mask.
+    #[arg(long)]
+    pub masked: bool,
+    /// Seed of --criterion random.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The ticket file to write.
+    #[arg(long, default_value = "runs/ticket.h5")]
+    pub out: PathBuf,
+}
+
+/// `loft finetune`.
+#[derive(Args, Debug)]
+pub struct FinetuneArgs {
+    /// The ticket (from loft prune).
+    #[arg(long)]
+    pub ticket: Option<PathBuf>,
+    /// Epochs.
+    #[arg(long, default_value_t = 90)]
+    pub epochs: usize,
+    /// Epochs after which the rate is multiplied by --gamma [default: 30, 60 and 80 of 90,
+    /// scaled to --epochs].
+    #[arg(long, value_delimiter = ',')]
+    pub milestones: Option<Vec<usize>>,
+    /// Factor of the step schedule.
+    #[arg(long, default_value_t = 0.1)]
+    pub gamma: f64,
+    /// Mini-batch size (per rank).
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f64,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    pub momentum: f64,
+    /// Weight decay.
+    #[arg(long, default_value_t = 5e-4)]
+    pub weight_decay: f64,
+    /// Directory of the data files [default: the pre-training run's].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Train on the first N training samples only [default: the pre-training run's].
+    #[arg(long)]
+    pub train_subset: Option<usize>,
+    /// Evaluate on the first N test samples only [default: the pre-training run's].
+    #[arg(long)]
+    pub test_subset: Option<usize>,
+    /// Seed of the data order and augmentation.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Run directory.
+    #[arg(long, default_value = "runs/finetune")]
+    pub out: PathBuf,
+    /// Progress output: auto, bar, lines, none.
+    #[arg(long, default_value = "auto")]
+    pub progress: String,
+    /// Compute device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    #[command(flatten)]
+    pub checkpoint: CheckpointArgs,
 }
 
 /// `loft distance`.
@@ -407,6 +487,91 @@ impl TrainArgs {
             seed: self.seed,
             out: self.out.clone(),
             progress: self.progress.clone(),
+            ticket: None,
+        };
+        cfg.validate()?;
+        crate::progress::Mode::parse(&cfg.progress)?;
+        Ok(cfg)
+    }
+}
+
+impl FinetuneArgs {
+    /// The fine-tuning configuration: data and network from the ticket's source run (or, when
+    /// only --resume is given, from the checkpoint being resumed), optimizer from the flags.
+    pub fn config(&self, found: Option<&crate::checkpoint::Found>) -> Result<TrainConfig> {
+        check_device(&self.device)?;
+        let (source, path) = match (&self.ticket, found) {
+            (Some(t), _) => (crate::checkpoint::Checkpoint::read(t)?, t.clone()),
+            (None, Some(f)) => (f.checkpoint.clone(), f.path.clone()),
+            (None, None) => {
+                return Err(Error::config(
+                    "loft finetune needs --ticket FILE (from loft prune) or --resume PATH",
+                ))
+            }
+        };
+        let base: serde_json::Value = serde_json::from_str(&source.config)
+            .map_err(|e| Error::format(&path, format!("its configuration is not valid JSON: {e}")))?;
+        /// Field `k` of the source configuration.
+        fn field<T: serde::de::DeserializeOwned>(
+            base: &serde_json::Value,
+            k: &str,
+            path: &std::path::Path,
+        ) -> Result<T> {
+            serde_json::from_value(base.get(k).cloned().unwrap_or(serde_json::Value::Null)).map_err(|err| {
+                Error::format(
+                    path,
+                    format!("its configuration's '{k}' is missing or not valid: {err}"),
+                )
+            })
+        }
+        let e = self.epochs;
+        let milestones: Vec<usize> = match &self.milestones {
+            Some(m) => m.clone(),
+            None => {
+                // the paper's 30, 60, 80 of 90 epochs, scaled
+                let mut m: Vec<usize> = [30, 60, 80]
+                    .iter()
+                    .map(|&k| (k * e + 45) / 90)
+                    .filter(|&k| k >= 1 && k <= e)
+                    .collect();
+                m.dedup();
+                m
+            }
+        };
+        let cfg = TrainConfig {
+            arch: field(&base, "arch", &path)?,
+            dataset: field(&base, "dataset", &path)?,
+            data_dir: match &self.data_dir {
+                Some(d) => d.clone(),
+                None => field(&base, "data_dir", &path)?,
+            },
+            train_subset: match self.train_subset {
+                Some(n) => n,
+                None => field(&base, "train_subset", &path)?,
+            },
+            test_subset: match self.test_subset {
+                Some(n) => n,
+                None => field(&base, "test_subset", &path)?,
+            },
+            epochs: e,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            momentum: self.momentum,
+            weight_decay: self.weight_decay,
+            schedule: crate::schedule::Kind::Step {
+                milestones,
+                gamma: self.gamma,
+            },
+            warmup_epochs: 0.0,
+            augment: field(&base, "augment", &path)?,
+            seed: self.seed,
+            out: self.out.clone(),
+            progress: self.progress.clone(),
+            ticket: match (&self.ticket, found) {
+                (Some(t), _) => Some(t.clone()),
+                (None, Some(_)) => field(&base, "ticket", &path)?,
+                (None, None) => None,
+            },
         };
         cfg.validate()?;
         crate::progress::Mode::parse(&cfg.progress)?;
@@ -520,6 +685,31 @@ pub fn exit_code(e: &crate::train::Ending) -> i32 {
     }
 }
 
+/// Run `loft train` or `loft finetune` on every rank of the job and print how it ended.
+fn report_training(kind: &str, cfg: &TrainConfig, ctl: &crate::train::RunControl) -> Result<i32> {
+    let mut code = 0;
+    crate::comm::run_with_comm(|comm| {
+        let s = crate::train::run(cfg, ctl, comm)?;
+        code = exit_code(&s.ending);
+        if comm.rank() == 0 {
+            match &s.ending {
+                crate::train::Ending::Completed(_) => println!(
+                    "final test accuracy {:.2}% (best {:.2}%) in {:.1}s; run directory {}",
+                    s.final_test_acc,
+                    s.best_test_acc,
+                    s.wall_s,
+                    s.out.display()
+                ),
+                crate::train::Ending::Stopped(p) => {
+                    println!("stopped; resume with: loft {kind} --resume {}", p.display())
+                }
+            }
+        }
+        Ok(())
+    })?;
+    Ok(code)
+}
+
 /// Run the parsed command line; `matches` (when given) tells which flags were typed, for
 /// checking them against a checkpoint. Returns the process exit status.
 pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
@@ -534,20 +724,18 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
             let sub = matches.and_then(|m| m.subcommand_matches("train"));
             let (cfg, ctl) = resolved("train", a.config()?, |c| c.out.clone(), &a.checkpoint, 1, sub)?;
             cfg.validate()?;
-            let s = crate::train::run(&cfg, &ctl)?;
-            match &s.ending {
-                crate::train::Ending::Completed(_) => println!(
-                    "final test accuracy {:.2}% (best {:.2}%) in {:.1}s; run directory {}",
-                    s.final_test_acc,
-                    s.best_test_acc,
-                    s.wall_s,
-                    s.out.display()
-                ),
-                crate::train::Ending::Stopped(p) => {
-                    println!("stopped; resume with: loft train --resume {}", p.display())
-                }
-            }
-            Ok(exit_code(&s.ending))
+            report_training("train", &cfg, &ctl)
+        }
+        Command::Finetune(a) => {
+            let sub = matches.and_then(|m| m.subcommand_matches("finetune"));
+            let found = a.checkpoint.found()?;
+            let cfg = a.config(found.as_ref())?;
+            let (cfg, ctl) = resolved("finetune", cfg, |c| c.out.clone(), &a.checkpoint, 1, sub)?;
+            cfg.validate()?;
+            report_training("finetune", &cfg, &ctl)
+        }
+        Command::Prune(a) => {
+            crate::ticket::prune::run(&a.checkpoint, a.ratio, &a.criterion, a.masked, a.seed, &a.out).map(|()| 0)
         }
         Command::Info(a) => {
             let g = a.graph()?;

@@ -7,13 +7,15 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
-use crate::checkpoint::{Checkpoint, DataIdentity, Found, Saver, State};
+use crate::checkpoint::{self, Checkpoint, DataIdentity, Found, Saver, State};
+use crate::comm::{Comm, Purpose};
 use crate::data::{self, Augment, DatasetKind, Loader};
 use crate::model::{ArchSpec, Graph, Model};
 use crate::ops::Sgd;
 use crate::progress::{Mode, Progress};
 use crate::schedule::{Kind, Schedule};
 use crate::stop::StopFlag;
+use crate::ticket::prune::{self, TicketInfo};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -41,6 +43,10 @@ pub struct TrainConfig {
     pub seed: u64,
     pub out: PathBuf,
     pub progress: String,
+    /// Fine-tuning: the ticket whose weights the run starts from (None: initialise from the
+    /// seed).
+    #[serde(default)]
+    pub ticket: Option<PathBuf>,
 }
 
 /// One line of `metrics.jsonl`.
@@ -217,13 +223,67 @@ pub fn log_line(f: &mut std::fs::File, path: &Path, text: &mut String, rec: &imp
     Ok(())
 }
 
-/// Train and evaluate; returns the summary. Writes the run directory as it goes.
-pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
+/// The network a training run trains: a fresh one, or a ticket (narrow, or full with masks).
+struct Net {
+    graph: Graph,
+    /// The ticket and, in masked mode, the masks of the parameters and the BN statistics.
+    ticket: Option<TicketInfo>,
+    masks: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Net {
+    fn build(cfg: &TrainConfig, h: usize, w: usize, ticket: Option<TicketInfo>) -> Result<Net> {
+        let Some(info) = ticket else {
+            return Ok(Net {
+                graph: Graph::build(&cfg.arch, h, w, None)?,
+                ticket: None,
+                masks: None,
+            });
+        };
+        let (full_all, _, graph, idx) = prune::ticket_graphs(&cfg.arch, h, w, &info)?;
+        let masks = info.masked.then(|| {
+            (
+                prune::mask(&full_all.params, &idx, &info),
+                prune::mask(&full_all.stats, &idx, &info),
+            )
+        });
+        Ok(Net {
+            graph,
+            ticket: Some(info),
+            masks,
+        })
+    }
+
+    /// Hold the pruned values at zero (masked tickets): parameters, momentum, statistics.
+    fn apply_masks(&self, model: &mut Model<CpuBackend<f32>>) {
+        if let Some((mp, ms)) = &self.masks {
+            for (v, m) in model.params.iter_mut().zip(mp) {
+                *v *= m;
+            }
+            for (v, m) in model.momentum.iter_mut().zip(mp) {
+                *v *= m;
+            }
+            for (v, m) in model.stats.iter_mut().zip(ms) {
+                *v *= m;
+            }
+        }
+    }
+}
+
+/// Train and evaluate on every rank of `comm` (data-parallel when there are several: each
+/// rank trains on its shard with the gradients averaged every step); returns the summary.
+/// Rank 0 writes the run directory as it goes.
+pub fn run(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Result<TrainSummary> {
     cfg.validate()?;
     ctl.saver.validate()?;
-    prepare_out_dir(&cfg.out)?;
-    ctl.saver.prepare()?;
-    let mode = Mode::parse(&cfg.progress)?;
+    let (rank, ranks) = (comm.rank(), comm.size());
+    let lead = rank == 0;
+    let kind = if cfg.ticket.is_some() { "finetune" } else { "train" };
+    if lead {
+        prepare_out_dir(&cfg.out)?;
+        ctl.saver.prepare()?;
+    }
+    let mode = if lead { Mode::parse(&cfg.progress)? } else { Mode::Quiet };
     let wall = Instant::now();
     let split = load_for(
         &cfg.arch,
@@ -233,12 +293,6 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
         cfg.test_subset,
     )?;
     let (train, test) = (&split.train, &split.test);
-    let graph = Graph::build(&cfg.arch, train.height, train.width, None)?;
-    let (shared, partitioned) = graph.param_counts();
-    let be = Arc::new(CpuBackend::<f32>::new());
-    let mut model = Model::new(be.clone(), graph, cfg.batch_size)?;
-    model.init(cfg.seed)?;
-
     let (mean, std) = train.channel_stats();
     let identity = DataIdentity {
         train_samples: train.len(),
@@ -246,7 +300,40 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
         mean: mean.clone(),
         std: std.clone(),
     };
-    let train_loader = Loader::new(
+    // The ticket (fine-tuning): from the checkpoint being resumed, else from its file.
+    let ticket_file = match (&cfg.ticket, &ctl.resume) {
+        (Some(t), None) => {
+            let c = Checkpoint::read(t)?;
+            if c.kind != "ticket" || c.ticket.is_none() {
+                return Err(Error::format(
+                    t,
+                    format!("is a {} checkpoint, not a ticket (make one with loft prune)", c.kind),
+                ));
+            }
+            Some(c)
+        }
+        _ => None,
+    };
+    let info = match (&ctl.resume, &ticket_file) {
+        (Some(f), _) => f.checkpoint.ticket.clone(),
+        (None, Some(t)) => t.ticket.clone(),
+        (None, None) => None,
+    };
+    let net = Net::build(cfg, train.height, train.width, info)?;
+    let (shared, partitioned) = net.graph.param_counts();
+    let be = Arc::new(CpuBackend::<f32>::new());
+    let mut model = Model::new(be.clone(), net.graph.clone(), cfg.batch_size)?;
+    model.init(cfg.seed)?;
+    if let (Some(t), Some(path)) = (&ticket_file, &cfg.ticket) {
+        // fine-tuning may use other data than pre-training (e.g. the full training set)
+        t.check_network(path, &model.graph.params, &model.graph.stats)?;
+        model.params.copy_from_slice(&t.params);
+        model.stats.copy_from_slice(&t.stats);
+    }
+
+    // Data: one shard per rank when data-parallel; every rank takes the same number of
+    // full batches per epoch.
+    let mut train_loader = Loader::new(
         train,
         cfg.batch_size,
         mean.clone(),
@@ -255,8 +342,11 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
         true,
         false,
         cfg.seed,
-        0,
+        rank as u64,
     );
+    if ranks > 1 {
+        train_loader = train_loader.with_shard(rank, ranks);
+    }
     let test_loader = Loader::new(
         test,
         cfg.batch_size,
@@ -267,8 +357,20 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
         false,
         cfg.seed,
         0,
-    );
-    let steps_per_epoch = train_loader.batches_per_epoch();
+    )
+    .with_shard(rank, ranks);
+    let steps_per_epoch = if ranks > 1 {
+        (train.len() / ranks) / cfg.batch_size
+    } else {
+        train_loader.batches_per_epoch()
+    };
+    if steps_per_epoch == 0 {
+        return Err(Error::config(format!(
+            "{} training samples over {ranks} rank(s) do not fill one batch of {}",
+            train.len(),
+            cfg.batch_size
+        )));
+    }
     let sched = Schedule {
         base_lr: cfg.lr,
         kind: cfg.schedule.clone(),
@@ -279,32 +381,36 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
 
     // Where the run starts: the beginning, or a checkpoint.
     let mut st = State {
-        workers: 1,
+        workers: ranks,
         data: identity.clone(),
         ..State::default()
     };
     let mut log_text = String::new();
     if let Some(f) = &ctl.resume {
         let c = &f.checkpoint;
-        if c.kind != "train" {
+        if c.kind != kind {
             return Err(Error::format(
                 &f.path,
                 format!("is a {} checkpoint; resume it with loft {}", c.kind, c.kind),
             ));
         }
-        c.check_fits(&f.path, &model.graph.params, &model.graph.stats, &identity, 1)?;
+        c.check_fits(&f.path, &model.graph.params, &model.graph.stats, &identity, ranks)?;
         model.params.copy_from_slice(&c.params);
         model.stats.copy_from_slice(&c.stats);
         model.momentum.copy_from_slice(&c.momentum);
+        checkpoint::restore_ledger(comm, c, rank);
         st = c.state.clone();
         log_text = c.metrics_log.clone();
     }
 
     let resolved = serde_json::json!({
         "config": cfg,
+        "kind": kind,
         "device": be.name(),
+        "ranks": ranks,
         "threads": rayon::current_num_threads(),
         "params": { "shared": shared, "partitioned": partitioned, "total": shared + partitioned },
+        "ticket": &net.ticket,
         "train_samples": train.len(),
         "test_samples": test.len(),
         "steps_per_epoch": steps_per_epoch,
@@ -312,16 +418,19 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
         "resumed_from": ctl.resume.as_ref().map(|f| &f.path),
         "version": env!("CARGO_PKG_VERSION"),
     });
-    write_atomic(
-        &cfg.out.join("config.json"),
-        serde_json::to_string_pretty(&resolved).expect("json").as_bytes(),
-    )?;
     let log_path = cfg.out.join("metrics.jsonl");
-    let mut log = start_log(&log_path, &log_text)?;
+    let mut log = None;
+    if lead {
+        write_atomic(
+            &cfg.out.join("config.json"),
+            serde_json::to_string_pretty(&resolved).expect("json").as_bytes(),
+        )?;
+        log = Some(start_log(&log_path, &log_text)?);
+    }
 
     if mode != Mode::Quiet {
         eprintln!(
-            "loft train: {} (base {}, inner x{}) {:.2}M params on {} ({} train / {} test), {}, {} epochs x {} steps",
+            "loft {kind}: {} (base {}, inner x{}) {:.2}M params on {} ({} train / {} test), {}, {ranks} rank(s), {} epochs x {} steps",
             cfg.arch.name(),
             cfg.arch.base_width,
             cfg.arch.inner_width,
@@ -345,15 +454,16 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
     }
     let config_json = serde_json::to_string(cfg).expect("json");
     let wall_before = st.wall_s;
-    // The checkpoint of the current state.
-    let save = |model: &Model<CpuBackend<f32>>, st: &State, log_text: &str| -> Result<PathBuf> {
+    // The checkpoint of the current (replicated) state.
+    let save = |model: &Model<CpuBackend<f32>>, st: &State, log_text: &str, comm: &mut dyn Comm| -> Result<PathBuf> {
         let mut st = st.clone();
         st.wall_s = wall_before + wall.elapsed().as_secs_f64();
-        ctl.saver.save(&Checkpoint {
-            kind: "train".into(),
+        let step = st.step;
+        let make = || Checkpoint {
+            kind: kind.into(),
             method: "dense".into(),
             config: config_json.clone(),
-            data_position: vec![st.step],
+            data_position: Vec::new(),
             state: st,
             seed: cfg.seed,
             params: model.params.clone(),
@@ -362,14 +472,17 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
             stat_layout: model.graph.stats.clone(),
             momentum: model.momentum.clone(),
             partition: None,
-            ledgers: vec![Default::default()],
+            ledgers: Vec::new(),
             metrics_log: log_text.to_string(),
-        })
+            ticket: net.ticket.clone(),
+        };
+        checkpoint::save_across_ranks(&ctl.saver, comm, make, &[step], ranks == 1, step)
     };
     let sample_len = train.image_len();
     let mut x = vec![0f32; cfg.batch_size * sample_len];
     let mut y = vec![0u32; cfg.batch_size];
     let mut ending = None;
+    let inv = 1.0 / ranks as f32;
     while (st.epoch as usize) < cfg.epochs && ending.is_none() {
         let epoch = st.epoch as usize;
         let t0 = Instant::now();
@@ -387,18 +500,38 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
                 momentum: cfg.momentum as f32,
                 weight_decay: cfg.weight_decay as f32,
             };
-            let (l, c) = model.train_step(n, &hp)?;
-            if !l.is_finite() {
+            // one step; the sums of this step over all ranks, and whether any rank must stop
+            let mut m = if ranks == 1 {
+                let (l, c) = model.train_step(n, &hp)?;
+                [l, c as f64, n as f64, ctl.stop.requested() as u8 as f64]
+            } else {
+                model.forward(n, true);
+                let (l, c) = model.loss(n, true)?;
+                model.backward(n);
+                comm.allreduce_sum(Purpose::Gradients, &mut model.grads);
+                model.grads.iter_mut().for_each(|g| *g *= inv);
+                model.sgd_step(&hp);
+                // running statistics are linear in the batch statistics: averaging them every
+                // step keeps the replicas identical at every step
+                comm.allreduce_sum(Purpose::Gradients, &mut model.stats);
+                model.stats.iter_mut().for_each(|v| *v *= inv);
+                let mut m = [l, c as f64, n as f64, ctl.stop.requested() as u8 as f64];
+                comm.allreduce_sum_f64(Purpose::Metrics, &mut m);
+                m
+            };
+            net.apply_masks(&mut model);
+            if !m[0].is_finite() {
                 bar.finish();
                 return Err(Error::config(format!(
-                    "training diverged at epoch {} step {} (loss {l}); lower --lr or add --warmup-epochs",
+                    "training diverged at epoch {} step {} (loss {}); lower --lr or add --warmup-epochs",
                     epoch + 1,
-                    b + 1
+                    b + 1,
+                    m[0]
                 )));
             }
-            st.accum[0] += l;
-            st.accum[1] += c as f64;
-            st.accum[2] += n as f64;
+            for (a, v) in st.accum.iter_mut().zip(&mut m[..3]) {
+                *a += *v;
+            }
             st.step += 1;
             st.batch += 1;
             let [loss_sum, correct, seen] = st.accum;
@@ -410,9 +543,9 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
                     100.0 * correct / seen
                 )
             });
-            if ctl.stop.requested() && (st.batch as usize) < steps_per_epoch {
+            if m[3] > 0.0 && (st.batch as usize) < steps_per_epoch {
                 bar.finish();
-                ending = Some(Ending::Stopped(save(&model, &st, &log_text)?));
+                ending = Some(Ending::Stopped(save(&model, &st, &log_text, comm)?));
                 break;
             }
         }
@@ -421,7 +554,7 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
         }
         bar.finish();
         let train_time = t0.elapsed().as_secs_f64();
-        let (test_loss, test_acc) = evaluate(&mut model, &test_loader, &mut x, &mut y)?;
+        let (test_loss, test_acc) = evaluate_on(&mut model, &test_loader, &mut x, &mut y, comm)?;
         st.last_acc = test_acc;
         st.best_acc = st.best_acc.max(test_acc);
         let [loss_sum, correct, seen] = st.accum;
@@ -436,7 +569,9 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
             epoch_time_s: t0.elapsed().as_secs_f64(),
             train_images_per_s: (seen - seen_before) / train_time,
         };
-        log_line(&mut log, &log_path, &mut log_text, &rec)?;
+        if let Some(f) = log.as_mut() {
+            log_line(f, &log_path, &mut log_text, &rec)?;
+        }
         if mode != Mode::Quiet {
             eprintln!(
                 "epoch {}/{}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% | {:.1}s, {:.0} img/s",
@@ -454,12 +589,17 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
         st.batch = 0;
         st.accum = [0.0; 3];
         st.done = st.epoch as usize == cfg.epochs;
+        // every rank agrees on stopping (a signal may reach the ranks at different times)
+        let mut stop = [ctl.stop.requested() as u8 as f64];
+        if ranks > 1 {
+            comm.allreduce_sum_f64(Purpose::Control, &mut stop);
+        }
         if st.done {
-            ending = Some(Ending::Completed(save(&model, &st, &log_text)?));
-        } else if ctl.stop.requested() {
-            ending = Some(Ending::Stopped(save(&model, &st, &log_text)?));
+            ending = Some(Ending::Completed(save(&model, &st, &log_text, comm)?));
+        } else if stop[0] > 0.0 {
+            ending = Some(Ending::Stopped(save(&model, &st, &log_text, comm)?));
         } else if ctl.saver.due(st.epoch as usize) {
-            save(&model, &st, &log_text)?;
+            save(&model, &st, &log_text, comm)?;
         }
     }
     let ending = match ending {
@@ -470,7 +610,7 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
     if let Ending::Stopped(p) = &ending {
         if mode != Mode::Quiet {
             eprintln!(
-                "loft train: stopped by {} at epoch {} batch {}; checkpoint {}",
+                "loft {kind}: stopped by {} at epoch {} batch {}; checkpoint {}",
                 ctl.stop.signal_name(),
                 st.epoch + 1,
                 st.batch,
@@ -485,13 +625,38 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl) -> Result<TrainSummary> {
         out: cfg.out.clone(),
         ending,
     };
-    if matches!(summary.ending, Ending::Completed(_)) {
+    if lead && matches!(summary.ending, Ending::Completed(_)) {
         write_atomic(
             &cfg.out.join("summary.json"),
             serde_json::to_string_pretty(&summary).expect("json").as_bytes(),
         )?;
     }
     Ok(summary)
+}
+
+/// [`evaluate`] over the test shards of all ranks: (mean loss, accuracy %) of the whole set.
+pub fn evaluate_on(
+    model: &mut Model<CpuBackend<f32>>,
+    loader: &Loader<'_>,
+    x: &mut [f32],
+    y: &mut [u32],
+    comm: &mut dyn Comm,
+) -> Result<(f64, f64)> {
+    let order = loader.order(0);
+    let (mut loss, mut correct, mut seen) = (0.0, 0.0, 0.0);
+    for b in 0..loader.batches_per_epoch() {
+        let n = loader.fill(&order, 0, b, x, y);
+        model.set_batch(n, x, y)?;
+        let (l, c) = model.eval_step(n)?;
+        loss += l;
+        correct += c as f64;
+        seen += n as f64;
+    }
+    let mut e = [loss, correct, seen];
+    if comm.size() > 1 {
+        comm.allreduce_sum_f64(Purpose::Metrics, &mut e);
+    }
+    Ok((e[0] / e[2].max(1.0), 100.0 * e[1] / e[2].max(1.0)))
 }
 
 /// Mean loss and accuracy (%) over a loader's samples, with running BN statistics.

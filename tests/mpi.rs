@@ -367,3 +367,80 @@ fn sigusr1_to_mpirun_stops_every_rank_at_the_same_round() {
     ok(&run_mpi(2, &args(&full), &[]));
     same_end(&stopped, &full);
 }
+
+#[test]
+fn data_parallel_fine_tuning_runs_on_two_ranks_and_resumes_exactly() {
+    let Some(_) = mpirun() else { return };
+    let pre = tmp("dp-ft-pre");
+    ok(&run_single(&small(&pre, &["--simulate-workers", "2"])));
+    let ticket = pre.join("ticket.h5");
+    let last = loft::checkpoint::list(&pre.join("checkpoints"))
+        .unwrap()
+        .pop()
+        .unwrap()
+        .1;
+    ok(&run_single(
+        &[
+            "prune",
+            "--checkpoint",
+            last.to_str().unwrap(),
+            "--ratio",
+            "0.5",
+            "--out",
+            ticket.to_str().unwrap(),
+        ]
+        .map(String::from),
+    ));
+    let ft = |out: &Path, extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--threads",
+            "1",
+            "finetune",
+            "--ticket",
+            ticket.to_str().unwrap(),
+            "--epochs",
+            "3",
+        ]
+        .iter()
+        .chain(
+            [
+                "--batch-size",
+                "8",
+                "--lr",
+                "0.02",
+                "--progress",
+                "none",
+                "--checkpoint-every",
+                "1",
+            ]
+            .iter(),
+        )
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(["--out".to_string(), out.to_str().unwrap().to_string()]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let full = tmp("dp-ft-full");
+    ok(&run_mpi(2, &ft(&full, &[]), &[]));
+    let files = loft::checkpoint::list(&full.join("checkpoints")).unwrap();
+    let c = loft::checkpoint::Checkpoint::read(&files.last().unwrap().1).unwrap();
+    assert_eq!(c.ledgers.len(), 2);
+    assert!(c
+        .ledgers
+        .iter()
+        .all(|l| l.purpose_total(loft::comm::Purpose::Gradients).bytes_sent > 0));
+    assert_eq!(c.state.workers, 2);
+    let resumed = tmp("dp-ft-resumed");
+    ok(&run_mpi(
+        2,
+        &resume_args(&files[0].1, &resumed)
+            .iter()
+            .map(|s| s.replace("pretrain", "finetune"))
+            .collect::<Vec<_>>(),
+        &[],
+    ));
+    let b = newest_checkpoint(&resumed);
+    assert!(c.params == b.params && c.stats == b.stats && c.momentum == b.momentum);
+    assert_eq!(metrics_without_timings(&full), metrics_without_timings(&resumed));
+}

@@ -12,9 +12,10 @@
 
 pub mod format;
 
-use crate::comm::{Kind, Ledger, Purpose, Tally};
+use crate::comm::{Comm, Kind, Ledger, Purpose, Tally};
 use crate::loft::partition::Partition;
 use crate::model::layout::{Entry, Layout, Role};
+use crate::ticket::prune::TicketInfo;
 use crate::{Error, Result};
 use format::{Get, Put};
 use serde::{Deserialize, Serialize};
@@ -89,6 +90,8 @@ pub struct Checkpoint {
     pub ledgers: Vec<Ledger>,
     /// `metrics.jsonl` up to this point.
     pub metrics_log: String,
+    /// Tickets and their fine-tuning runs: how the ticket was pruned.
+    pub ticket: Option<TicketInfo>,
 }
 
 const PURPOSES: [Purpose; 4] = [Purpose::Sync, Purpose::Gradients, Purpose::Metrics, Purpose::Control];
@@ -360,6 +363,16 @@ impl Checkpoint {
         let g = file.create_group("ledger")?;
         let table = ledger_table(&self.ledgers);
         Put { group: &g }.u64s("tally", &table, &[self.ledgers.len(), PURPOSES.len(), KINDS.len(), 3])?;
+        if let Some(t) = &self.ticket {
+            let g = file.create_group("ticket")?;
+            let put = Put { group: &g };
+            put.text("info", &serde_json::to_string(t).expect("ticket serializes"))?;
+            let flat: Vec<u64> = t.kept.iter().flatten().map(|&j| j as u64).collect();
+            let counts: Vec<u64> = t.kept.iter().map(|k| k.len() as u64).collect();
+            put.u64s("kept", &flat, &[flat.len()])?;
+            put.u64s("kept_counts", &counts, &[counts.len()])?;
+            put.texts("blocks", &t.blocks)?;
+        }
         let g = file.create_group("log")?;
         Put { group: &g }.text("metrics", &self.metrics_log)
     }
@@ -475,6 +488,14 @@ impl Checkpoint {
         let ledgers = ledgers_from_table(&lget.u64s("tally")?);
         let log = root.subgroup("log")?;
         let metrics_log = Get { group: &log, path }.text("metrics")?;
+        let ticket = if file.link_exists("ticket") {
+            let g = root.subgroup("ticket")?;
+            let info: TicketInfo = serde_json::from_str(&Get { group: &g, path }.text("info")?)
+                .map_err(|e| Error::format(path, format!("/ticket/info is not valid: {e}")))?;
+            Some(info)
+        } else {
+            None
+        };
         Ok(Checkpoint {
             kind: root.attr_text("kind")?,
             method: root.attr_text("method")?,
@@ -490,6 +511,7 @@ impl Checkpoint {
             partition,
             ledgers,
             metrics_log,
+            ticket,
         })
     }
 
@@ -503,6 +525,12 @@ impl Checkpoint {
         data: &DataIdentity,
         workers: usize,
     ) -> Result<()> {
+        self.check_network(path, params, stats)?;
+        self.check_data_and_workers(path, data, workers)
+    }
+
+    /// Check that this checkpoint holds the network with these layouts.
+    pub fn check_network(&self, path: &Path, params: &Layout, stats: &Layout) -> Result<()> {
         for (mine, theirs, what) in [
             (&self.param_layout, params, "parameters"),
             (&self.stat_layout, stats, "BN statistics"),
@@ -522,6 +550,11 @@ impl Checkpoint {
                 format!("the checkpoint holds a different network ({what}: {diff}); resume with its architecture or start a new run"),
             ));
         }
+        Ok(())
+    }
+
+    /// Check that this checkpoint was written by a run on `data` with `workers` workers.
+    pub fn check_data_and_workers(&self, path: &Path, data: &DataIdentity, workers: usize) -> Result<()> {
         let d = &self.state.data;
         if d != data {
             return Err(Error::format(
@@ -748,6 +781,58 @@ pub fn find(path: &Path) -> Result<Found> {
         }
     }
     Err(last_err.expect("at least one file"))
+}
+
+/// Restore this rank's ledger (entry `index` of the checkpoint's ledgers). Checkpoint
+/// bookkeeping (`Control`) keeps counting what this process did.
+pub fn restore_ledger(comm: &mut dyn Comm, c: &Checkpoint, index: usize) {
+    let mut restored = c.ledgers.get(index).cloned().unwrap_or_default();
+    restored.entries.retain(|(p, _), _| *p != Purpose::Control);
+    for (k, v) in comm
+        .ledger()
+        .entries
+        .iter()
+        .filter(|((p, _), _)| *p == Purpose::Control)
+    {
+        restored.entries.insert(*k, *v);
+    }
+    *comm.ledger_mut() = restored;
+}
+
+/// Write a checkpoint of replicated state from a job of one or more ranks: every rank sends
+/// its ledger and its data-stream positions (`positions`, the same count on every rank),
+/// rank 0 builds the checkpoint with `make` and writes it, and no rank returns before the
+/// file is complete. With `all_local` every worker lives in this process and nothing is
+/// gathered. Returns the checkpoint's path (the same on every rank).
+pub fn save_across_ranks(
+    saver: &Saver,
+    comm: &mut dyn Comm,
+    make: impl FnOnce() -> Checkpoint,
+    positions: &[u64],
+    all_local: bool,
+    step: u64,
+) -> Result<PathBuf> {
+    let (ledgers, positions) = if all_local {
+        (vec![comm.ledger().clone()], positions.to_vec())
+    } else {
+        let table = ledger_table(std::slice::from_ref(comm.ledger()));
+        let all = comm.allgather_u64s(Purpose::Control, &table);
+        let pos = comm.allgather_u64s(Purpose::Control, positions);
+        (ledgers_from_table(&all), pos)
+    };
+    let mut result = Ok(saver.dir.join(Checkpoint::file_name(step)));
+    if comm.rank() == 0 {
+        let mut c = make();
+        c.ledgers = ledgers;
+        c.data_position = positions;
+        result = saver.save(&c);
+    }
+    let ok = comm.allgather_u64(Purpose::Control, result.is_ok() as u64);
+    let path = result?;
+    if ok.contains(&0) {
+        return Err(Error::config("rank 0 could not write the checkpoint"));
+    }
+    Ok(path)
 }
 
 /// When and where a run writes checkpoints.

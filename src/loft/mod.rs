@@ -324,45 +324,6 @@ fn pack_slices(wk: &Worker<'_>, momentum: bool, out: &mut Vec<f32>) {
     }
 }
 
-/// Write the checkpoint of the assembled model after a round: every rank contributes its
-/// ledger and data position, rank 0 writes the file, and no rank returns before it is
-/// complete. Returns the checkpoint's path (the same on every rank).
-fn save_checkpoint(
-    ctl: &RunControl,
-    comm: &mut dyn Comm,
-    make: impl FnOnce() -> Checkpoint,
-    ws: &[Worker<'_>],
-    workers: usize,
-    step: u64,
-) -> Result<PathBuf> {
-    let (ledgers, positions) = if ws.len() == workers {
-        // every worker is in this process
-        (vec![comm.ledger().clone()], ws.iter().map(|w| w.drawn).collect())
-    } else {
-        let table = checkpoint::ledger_table(std::slice::from_ref(comm.ledger()));
-        let all = comm.allgather_u64s(Purpose::Control, &table);
-        let pos = comm.allgather_u64s(Purpose::Control, &[ws[0].drawn]);
-        (checkpoint::ledgers_from_table(&all), pos)
-    };
-    let mut result = Ok(PathBuf::new());
-    if comm.rank() == 0 {
-        let mut c = make();
-        c.ledgers = ledgers;
-        c.data_position = positions;
-        result = ctl.saver.save(&c);
-    }
-    let ok = comm.allgather_u64(Purpose::Control, result.is_ok() as u64);
-    let path = result?;
-    if ok.contains(&0) {
-        return Err(Error::config("rank 0 could not write the checkpoint"));
-    }
-    Ok(if path.as_os_str().is_empty() {
-        ctl.saver.dir.join(Checkpoint::file_name(step))
-    } else {
-        path
-    })
-}
-
 /// FNV-1a over the bits of the parameters and statistics.
 pub fn fingerprint(params: &[f32], stats: &[f32]) -> u64 {
     params.iter().chain(stats).fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
@@ -493,22 +454,7 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
                 wk.model.momentum.copy_from_slice(&c.momentum);
             }
         }
-        // this rank's ledger so far; checkpoint bookkeeping counts this process only
-        let mut restored = c
-            .ledgers
-            .get(if cfg.simulate > 0 { 0 } else { rank })
-            .cloned()
-            .unwrap_or_default();
-        restored.entries.retain(|(p, _), _| *p != Purpose::Control);
-        for (k, v) in comm
-            .ledger()
-            .entries
-            .iter()
-            .filter(|((p, _), _)| *p == Purpose::Control)
-        {
-            restored.entries.insert(*k, *v);
-        }
-        *comm.ledger_mut() = restored;
+        checkpoint::restore_ledger(comm, c, if cfg.simulate > 0 { 0 } else { rank });
         st = c.state.clone();
         log_text = c.metrics_log.clone();
     }
@@ -797,8 +743,10 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
                 partition: (cfg.method == Method::Loft).then(|| p.clone()),
                 ledgers: Vec::new(),
                 metrics_log: log_text.clone(),
+                ticket: None,
             };
-            let path = save_checkpoint(ctl, comm, make, &ws, workers, st.step)?;
+            let positions: Vec<u64> = ws.iter().map(|w| w.drawn).collect();
+            let path = checkpoint::save_across_ranks(&ctl.saver, comm, make, &positions, ws.len() == workers, st.step)?;
             if st.done {
                 ending = Some(Ending::Completed(path));
             } else if stop {

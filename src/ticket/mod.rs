@@ -6,6 +6,8 @@
 //! weight `(wC, C, k, k)`. A ticket at ratio p keeps the floor((1-p) wC) best filters of every
 //! prunable block (at least one).
 
+pub mod prune;
+
 use crate::model::{Entry, Layout};
 use crate::rng::{Purpose, Rng};
 use crate::{Error, Result};
