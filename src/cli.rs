@@ -184,6 +184,16 @@ pub struct PretrainArgs {
     /// (evaluation only) [default: 50 for loft, 0 for dense].
     #[arg(long)]
     pub bn_recalibrate: Option<usize>,
+    /// Record the filter distance to the previous recorded point every N rounds (0: never).
+    #[arg(long, default_value_t = 1)]
+    pub distance_every: usize,
+    /// Pruning ratio p of the recorded filter distances.
+    #[arg(long, default_value_t = 0.5)]
+    pub distance_ratio: f64,
+    /// End pre-training once the last 4 recorded index distances are all <= EPS (Early-Bird
+    /// style; the paper's rule uses 0.1).
+    #[arg(long, value_name = "EPS")]
+    pub early_stop: Option<f64>,
     /// Seed of every random stream.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -640,6 +650,9 @@ impl PretrainArgs {
                 .unwrap_or(if method == crate::loft::Method::Loft { 50 } else { 0 }),
             out: self.out.clone(),
             progress: self.progress.clone(),
+            distance_every: self.distance_every,
+            distance_ratio: self.distance_ratio,
+            early_stop: self.early_stop,
         };
         cfg.validate()?;
         crate::progress::Mode::parse(&cfg.progress)?;

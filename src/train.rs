@@ -475,6 +475,7 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Result<T
             ledgers: Vec::new(),
             metrics_log: log_text.to_string(),
             ticket: net.ticket.clone(),
+            reference: None,
         };
         checkpoint::save_across_ranks(&ctl.saver, comm, make, &[step], ranks == 1, step)
     };

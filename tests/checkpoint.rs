@@ -623,3 +623,35 @@ fn filter_distance_between_checkpoints() {
         .unwrap();
     one_line_error(&o, "--ratio");
 }
+
+#[test]
+fn pretraining_records_distances_and_stops_early() {
+    let dir = tmp("early");
+    let a = with(
+        pretrain_args(&dir, &["--early-stop", "0.1", "--distance-ratio", "0.3"]),
+        "--rounds",
+        "40",
+    );
+    ok(&run(&a));
+    let m = metrics_without_timings(&dir);
+    assert!(m.len() < 40, "no early stop: {} rounds", m.len());
+    assert!(m[0]["distance_idx"].is_null(), "nothing to compare with after round 1");
+    let last4: Vec<f64> = m[m.len() - 4..]
+        .iter()
+        .map(|r| r["distance_idx"].as_f64().unwrap())
+        .collect();
+    assert!(last4.iter().all(|&d| d <= 0.1), "{last4:?}");
+    assert!(m.iter().skip(1).all(|r| r["distance_w"].as_f64().unwrap() >= 0.0));
+    let c = newest(&dir);
+    assert!(c.state.done && (c.state.round as usize) == m.len());
+    assert!(
+        m.last().unwrap()["test_acc"].is_number(),
+        "the early-stopped model is evaluated"
+    );
+    let bad = run(&with(
+        pretrain_args(&tmp("early-bad"), &["--early-stop", "0.1", "--distance-every", "0"]),
+        "--rounds",
+        "2",
+    ));
+    one_line_error(&bad, "--early-stop");
+}

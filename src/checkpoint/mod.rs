@@ -63,6 +63,9 @@ pub struct State {
     pub sync_s: f64,
     pub wall_s: f64,
     pub data: DataIdentity,
+    /// The latest recorded filter distances (D_idx), for the early stop.
+    #[serde(default)]
+    pub recent_distances: Vec<f64>,
 }
 
 /// Everything needed to continue a run exactly.
@@ -92,6 +95,8 @@ pub struct Checkpoint {
     pub metrics_log: String,
     /// Tickets and their fine-tuning runs: how the ticket was pruned.
     pub ticket: Option<TicketInfo>,
+    /// Pre-training with distance records: the parameters at the last record.
+    pub reference: Option<Vec<f32>>,
 }
 
 const PURPOSES: [Purpose; 4] = [Purpose::Sync, Purpose::Gradients, Purpose::Metrics, Purpose::Control];
@@ -373,6 +378,10 @@ impl Checkpoint {
             put.u64s("kept_counts", &counts, &[counts.len()])?;
             put.texts("blocks", &t.blocks)?;
         }
+        if let Some(r) = &self.reference {
+            let g = file.create_group("distance")?;
+            Put { group: &g }.f32s("reference", r, &[r.len()])?;
+        }
         let g = file.create_group("log")?;
         Put { group: &g }.text("metrics", &self.metrics_log)
     }
@@ -496,6 +505,16 @@ impl Checkpoint {
         } else {
             None
         };
+        let reference = if file.link_exists("distance") {
+            let g = root.subgroup("distance")?;
+            let r = Get { group: &g, path }.f32s("reference")?;
+            if r.len() != params.len() {
+                return Err(Error::format(path, "/distance/reference does not match /params"));
+            }
+            Some(r)
+        } else {
+            None
+        };
         Ok(Checkpoint {
             kind: root.attr_text("kind")?,
             method: root.attr_text("method")?,
@@ -512,6 +531,7 @@ impl Checkpoint {
             ledgers,
             metrics_log,
             ticket,
+            reference,
         })
     }
 

@@ -73,7 +73,23 @@ pub struct PretrainConfig {
     pub bn_recalibrate: usize,
     pub out: PathBuf,
     pub progress: String,
+    /// Record the filter distance to the previous recorded point every N rounds (0: never).
+    #[serde(default)]
+    pub distance_every: usize,
+    /// Pruning ratio of the recorded distances.
+    #[serde(default = "default_ratio")]
+    pub distance_ratio: f64,
+    /// Early-Bird style stop: end pre-training once the last 4 recorded D_idx are all <= EPS.
+    #[serde(default)]
+    pub early_stop: Option<f64>,
 }
+
+fn default_ratio() -> f64 {
+    0.5
+}
+
+/// Recorded distances the early stop looks at.
+pub const EARLY_STOP_WINDOW: usize = 4;
 
 /// One LoFT worker: its narrow model and its data stream.
 struct Worker<'a> {
@@ -117,6 +133,9 @@ pub struct RoundRecord {
     pub train_acc: f64,
     pub test_loss: Option<f64>,
     pub test_acc: Option<f64>,
+    /// Filter distance (D_idx, D_w) to the previous recorded point, when recorded.
+    pub distance_idx: Option<f64>,
+    pub distance_w: Option<f64>,
     pub round_time_s: f64,
     pub compute_s: f64,
     pub sync_s: f64,
@@ -167,6 +186,14 @@ impl PretrainConfig {
         }
         if self.simulate > 0 && self.method == Method::Dense {
             return Err(Error::config("--simulate-workers applies to --method loft only"));
+        }
+        crate::ticket::validate_ratio(self.distance_ratio)?;
+        if let Some(eps) = self.early_stop {
+            if !(eps >= 0.0 && eps.is_finite()) || self.distance_every == 0 {
+                return Err(Error::config(
+                    "--early-stop EPS needs EPS >= 0 and distances recorded (--distance-every >= 1)",
+                ));
+            }
         }
         if self.keep_momentum && self.method == Method::Dense {
             return Err(Error::config(
@@ -532,6 +559,8 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
     let wall_before = st.wall_s;
     let config_json = serde_json::to_string(cfg).expect("json");
     let mut ending = None;
+    // parameters at the last distance record
+    let mut reference: Option<Vec<f32>> = ctl.resume.as_ref().and_then(|f| f.checkpoint.reference.clone());
     let mut reassembly = Reassembly {
         full_graph: &full_graph,
         sub_graphs: &sub_graphs,
@@ -671,7 +700,23 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
         // the fourth entry: how many ranks were asked to stop (all stop together)
         let mut m = [loss_sum, correct, seen, ctl.stop.requested() as u8 as f64];
         comm.allreduce_sum_f64(Purpose::Metrics, &mut m);
-        let evaluate = (t + 1) % cfg.eval_every == 0 || t + 1 == cfg.rounds;
+        // the filter distance to the previous recorded point (replicated: no communication)
+        let mut distance = None;
+        if cfg.distance_every > 0 && (t + 1) % cfg.distance_every == 0 {
+            if let Some(prev) = &reference {
+                let d = crate::ticket::distance(&full_graph.params, &full.params, prev, cfg.distance_ratio)?;
+                st.recent_distances.push(d.index);
+                if st.recent_distances.len() > EARLY_STOP_WINDOW {
+                    st.recent_distances.remove(0);
+                }
+                distance = Some(d);
+            }
+            reference = Some(full.params.clone());
+        }
+        let early = cfg.early_stop.is_some_and(|eps| {
+            st.recent_distances.len() == EARLY_STOP_WINDOW && st.recent_distances.iter().all(|&d| d <= eps)
+        });
+        let evaluate = (t + 1) % cfg.eval_every == 0 || t + 1 == cfg.rounds || early;
         let (mut test_loss, mut test_acc) = (None, None);
         if evaluate {
             let eval = Evaluation {
@@ -692,6 +737,8 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
             train_acc: 100.0 * m[1] / m[2],
             test_loss,
             test_acc,
+            distance_idx: distance.as_ref().map(|d| d.index),
+            distance_w: distance.as_ref().map(|d| d.weight),
             round_time_s: t0.elapsed().as_secs_f64(),
             compute_s: compute,
             sync_s: sync,
@@ -718,7 +765,14 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
         st.best_acc = st.best_acc.max(test_acc.unwrap_or(0.0));
         (st.compute_s, st.sync_s) = (compute_s, sync_s);
         st.wall_s = wall_before + wall.elapsed().as_secs_f64();
-        st.done = t + 1 == cfg.rounds;
+        st.done = t + 1 == cfg.rounds || early;
+        if early && mode != Mode::Quiet {
+            eprintln!(
+                "loft pretrain: early stop after round {}: the last {EARLY_STOP_WINDOW} filter distances are all <= {}",
+                t + 1,
+                cfg.early_stop.unwrap_or(0.0)
+            );
+        }
         let stop = m[3] > 0.0;
         if st.done || stop || ctl.saver.due(t + 1) {
             let make = || Checkpoint {
@@ -744,11 +798,13 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
                 ledgers: Vec::new(),
                 metrics_log: log_text.clone(),
                 ticket: None,
+                reference: reference.clone(),
             };
             let positions: Vec<u64> = ws.iter().map(|w| w.drawn).collect();
             let path = checkpoint::save_across_ranks(&ctl.saver, comm, make, &positions, ws.len() == workers, st.step)?;
             if st.done {
                 ending = Some(Ending::Completed(path));
+                break;
             } else if stop {
                 bar.finish();
                 if mode != Mode::Quiet {

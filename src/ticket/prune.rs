@@ -194,6 +194,7 @@ pub fn prune(
         ledgers: Vec::new(),
         metrics_log: String::new(),
         ticket: Some(info),
+        reference: None,
     })
 }
 
