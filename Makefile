@@ -5,8 +5,10 @@ SHELL := /bin/bash
 CARGO     ?= cargo
 BIN       := target/release/loft
 RUN_DIR   ?= runs/make-run
-RUN_ARGS  ?= --arch preresnet18 --base-width 8 --dataset fashion-mnist --epochs 2 \
-             --batch-size 128 --lr 0.05 --seed 1 --out $(RUN_DIR)
+RANKS     ?= 2
+RUN_ARGS  ?= --arch preresnet18 --base-width 8 --dataset fashion-mnist --train-subset 20000 \
+             --rounds 15 --local-steps 16 --batch-size 128 --lr 0.05 --record-every 3 \
+             --ratios 0.3,0.5,0.8 --finetune-epochs 2 --seed 1 --progress lines --out $(RUN_DIR)
 BENCH_ARGS ?=
 
 # Lets the MPI launcher run as root (containers, CI) for MPI-based tests.
@@ -19,7 +21,7 @@ help: ## List targets (default)
 	@echo "loft make targets:"
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
 	    awk 'BEGIN {FS = ":.*## "} {printf "  %-8s %s\n", $$1, $$2}'
-	@echo "Variables: RUN_ARGS=\"...\" (train flags), RUN_DIR=$(RUN_DIR), BENCH_ARGS=\"...\", CARGO=$(CARGO)"
+	@echo "Variables: RUN_ARGS=\"...\" (loft run flags), RANKS=$(RANKS), RUN_DIR=$(RUN_DIR), BENCH_ARGS=\"...\", CARGO=$(CARGO)"
 
 deps: ## Install missing system packages (MPI, HDF5, libclang, Fashion-MNIST)
 	@bash scripts/install-deps.sh
@@ -27,13 +29,13 @@ deps: ## Install missing system packages (MPI, HDF5, libclang, Fashion-MNIST)
 build: deps ## Build the release binary (target/release/loft)
 	$(CARGO) build --release
 
-run: build ## Train a small PreResNet-18 on Fashion-MNIST for 2 epochs (override RUN_ARGS / RUN_DIR)
-	$(BIN) train $(RUN_ARGS)
+run: build ## The main job on 2 MPI ranks: dense and LoFT pre-training, tickets, fine-tuning, report
+	mpirun -np $(RANKS) --oversubscribe --bind-to none $(BIN) --threads 1 run $(RUN_ARGS)
 	@out="$(RUN_DIR)"; set -- $(RUN_ARGS); \
 	while [ $$# -gt 0 ]; do \
 	    case "$$1" in --out) out="$${2:-$$out}"; shift ;; --out=*) out="$${1#--out=}" ;; esac; shift; \
 	done; \
-	echo "run directory: $$out"
+	echo "report: $$out/report.md (plots: $$out/*.png)"
 
 test: deps ## Run the test suite in release mode (data-dependent tests may not skip)
 	LOFT_REQUIRE_DATA=1 $(CARGO) test --release

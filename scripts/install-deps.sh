@@ -4,7 +4,7 @@
 # (no apt-get update, no network).
 set -euo pipefail
 
-PACKAGES=(libopenmpi-dev openmpi-bin libclang-dev libhdf5-dev pkg-config dataset-fashion-mnist python3-h5py
+PACKAGES=(libopenmpi-dev openmpi-bin libclang-dev libhdf5-dev pkg-config dataset-fashion-mnist python3-h5py fonts-dejavu-core
           slurmctld slurmd slurm-client munge)
 
 is_installed() {

@@ -40,6 +40,134 @@ pub enum Command {
     Prune(PruneArgs),
     /// Fine-tune a ticket (data-parallel over the ranks under mpirun); best and final accuracy.
     Finetune(Box<FinetuneArgs>),
+    /// The main job: dense and LoFT pre-training (S = ranks), tickets at every ratio,
+    /// fine-tuning, and a report with tables and plots.
+    Run(Box<RunArgs>),
+}
+
+/// `loft run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Pre-training rounds (both methods see rounds x local steps x batch x S samples).
+    #[arg(long, default_value_t = 20)]
+    pub rounds: usize,
+    /// SGD steps per round on every worker.
+    #[arg(long, default_value_t = 16)]
+    pub local_steps: usize,
+    /// Mini-batch size per worker (pre-training) and per rank (fine-tuning).
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Pre-training learning rate (cosine schedule).
+    #[arg(long, default_value_t = 0.05)]
+    pub lr: f64,
+    /// Pruning ratios of the tickets, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "0.3,0.5,0.8")]
+    pub ratios: Vec<f64>,
+    /// A pre-training checkpoint every N rounds: the points of the distance curves
+    /// [default: rounds / 10].
+    #[arg(long)]
+    pub record_every: Option<usize>,
+    /// Pruning ratio of the filter distances.
+    #[arg(long, default_value_t = 0.5)]
+    pub distance_ratio: f64,
+    /// Fine-tuning epochs (lr /10 after 1/3, 2/3 and 8/9 of them).
+    #[arg(long, default_value_t = 90)]
+    pub finetune_epochs: usize,
+    /// Fine-tuning learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    pub finetune_lr: f64,
+    /// Seed of every random stream.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Job directory (one run directory per phase, the report, the plots).
+    #[arg(long, default_value = "runs/loft-run")]
+    pub out: PathBuf,
+    /// Progress output: auto, bar, lines, none (rank 0 only).
+    #[arg(long, default_value = "auto")]
+    pub progress: String,
+    /// Compute device: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+impl RunArgs {
+    /// The resolved main job.
+    pub fn job(&self) -> Result<crate::experiment::MainJob> {
+        check_device(&self.device)?;
+        crate::progress::Mode::parse(&self.progress)?;
+        let (dataset, data_dir) = self.data.resolve()?;
+        let (c, _, _, classes) = dataset.shape();
+        let arch = self.model.spec(c, classes)?;
+        let pretrain = crate::loft::PretrainConfig {
+            method: crate::loft::Method::Loft,
+            arch: arch.clone(),
+            data_dir: data_dir.clone(),
+            augment: dataset.default_augment(),
+            dataset: dataset.clone(),
+            train_subset: self.data.train_subset,
+            test_subset: self.data.test_subset,
+            rounds: self.rounds,
+            local_steps: self.local_steps,
+            batch_size: self.batch_size,
+            lr: self.lr,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            schedule: crate::schedule::Kind::Cosine,
+            warmup_rounds: 0.0,
+            reset_momentum: false,
+            keep_momentum: false,
+            seed: self.seed,
+            eval_every: self.record_every.unwrap_or((self.rounds / 10).max(1)),
+            simulate: 0,
+            verify: false,
+            bn_recalibrate: 50,
+            out: self.out.clone(),
+            progress: self.progress.clone(),
+            distance_every: self.record_every.unwrap_or((self.rounds / 10).max(1)),
+            distance_ratio: self.distance_ratio,
+            early_stop: None,
+        };
+        let e = self.finetune_epochs;
+        let mut milestones: Vec<usize> = [30, 60, 80]
+            .iter()
+            .map(|&k| (k * e + 45) / 90)
+            .filter(|&k| k >= 1 && k <= e)
+            .collect();
+        milestones.dedup();
+        let finetune = TrainConfig {
+            arch,
+            dataset: dataset.clone(),
+            data_dir,
+            train_subset: self.data.train_subset,
+            test_subset: self.data.test_subset,
+            epochs: e,
+            batch_size: self.batch_size,
+            lr: self.finetune_lr,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            schedule: crate::schedule::Kind::Step { milestones, gamma: 0.1 },
+            warmup_epochs: 0.0,
+            augment: dataset.default_augment(),
+            seed: self.seed,
+            out: self.out.clone(),
+            progress: self.progress.clone(),
+            ticket: None,
+        };
+        let job = crate::experiment::MainJob {
+            pretrain,
+            finetune,
+            ratios: self.ratios.clone(),
+            record_every: self.record_every.unwrap_or((self.rounds / 10).max(1)),
+            out: self.out.clone(),
+            progress: self.progress.clone(),
+        };
+        job.validate()?;
+        Ok(job)
+    }
 }
 
 /// `loft prune`.
@@ -746,6 +874,25 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
             let (cfg, ctl) = resolved("finetune", cfg, |c| c.out.clone(), &a.checkpoint, 1, sub)?;
             cfg.validate()?;
             report_training("finetune", &cfg, &ctl)
+        }
+        Command::Run(a) => {
+            let job = a.job()?;
+            let stop = crate::stop::StopFlag::install()?;
+            let mut code = 0;
+            crate::comm::run_with_comm(|comm| {
+                let e = crate::experiment::run(&job, &stop, comm)?;
+                code = exit_code(&e);
+                if comm.rank() == 0 {
+                    match &e {
+                        crate::train::Ending::Completed(p) => println!("loft run: done; report {}", p.display()),
+                        crate::train::Ending::Stopped(_) => {
+                            println!("loft run: stopped with a checkpoint; run the same command again to continue")
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+            Ok(code)
         }
         Command::Prune(a) => {
             crate::ticket::prune::run(&a.checkpoint, a.ratio, &a.criterion, a.masked, a.seed, &a.out).map(|()| 0)

@@ -444,3 +444,72 @@ fn data_parallel_fine_tuning_runs_on_two_ranks_and_resumes_exactly() {
     assert!(c.params == b.params && c.stats == b.stats && c.momentum == b.momentum);
     assert_eq!(metrics_without_timings(&full), metrics_without_timings(&resumed));
 }
+
+#[test]
+fn the_main_job_runs_on_two_ranks_and_writes_its_report() {
+    let Some(_) = mpirun() else { return };
+    let out = tmp("main-job");
+    let args: Vec<String> = [
+        "--threads",
+        "1",
+        "run",
+        "--dataset",
+        "synthetic",
+        "--base-width",
+        "3",
+        "--rounds",
+        "4",
+        "--local-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--train-subset",
+        "96",
+        "--test-subset",
+        "32",
+        "--finetune-epochs",
+        "2",
+        "--record-every",
+        "2",
+        "--ratios",
+        "0.5,0.8",
+        "--progress",
+        "none",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let o = run_mpi(2, &args, &[]);
+    ok(&o);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("report.md"));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r["workers"], 2);
+    let t = r["tickets"].as_array().unwrap();
+    let names: Vec<&str> = t.iter().map(|t| t["ticket"].as_str().unwrap()).collect();
+    assert_eq!(names, ["noprune", "dense-p50", "dense-p80", "loft-p50", "loft-p80"]);
+    assert!(t
+        .iter()
+        .all(|t| t["best_test_acc"].as_f64().unwrap() >= t["final_test_acc"].as_f64().unwrap()));
+    // narrower tickets have fewer parameters
+    assert!(t[1]["params"].as_u64() > t[2]["params"].as_u64());
+    let c = &r["communication_bytes"];
+    assert_eq!(c["loft_measured"], c["loft_closed_form"]);
+    assert!(c["loft_measured"].as_u64().unwrap() > 0);
+    assert!(c["gpipe4"].as_u64() > c["gpipe2"].as_u64());
+    let curve = r["pretraining"]["loft"]["distance_to_final"].as_array().unwrap();
+    assert_eq!(curve.len(), 2); // rounds 2 and 4
+    assert_eq!(curve[1][1], 0.0); // the final model to itself
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("| noprune |") && md.contains("GPipe-4") && md.contains("LoFT-2"));
+    for png in ["accuracy.png", "distance.png", "communication.png"] {
+        let b = std::fs::read(out.join(png)).unwrap();
+        assert!(b.starts_with(b"\x89PNG"), "{png}");
+    }
+    // running it again finds every phase done and only rewrites the report
+    let again = run_mpi(2, &args, &[]);
+    ok(&again);
+    let r2: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(r2["tickets"], r["tickets"]);
+}

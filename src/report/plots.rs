@@ -1,0 +1,235 @@
+//! PNG plots of the report: accuracy over training, filter-distance curves, communication.
+//! Text needs a TrueType font; DejaVu Sans (Debian's fonts-dejavu-core) is loaded at run time.
+
+use crate::{Error, Result};
+use plotters::prelude::*;
+use serde_json::Value;
+use std::path::Path;
+
+/// Fonts tried, in order.
+const FONTS: [&str; 2] = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+];
+
+/// Register a font for plotters once per process.
+fn font() -> Result<()> {
+    use std::sync::OnceLock;
+    static DONE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let path = FONTS
+            .iter()
+            .find(|p| Path::new(p).exists())
+            .ok_or("no DejaVu Sans font (apt-get install fonts-dejavu-core)")?;
+        let bytes = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
+        // plotters keeps the font for the life of the process
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
+            .map_err(|_| format!("{path}: not a usable font"))
+    })
+    .clone()
+    .map_err(Error::Backend)
+}
+
+fn err(e: impl std::fmt::Display) -> Error {
+    Error::Backend(format!("plot: {e}"))
+}
+
+fn points(v: &Value) -> Vec<(f64, f64)> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+        .collect()
+}
+
+const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
+/// A line chart of named series into one drawing area.
+fn lines(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    let all: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).collect();
+    let (x0, x1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+    let (y0, y1) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let (x0, x1) = if all.is_empty() {
+        (0.0, 1.0)
+    } else {
+        (x0, x1.max(x0 + 1.0))
+    };
+    let pad = ((y1 - y0) * 0.05).max(0.01);
+    let (y0, y1) = if all.is_empty() {
+        (0.0, 1.0)
+    } else {
+        (y0 - pad, y1 + pad)
+    };
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(x0..x1, y0..y1)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_label)
+        .y_desc(y_label)
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(err)?;
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let c = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
+            .map_err(err)?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 13))
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(err)
+}
+
+/// Draw `accuracy.png`, `distance.png` and `communication.png` into `dir`.
+pub fn draw(r: &Value, dir: &Path) -> Result<()> {
+    font()?;
+    let s = r["workers"].as_u64().unwrap_or(1);
+    // accuracy: pre-training (per round) and fine-tuning (per epoch)
+    let path = dir.join("accuracy.png");
+    let root = BitMapBackend::new(&path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let (left, right) = root.split_horizontally(620);
+    let pre = &r["pretraining"];
+    lines(
+        &left,
+        "Pre-training: test accuracy",
+        "round",
+        "test accuracy %",
+        &[
+            ("dense".into(), points(&pre["dense"]["test_acc"])),
+            (format!("LoFT-{s}"), points(&pre["loft"]["test_acc"])),
+        ],
+    )?;
+    let fine: Vec<(String, Vec<(f64, f64)>)> = r["tickets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| (t["ticket"].as_str().unwrap_or("").to_string(), points(&t["test_acc"])))
+        .collect();
+    lines(
+        &right,
+        "Fine-tuning the tickets: test accuracy",
+        "epoch",
+        "test accuracy %",
+        &fine,
+    )?;
+    root.present().map_err(err)?;
+
+    // filter distance of every recorded checkpoint to the final model
+    let path = dir.join("distance.png");
+    let root = BitMapBackend::new(&path, (1100, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let (left, right) = root.split_horizontally(550);
+    let curve = |m: &str, k: usize| -> Vec<(f64, f64)> {
+        pre[m]["distance_to_final"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| Some((p[0].as_f64()?, p[k].as_f64()?)))
+            .collect()
+    };
+    for (area, k, what) in [(&left, 1, "index distance D_idx"), (&right, 2, "weight distance D_w")] {
+        lines(
+            area,
+            &format!("{what} to the final model"),
+            "round",
+            what,
+            &[
+                ("dense".into(), curve("dense", k)),
+                (format!("LoFT-{s}"), curve("loft", k)),
+            ],
+        )?;
+    }
+    root.present().map_err(err)?;
+
+    // communication bars
+    let c = &r["communication_bytes"];
+    let bars: Vec<(String, f64)> = [
+        (format!("LoFT-{s} (loft)"), "loft_measured"),
+        (format!("LoFT-{s} (paper)"), "loft_paper_accounting"),
+        ("GPipe-2".to_string(), "gpipe2"),
+        ("GPipe-4".to_string(), "gpipe4"),
+        (format!("data-parallel-{s}"), "data_parallel"),
+    ]
+    .into_iter()
+    .map(|(n, k)| (n, c[k].as_u64().unwrap_or(0) as f64 / 1e9))
+    .collect();
+    let path = dir.join("communication.png");
+    let root = BitMapBackend::new(&path, (900, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let top = bars.iter().map(|b| b.1).fold(0.0, f64::max).max(1e-9) * 1.15;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Communication of pre-training (GB)", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64)
+        .build_cartesian_2d(0f64..bars.len() as f64, 0f64..top)
+        .map_err(err)?;
+    let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(bars.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - i as f64 - 0.5).abs() < 0.26 {
+                names.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("GB")
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(err)?;
+    chart
+        .draw_series(bars.iter().enumerate().map(|(i, b)| {
+            Rectangle::new(
+                [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, b.1)],
+                COLORS[i % COLORS.len()].filled(),
+            )
+        }))
+        .map_err(err)?;
+    chart
+        .draw_series(bars.iter().enumerate().map(|(i, b)| {
+            Text::new(
+                format!("{:.3}", b.1),
+                (i as f64 + 0.3, b.1 + top * 0.02),
+                ("sans-serif", 13),
+            )
+        }))
+        .map_err(err)?;
+    root.present().map_err(err)
+}
