@@ -57,10 +57,22 @@ munged --force --key-file="$D/munge/munge.key" --socket="$MUNGE_SOCKET" \
 export MUNGE_SOCKET
 
 cleanup() {
+    local rc=$? pids=()
     for f in "$D/slurmd.pid" "$D/slurmctld.pid" "$D/munge/munged.pid"; do
-        if [[ -f "$f" ]]; then kill "$(cat "$f")" 2>/dev/null || true; fi
+        if [[ -f "$f" ]]; then
+            pids+=("$(cat "$f")")
+            kill "${pids[-1]}" 2>/dev/null || true
+        fi
     done
-    [[ -n "${SLURM_LOCAL_DIR:-}" ]] || rm -rf "$D"
+    # wait for the daemons to exit before removing their directory
+    for _ in $(seq 1 50); do
+        local alive=0
+        for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.1
+    done
+    [[ -n "${SLURM_LOCAL_DIR:-}" ]] || rm -rf "$D" 2>/dev/null || true
+    exit "$rc"
 }
 trap cleanup EXIT
 

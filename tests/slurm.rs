@@ -102,8 +102,8 @@ fn a_job_past_its_time_limit_resubmits_itself_and_ends_like_an_uninterrupted_run
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).unwrap();
     let run_dir = base.join("run");
-    // about 75 s of work on two cores; the time limit is one minute
-    let args = "--dataset synthetic --base-width 3 --rounds 3000 --local-steps 2 --batch-size 8 \
+    // about 85 s of work on two cores; the time limit is one minute
+    let args = "--dataset synthetic --base-width 3 --rounds 5000 --local-steps 2 --batch-size 8 \
                 --train-subset 64 --test-subset 32 --eval-every 100 --checkpoint-every 100";
     let submit_and_wait = format!(
         "sbatch --parsable -n 2 --output={}/job-%j.out {repo}/scripts/loft.sbatch || exit 1; \
