@@ -173,14 +173,14 @@ pub fn markdown(r: &Value) -> String {
     );
     let _ = writeln!(
         o,
-        "| setting | No-Prune | Dense / GPipe ({r}) | LoFT-{s} ({r}) | comm GPipe-2 / LoFT-{s} / GPipe-4 | improvement GPipe-{g} / LoFT-{s} |",
+        "| setting | No-Prune | Dense / GPipe ({r}) | LoFT-{s} ({r}) | comm GPipe-2 / LoFT-{s} / GPipe-4 / data-parallel-{s} | improvement GPipe-{g} / LoFT-{s} |",
         r = ratios.join(", "),
         g = s.max(2)
     );
     let _ = writeln!(o, "|---|---|---|---|---|---|");
     let _ = writeln!(
         o,
-        "| {} base {}, {} | {} | {} | {} | {} / {} / {} | {:.2}x |\n",
+        "| {} base {}, {} | {} | {} | {} | {} / {} / {} / {} | {:.2}x |\n",
         r["arch"].as_str().unwrap_or(""),
         r["base_width"],
         r["dataset"].as_str().unwrap_or(""),
@@ -193,6 +193,7 @@ pub fn markdown(r: &Value) -> String {
         gb(&c["gpipe2"]),
         gb(&c["loft_paper_accounting"]),
         gb(&c["gpipe4"]),
+        gb(&c["data_parallel"]),
         c["improvement_gpipe_over_loft_paper"].as_f64().unwrap_or(0.0)
     );
     let _ = writeln!(o, "## Every ticket\n");
