@@ -98,7 +98,20 @@ fn control(dir: &Path, every: usize, keep: usize, stop: &StopFlag) -> Result<Run
 /// Check that a phase being resumed was started with the same settings.
 fn same_settings(ctl: &RunControl, planned: &impl serde::Serialize) -> Result<()> {
     let Some(f) = &ctl.resume else { return Ok(()) };
-    let mut saved: serde_json::Value = serde_json::from_str(&f.checkpoint.config).unwrap_or_default();
+    let saved: serde_json::Value = serde_json::from_str(&f.checkpoint.config).unwrap_or_default();
+    compare_settings(&f.path, saved, planned)
+}
+
+/// Check that a finished phase (its `config.json`) ran with the settings planned now.
+fn finished_with_same_settings(dir: &Path, planned: &impl serde::Serialize) -> Result<()> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
+    compare_settings(&path, v["config"].clone(), planned)
+}
+
+fn compare_settings(path: &Path, mut saved: serde_json::Value, planned: &impl serde::Serialize) -> Result<()> {
     let mut want = serde_json::to_value(planned).expect("config serializes");
     for v in [&mut saved, &mut want] {
         if let Some(o) = v.as_object_mut() {
@@ -109,7 +122,7 @@ fn same_settings(ctl: &RunControl, planned: &impl serde::Serialize) -> Result<()
     }
     if saved != want {
         return Err(Error::format(
-            &f.path,
+            path,
             "belongs to a job with other settings; give loft run another --out, or the same flags as before",
         ));
     }
@@ -140,7 +153,16 @@ pub fn run(job: &MainJob, stop: &StopFlag, comm: &mut dyn Comm) -> Result<Ending
     for m in [Method::Dense, Method::Loft] {
         phase += 1;
         let dir = pretrain_dir(&job.out, m);
+        let mut cfg = job.pretrain.clone();
+        cfg.method = m;
+        cfg.out = dir.clone();
+        cfg.progress = job.progress.clone();
+        if m == Method::Dense {
+            cfg.bn_recalibrate = 0;
+            cfg.keep_momentum = false;
+        }
         if dir.join("summary.json").exists() {
+            finished_with_same_settings(&dir, &cfg)?;
             header(
                 comm,
                 &job.progress,
@@ -151,14 +173,6 @@ pub fn run(job: &MainJob, stop: &StopFlag, comm: &mut dyn Comm) -> Result<Ending
             continue;
         }
         header(comm, &job.progress, phase, phases, &format!("{m:?} pre-training"));
-        let mut cfg = job.pretrain.clone();
-        cfg.method = m;
-        cfg.out = dir.clone();
-        cfg.progress = job.progress.clone();
-        if m == Method::Dense {
-            cfg.bn_recalibrate = 0;
-            cfg.keep_momentum = false;
-        }
         let ctl = control(&dir, job.record_every, usize::MAX, stop)?;
         same_settings(&ctl, &cfg)?;
         let s = crate::loft::run(&cfg, &ctl, comm)?;
@@ -184,7 +198,12 @@ pub fn run(job: &MainJob, stop: &StopFlag, comm: &mut dyn Comm) -> Result<Ending
         phase += 1;
         let name = ticket_name(m, r);
         let dir = job.out.join("finetune").join(&name);
+        let mut cfg = job.finetune.clone();
+        cfg.ticket = Some(tdir.join(format!("{name}.h5")));
+        cfg.out = dir.clone();
+        cfg.progress = job.progress.clone();
         if dir.join("summary.json").exists() {
+            finished_with_same_settings(&dir, &cfg)?;
             header(
                 comm,
                 &job.progress,
@@ -195,10 +214,6 @@ pub fn run(job: &MainJob, stop: &StopFlag, comm: &mut dyn Comm) -> Result<Ending
             continue;
         }
         header(comm, &job.progress, phase, phases, &format!("fine-tuning {name}"));
-        let mut cfg = job.finetune.clone();
-        cfg.ticket = Some(tdir.join(format!("{name}.h5")));
-        cfg.out = dir.clone();
-        cfg.progress = job.progress.clone();
         let ctl = control(&dir, 1, 1, stop)?;
         same_settings(&ctl, &cfg)?;
         let s = crate::train::run(&cfg, &ctl, comm)?;

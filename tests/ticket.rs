@@ -281,3 +281,47 @@ fn bad_pruning_and_fine_tuning_input_gives_one_line_errors() {
         "--ticket",
     );
 }
+
+#[test]
+fn the_main_job_refuses_a_directory_of_another_job_and_bad_ratios() {
+    let out = tmp("job");
+    let o = out.to_str().unwrap();
+    let args = [
+        "--threads",
+        "1",
+        "run",
+        "--dataset",
+        "synthetic",
+        "--base-width",
+        "3",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--train-subset",
+        "48",
+        "--test-subset",
+        "16",
+        "--finetune-epochs",
+        "1",
+        "--record-every",
+        "1",
+        "--ratios",
+        "0.5",
+        "--progress",
+        "none",
+        "--out",
+        o,
+    ];
+    ok(&loft(&args));
+    // the same command again: every phase is done, the report is rewritten
+    ok(&loft(&args));
+    // other settings in the same directory would mix two jobs in one report
+    let mut other = args.to_vec();
+    other.extend(["--lr", "0.1"]);
+    one_line_error(&loft(&other), "other settings");
+    one_line_error(&loft(&["run", "--ratios", "1.5", "--out", o]), "--ratios");
+    one_line_error(&loft(&["run", "--record-every", "0", "--out", o]), "--record-every");
+}
