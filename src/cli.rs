@@ -132,12 +132,7 @@ impl RunArgs {
             early_stop: None,
         };
         let e = self.finetune_epochs;
-        let mut milestones: Vec<usize> = [30, 60, 80]
-            .iter()
-            .map(|&k| (k * e + 45) / 90)
-            .filter(|&k| k >= 1 && k <= e)
-            .collect();
-        milestones.dedup();
+        let milestones = crate::schedule::paper_milestones(e);
         let finetune = TrainConfig {
             arch,
             dataset: dataset.clone(),
@@ -663,19 +658,10 @@ impl FinetuneArgs {
             })
         }
         let e = self.epochs;
-        let milestones: Vec<usize> = match &self.milestones {
-            Some(m) => m.clone(),
-            None => {
-                // the paper's 30, 60, 80 of 90 epochs, scaled
-                let mut m: Vec<usize> = [30, 60, 80]
-                    .iter()
-                    .map(|&k| (k * e + 45) / 90)
-                    .filter(|&k| k >= 1 && k <= e)
-                    .collect();
-                m.dedup();
-                m
-            }
-        };
+        let milestones = self
+            .milestones
+            .clone()
+            .unwrap_or_else(|| crate::schedule::paper_milestones(e));
         let cfg = TrainConfig {
             arch: field(&base, "arch", &path)?,
             dataset: field(&base, "dataset", &path)?,

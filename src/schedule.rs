@@ -68,6 +68,18 @@ impl Schedule {
     }
 }
 
+/// The fine-tuning milestones of the paper (lr /10 after epochs 30, 60 and 80 of 90), scaled
+/// to `epochs` and rounded; milestones that fall outside 1..=epochs are dropped.
+pub fn paper_milestones(epochs: usize) -> Vec<usize> {
+    let mut m: Vec<usize> = [30, 60, 80]
+        .iter()
+        .map(|&k| (k * epochs + 45) / 90)
+        .filter(|&k| k >= 1 && k <= epochs)
+        .collect();
+    m.dedup();
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

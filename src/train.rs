@@ -293,13 +293,8 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Result<T
         cfg.test_subset,
     )?;
     let (train, test) = (&split.train, &split.test);
-    let (mean, std) = train.channel_stats();
-    let identity = DataIdentity {
-        train_samples: train.len(),
-        test_samples: test.len(),
-        mean: mean.clone(),
-        std: std.clone(),
-    };
+    let identity = DataIdentity::of(train, test);
+    let (mean, std) = (identity.mean.clone(), identity.std.clone());
     // The ticket (fine-tuning): from the checkpoint being resumed, else from its file.
     let ticket_file = match (&cfg.ticket, &ctl.resume) {
         (Some(t), None) => {
@@ -635,7 +630,8 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Result<T
     Ok(summary)
 }
 
-/// [`evaluate`] over the test shards of all ranks: (mean loss, accuracy %) of the whole set.
+/// Mean loss and accuracy (%) of the model (running BN statistics) over the test shards of
+/// all ranks, i.e. over the whole set.
 pub fn evaluate_on(
     model: &mut Model<CpuBackend<f32>>,
     loader: &Loader<'_>,
@@ -658,24 +654,4 @@ pub fn evaluate_on(
         comm.allreduce_sum_f64(Purpose::Metrics, &mut e);
     }
     Ok((e[0] / e[2].max(1.0), 100.0 * e[1] / e[2].max(1.0)))
-}
-
-/// Mean loss and accuracy (%) over a loader's samples, with running BN statistics.
-pub fn evaluate(
-    model: &mut Model<CpuBackend<f32>>,
-    loader: &Loader<'_>,
-    x: &mut [f32],
-    y: &mut [u32],
-) -> Result<(f64, f64)> {
-    let order = loader.order(0);
-    let (mut loss, mut correct, mut seen) = (0.0, 0usize, 0usize);
-    for b in 0..loader.batches_per_epoch() {
-        let n = loader.fill(&order, 0, b, x, y);
-        model.set_batch(n, x, y)?;
-        let (l, c) = model.eval_step(n)?;
-        loss += l;
-        correct += c;
-        seen += n;
-    }
-    Ok((loss / seen.max(1) as f64, 100.0 * correct as f64 / seen.max(1) as f64))
 }

@@ -3,6 +3,9 @@
 //! or newer files, another architecture, `kill -9` during a write, a full disk), plus reading
 //! a checkpoint from h5py.
 
+mod common;
+
+use common::{metrics_without_timings, ok, one_line_error};
 use loft::checkpoint::Checkpoint;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -25,25 +28,6 @@ fn tmp(name: &str) -> PathBuf {
 
 fn s(v: &[&str]) -> Vec<String> {
     v.iter().map(|x| x.to_string()).collect()
-}
-
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// A failed command: exit status 1, one line on stderr containing `needle`, no panic.
-fn one_line_error(o: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
-    assert!(err.contains(needle), "'{needle}' not in: {err}");
 }
 
 /// A small training run on synthetic data: 3 epochs of 12 batches.
@@ -129,19 +113,6 @@ fn resume(path: &Path, out: &Path, command: &str) -> Vec<String> {
         "--progress",
         "none",
     ])
-}
-
-fn metrics_without_timings(dir: &Path) -> Vec<serde_json::Value> {
-    let text = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics.jsonl");
-    text.lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).expect("json line");
-            v.as_object_mut()
-                .unwrap()
-                .retain(|k, _| !k.ends_with("_s") && !k.ends_with("_per_s"));
-            v
-        })
-        .collect()
 }
 
 fn checkpoints(dir: &Path) -> Vec<PathBuf> {

@@ -1,6 +1,9 @@
 //! LoFT over real MPI: `mpirun` with 2 and 4 ranks (oversubscribed), checking the invariants
 //! of the algorithm against single-process runs and the closed-form byte counts.
 
+mod common;
+
+use common::{metrics_without_timings, ok};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -86,15 +89,6 @@ fn run_single(args: &[String]) -> Output {
         .args(args)
         .output()
         .expect("run loft")
-}
-
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 fn params(dir: &Path) -> Vec<u8> {
@@ -233,18 +227,6 @@ fn a_failing_rank_ends_the_whole_job_with_its_message() {
 fn newest_checkpoint(dir: &Path) -> loft::checkpoint::Checkpoint {
     let files = loft::checkpoint::list(&dir.join("checkpoints")).unwrap();
     loft::checkpoint::Checkpoint::read(&files.last().expect("a checkpoint").1).unwrap()
-}
-
-fn metrics_without_timings(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .expect("metrics.jsonl")
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut().unwrap().retain(|k, _| !k.ends_with("_s"));
-            v
-        })
-        .collect()
 }
 
 /// Two runs ended identically: parameters, statistics, momentum, metric log, sync ledger.

@@ -1,6 +1,9 @@
 //! Tickets end to end: pruning into a narrow or a masked network, fine-tuning (and its exact
 //! resume), and the No-Prune reference.
 
+mod common;
+
+use common::{ok, one_line_error};
 use loft::checkpoint::Checkpoint;
 use loft::ticket::prune;
 use std::path::{Path, PathBuf};
@@ -17,24 +20,6 @@ fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("loft-ticket-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
-}
-
-fn ok(o: &Output) {
-    assert!(
-        o.status.success(),
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn one_line_error(o: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(1), "stderr: {err}");
-    assert!(!err.contains("panicked"), "panic: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
-    assert!(err.contains(needle), "'{needle}' not in: {err}");
 }
 
 fn newest(dir: &Path) -> (PathBuf, Checkpoint) {

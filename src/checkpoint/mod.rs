@@ -39,6 +39,19 @@ pub struct DataIdentity {
     pub std: Vec<f32>,
 }
 
+impl DataIdentity {
+    /// The identity of a train / test split.
+    pub fn of(train: &crate::data::Dataset, test: &crate::data::Dataset) -> Self {
+        let (mean, std) = train.channel_stats();
+        DataIdentity {
+            train_samples: train.len(),
+            test_samples: test.len(),
+            mean,
+            std,
+        }
+    }
+}
+
 /// Where a run stands, and the counters it carries (the `/state` dataset, as JSON).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct State {

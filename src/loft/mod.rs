@@ -389,7 +389,8 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
     let be = Arc::new(CpuBackend::<f32>::new());
     let mut full = Model::new(be.clone(), full_graph.clone(), cfg.batch_size)?;
     full.init(cfg.seed)?;
-    let (mean, std) = train.channel_stats();
+    let identity = DataIdentity::of(train, test);
+    let (mean, std) = (identity.mean.clone(), identity.std.clone());
 
     // The local workers: one per rank, or all S when simulating.
     let local: Vec<usize> = if cfg.simulate > 0 {
@@ -440,12 +441,6 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
             y: vec![0; cfg.batch_size],
         });
     }
-    let identity = DataIdentity {
-        train_samples: train.len(),
-        test_samples: test.len(),
-        mean: mean.clone(),
-        std: std.clone(),
-    };
     // Where the run starts: the beginning, or a checkpoint.
     let mut st = State {
         workers,
