@@ -2,8 +2,7 @@
 //! steps, printed as Markdown tables (progress on stderr).
 
 use crate::backend::cpu::gemm::{matmul, matmul_into_block, Mat, SendPtr};
-use crate::backend::cpu::CpuBackend;
-use crate::backend::Backend;
+use crate::backend::{Backend, Device};
 use crate::model::{ArchSpec, Graph, Model, Op};
 use crate::ops::{Conv2d, Sgd};
 use crate::rng::Rng;
@@ -68,13 +67,7 @@ pub fn sgemm_gflops(n: usize, threads: usize) -> f64 {
     2.0 * (n * n * n) as f64 / t_gemm.min(t_split) / 1e9
 }
 
-/// Peak resident memory of this process in bytes (VmHWM), if the OS reports it.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
+pub use crate::rundir::peak_rss_bytes;
 
 /// Distinct convolutions of a graph at batch n, with how many times each occurs.
 pub fn distinct_convs(g: &Graph, n: usize) -> Vec<(Conv2d, usize, String)> {
@@ -92,23 +85,43 @@ pub fn distinct_convs(g: &Graph, n: usize) -> Vec<(Conv2d, usize, String)> {
 }
 
 /// Timing of one convolution: seconds for forward, backward-data, backward-filter.
-pub fn time_conv(be: &CpuBackend<f32>, s: &Conv2d) -> (f64, f64, f64) {
-    let x = random(s.x_len(), 3);
-    let w = random(s.w_len(), 4);
-    let dy = random(s.y_len(), 5);
-    let mut y = vec![0f32; s.y_len()];
-    let mut dx = vec![0f32; s.x_len()];
-    let mut dw = vec![0f32; s.w_len()];
-    let f = time_it(5, 1.0, || be.conv2d_forward(s, &x, &w, &mut y));
-    let bd = time_it(5, 1.0, || be.conv2d_backward_data(s, &dy, &w, &mut dx, false));
-    let bf = time_it(5, 1.0, || be.conv2d_backward_filter(s, &x, &dy, &mut dw, false));
-    (f, bd, bf)
+pub fn time_conv<B: Backend>(be: &B, s: &Conv2d) -> Result<(f64, f64, f64)> {
+    let upload = |v: Vec<f32>| -> Result<B::Buf> {
+        let mut b = be.alloc(v.len())?;
+        be.upload(&v, &mut b)?;
+        Ok(b)
+    };
+    let (x, w, dy) = (
+        upload(random(s.x_len(), 3))?,
+        upload(random(s.w_len(), 4))?,
+        upload(random(s.y_len(), 5))?,
+    );
+    let (mut y, mut dx, mut dw) = (be.alloc(s.y_len())?, be.alloc(s.x_len())?, be.alloc(s.w_len())?);
+    let v = |b| be.view(b, 0, be.buf_len(b));
+    let timed = |f: &mut dyn FnMut()| -> Result<f64> {
+        let t = time_it(5, 1.0, || {
+            f();
+            let _ = be.sync();
+        });
+        be.sync()?;
+        Ok(t)
+    };
+    let f = timed(&mut || be.conv2d_forward(s, v(&x), v(&w), be.view_mut(&mut y, 0, s.y_len())))?;
+    let bd = timed(&mut || be.conv2d_backward_data(s, v(&dy), v(&w), be.view_mut(&mut dx, 0, s.x_len()), false))?;
+    let bf = timed(&mut || be.conv2d_backward_filter(s, v(&x), v(&dy), be.view_mut(&mut dw, 0, s.w_len()), false))?;
+    Ok((f, bd, bf))
 }
 
 /// Seconds per training step of `spec` at batch n on (c, h, w) inputs, and model bytes.
-pub fn time_train_step(spec: &ArchSpec, n: usize, h: usize, w: usize, steps: usize) -> Result<(f64, usize)> {
+pub fn time_train_step<B: Backend>(
+    be: Arc<B>,
+    spec: &ArchSpec,
+    n: usize,
+    h: usize,
+    w: usize,
+    steps: usize,
+) -> Result<(f64, usize)> {
     let g = Graph::build(spec, h, w, None)?;
-    let be = Arc::new(CpuBackend::<f32>::new());
     let mut m = Model::new(be.clone(), g, n)?;
     m.init(1)?;
     let x = random(n * spec.in_channels * h * w, 6);
@@ -121,25 +134,27 @@ pub fn time_train_step(spec: &ArchSpec, n: usize, h: usize, w: usize, steps: usi
     };
     let mut err = None;
     let t = time_it(steps, 0.0, || {
-        if let Err(e) = m.train_step(n, &hp) {
+        if let Err(e) = m.train_step(n, &hp).and_then(|_| m.be.sync()) {
             err = Some(e);
         }
     });
     if let Some(e) = err {
         return Err(e);
     }
-    Ok((t, m.device_bytes() + be.scratch_bytes()))
+    Ok((t, m.device_bytes() + be.workspace_bytes()))
 }
 
 /// Options of `loft bench`.
 pub struct BenchOptions {
     pub batch: usize,
+    /// The device (passed on to the child processes of the step rows).
+    pub device: Device,
     /// Skip the per-layer table (quick runs).
     pub quick: bool,
 }
 
 /// Run every benchmark and print the Markdown tables.
-pub fn run(opts: &BenchOptions) -> Result<()> {
+pub fn run<B: Backend>(be: Arc<B>, opts: &BenchOptions) -> Result<()> {
     let threads = rayon::current_num_threads();
     eprintln!("loft bench: {threads} threads");
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -150,7 +165,10 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    println!("### Machine\n\n{cpu}, {threads} threads (rayon), f32.\n");
+    println!(
+        "### Machine\n\n{cpu}, {threads} threads (rayon), f32; backend {}.\n",
+        be.name()
+    );
     eprintln!("sgemm 1024^3 ...");
     let g1 = sgemm_gflops(1024, 1);
     let gt = sgemm_gflops(1024, threads);
@@ -162,7 +180,6 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     if !opts.quick {
         let spec = ArchSpec::named("preresnet18")?;
         let g = Graph::build(&spec, 32, 32, None)?;
-        let be = CpuBackend::<f32>::new();
         println!("### Convolutions of CIFAR PreResNet-18 (base 64, inner width 2), batch {n}\n");
         println!(
             "GFLOP/s of each pass; `% sgemm` is the slowest pass against the {threads}-thread SGEMM rate ({gt:.1}).\n"
@@ -171,7 +188,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         println!("|---|---:|---|---|---|---:|---:|---:|---:|");
         for (s, count, name) in distinct_convs(&g, n) {
             eprintln!("conv {name} ...");
-            let (f, bd, bf) = time_conv(&be, &s);
+            let (f, bd, bf) = time_conv(&*be, &s)?;
             let fl = s.flops() / 1e9;
             let (gf, gd, gw) = (fl / f, fl / bd, fl / bf);
             let worst = gf.min(gd).min(gw);
@@ -197,6 +214,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         let exe = std::env::current_exe().map_err(|e| crate::Error::io("current exe", e))?;
         let out = std::process::Command::new(exe)
             .args(["bench", "--step-only", &base.to_string(), "--batch", &n.to_string()])
+            .args(["--device", &opts.device.to_string()])
             .output()
             .map_err(|e| crate::Error::io("bench child", e))?;
         if !out.status.success() {
@@ -211,13 +229,13 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
 
 /// One table row for a training step of PreResNet-18 at `base` width (run in a child process
 /// so that its peak RSS is its own).
-pub fn step_row(base: usize, n: usize) -> Result<()> {
+pub fn step_row<B: Backend>(be: Arc<B>, base: usize, n: usize) -> Result<()> {
     let mut spec = ArchSpec::named("preresnet18")?;
     spec.base_width = base;
     let g = Graph::build(&spec, 32, 32, None)?;
     let flops = 3.0 * g.flops_per_sample() * n as f64 / 1e9;
     let params = g.params.total;
-    let (t, bytes) = time_train_step(&spec, n, 32, 32, 5)?;
+    let (t, bytes) = time_train_step(be, &spec, n, 32, 32, 5)?;
     let rss = peak_rss_bytes()
         .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
         .unwrap_or_else(|| "n/a".into());

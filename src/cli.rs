@@ -1,12 +1,18 @@
 //! The command-line interface: clap definitions and their translation into configurations.
 
-use crate::data::{Augment, DatasetKind};
+use crate::backend::{self, Backend, Device, OnDevice};
+use crate::checkpoint::{Criterion, Kind, Method};
+use crate::comm::Comm;
+use crate::data::{self, Augment, DatasetKind};
+use crate::engine::{Ending, RunControl};
 use crate::model::{ArchSpec, Graph, Stem};
-use crate::schedule::Schedule;
+use crate::progress::Style;
+use crate::schedule::{self, Schedule};
 use crate::train::TrainConfig;
 use crate::{Error, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// loft: LoFT filter-wise pre-training and lottery tickets for residual networks.
 #[derive(Parser, Debug)]
@@ -86,19 +92,16 @@ pub struct RunArgs {
     /// Job directory (one run directory per phase, the report, the plots).
     #[arg(long, default_value = "runs/loft-run")]
     pub out: PathBuf,
-    /// Progress output: auto, bar, lines, none (rank 0 only).
-    #[arg(long, default_value = "auto")]
-    pub progress: String,
-    /// Compute device: auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    /// Progress output (rank 0 only).
+    #[arg(long, value_enum, default_value_t = Style::Auto)]
+    pub progress: Style,
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
 impl RunArgs {
     /// The resolved main job.
     pub fn job(&self) -> Result<crate::experiment::MainJob> {
-        check_device(&self.device)?;
-        crate::progress::Mode::parse(&self.progress)?;
         let (dataset, data_dir) = self.data.resolve()?;
         let (c, _, _, classes) = dataset.shape();
         let arch = self.model.spec(c, classes)?;
@@ -126,10 +129,11 @@ impl RunArgs {
             verify: false,
             bn_recalibrate: 50,
             out: self.out.clone(),
-            progress: self.progress.clone(),
+            progress: self.progress,
             distance_every: self.record_every.unwrap_or((self.rounds / 10).max(1)),
             distance_ratio: self.distance_ratio,
             early_stop: None,
+            device: self.device.device,
         };
         let e = self.finetune_epochs;
         let milestones = crate::schedule::paper_milestones(e);
@@ -149,8 +153,9 @@ impl RunArgs {
             augment: dataset.default_augment(),
             seed: self.seed,
             out: self.out.clone(),
-            progress: self.progress.clone(),
+            progress: self.progress,
             ticket: None,
+            device: self.device.device,
         };
         let job = crate::experiment::MainJob {
             pretrain,
@@ -158,7 +163,7 @@ impl RunArgs {
             ratios: self.ratios.clone(),
             record_every: self.record_every.unwrap_or((self.rounds / 10).max(1)),
             out: self.out.clone(),
-            progress: self.progress.clone(),
+            progress: self.progress,
         };
         job.validate()?;
         Ok(job)
@@ -174,9 +179,10 @@ pub struct PruneArgs {
     /// Pruning ratio p in [0, 1): every prunable block keeps floor((1-p) wC) inner filters.
     #[arg(long)]
     pub ratio: f64,
-    /// Which filters to keep: largest (conv1 row norms), smallest or random (ablations).
-    #[arg(long, default_value = "largest")]
-    pub criterion: String,
+    /// Which filters to keep: the largest conv1 row norms, or (ablations) the smallest or a
+    /// random subset.
+    #[arg(long, value_enum, default_value_t = Criterion::Largest)]
+    pub criterion: Criterion,
     /// Keep the full shapes and hold the pruned filters at zero with a mask.
     #[arg(long)]
     pub masked: bool,
@@ -231,12 +237,11 @@ pub struct FinetuneArgs {
     /// Run directory.
     #[arg(long, default_value = "runs/finetune")]
     pub out: PathBuf,
-    /// Progress output: auto, bar, lines, none.
-    #[arg(long, default_value = "auto")]
-    pub progress: String,
-    /// Compute device: auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    /// Progress output.
+    #[arg(long, value_enum, default_value_t = Style::Auto)]
+    pub progress: Style,
+    #[command(flatten)]
+    pub device: DeviceArg,
     #[command(flatten)]
     pub checkpoint: CheckpointArgs,
 }
@@ -276,8 +281,8 @@ pub struct PretrainArgs {
     #[command(flatten)]
     pub optim: OptimArgs,
     /// loft (filter-wise partitioned rounds) or dense (full model; data-parallel over ranks).
-    #[arg(long, default_value = "loft")]
-    pub method: String,
+    #[arg(long, value_enum, default_value_t = Method::Loft)]
+    pub method: Method,
     /// Rounds (each: local steps, then re-assembly).
     #[arg(long, default_value_t = 50)]
     pub rounds: usize,
@@ -323,12 +328,11 @@ pub struct PretrainArgs {
     /// Run directory.
     #[arg(long, default_value = "runs/pretrain")]
     pub out: PathBuf,
-    /// Progress output: auto, bar, lines, none (rank 0 only).
-    #[arg(long, default_value = "auto")]
-    pub progress: String,
-    /// Compute device: auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
+    /// Progress output (rank 0 only).
+    #[arg(long, value_enum, default_value_t = Style::Auto)]
+    pub progress: Style,
+    #[command(flatten)]
+    pub device: DeviceArg,
     #[command(flatten)]
     pub checkpoint: CheckpointArgs,
 }
@@ -353,8 +357,8 @@ pub struct CheckpointArgs {
 impl CheckpointArgs {
     /// The run control for a run writing into `out`; checkpoints every `default_every` unless
     /// --checkpoint-every says otherwise. Installs the stop-signal handlers.
-    pub fn control(&self, out: &std::path::Path, default_every: usize) -> Result<crate::train::RunControl> {
-        let mut ctl = crate::train::RunControl::new(out, self.checkpoint_every.unwrap_or(default_every), self.keep);
+    pub fn control(&self, out: &std::path::Path, default_every: usize) -> Result<RunControl> {
+        let mut ctl = RunControl::new(out, self.checkpoint_every.unwrap_or(default_every), self.keep);
         ctl.saver.validate()?;
         ctl.stop = crate::stop::StopFlag::install()?;
         Ok(ctl)
@@ -405,6 +409,25 @@ pub struct CommArgs {
     pub json: bool,
 }
 
+impl CommArgs {
+    /// The question `loft comm` answers.
+    pub fn query(&self) -> Result<crate::comm::report::Query> {
+        let default_size = if self.model.stem == Stem::Imagenet { 224 } else { 32 };
+        Ok(crate::comm::report::Query {
+            spec: self.model.spec(self.in_channels, 10)?,
+            input_size: self.input_size.unwrap_or(default_size),
+            workers: self.workers,
+            rounds: self.rounds,
+            local_steps: self.local_steps,
+            batch_size: self.batch_size,
+            samples: self.samples,
+            cuts: self.cuts.clone(),
+            paper: self.paper,
+            json: self.json,
+        })
+    }
+}
+
 /// Flags that define the network.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -418,8 +441,8 @@ pub struct ModelArgs {
     #[arg(long, default_value_t = 2)]
     pub inner_width: usize,
     /// Input stem: cifar (3x3 conv) or imagenet (7x7 stride-2 conv + max pool).
-    #[arg(long, default_value = "cifar")]
-    pub stem: String,
+    #[arg(long, value_enum, default_value_t = Stem::Cifar)]
+    pub stem: Stem,
     /// Number of classes [default: the data set's].
     #[arg(long)]
     pub classes: Option<usize>,
@@ -434,7 +457,7 @@ impl ModelArgs {
         let mut s = ArchSpec::named(&self.arch)?;
         s.base_width = self.base_width;
         s.inner_width = self.inner_width;
-        s.stem = Stem::parse(&self.stem)?;
+        s.stem = self.stem;
         s.in_channels = in_channels;
         s.classes = self.classes.unwrap_or(default_classes);
         s.partitioned_stages = self.partitioned_stages.clone();
@@ -446,9 +469,9 @@ impl ModelArgs {
 /// Flags that choose the data.
 #[derive(Args, Debug, Clone)]
 pub struct DataArgs {
-    /// Data set: fashion-mnist, cifar10, cifar100, synthetic.
-    #[arg(long, default_value = "fashion-mnist")]
-    pub dataset: String,
+    /// Data set.
+    #[arg(long, value_enum, default_value_t = data::Name::FashionMnist)]
+    pub dataset: data::Name,
     /// Directory of the data files [default: /usr/share/datasets/fashion-mnist,
     /// data/cifar-10-batches-bin or data/cifar-100-binary].
     #[arg(long)]
@@ -464,7 +487,7 @@ pub struct DataArgs {
 impl DataArgs {
     /// The data set and the directory its files are read from.
     pub fn resolve(&self) -> Result<(DatasetKind, PathBuf)> {
-        let kind = DatasetKind::parse(&self.dataset)?;
+        let kind = DatasetKind::of(self.dataset);
         let dir = self.data_dir.clone().unwrap_or_else(|| kind.default_dir());
         Ok((kind, dir))
     }
@@ -485,9 +508,9 @@ pub struct OptimArgs {
     /// Weight decay (L2, added to the gradient as PyTorch does).
     #[arg(long, default_value_t = 5e-4, allow_negative_numbers = true)]
     pub weight_decay: f64,
-    /// Learning-rate schedule: cosine, step or constant.
-    #[arg(long, default_value = "cosine")]
-    pub schedule: String,
+    /// Learning-rate schedule.
+    #[arg(long, value_enum, default_value_t = schedule::Name::Cosine)]
+    pub schedule: schedule::Name,
 }
 
 /// `loft train`.
@@ -523,12 +546,11 @@ pub struct TrainArgs {
     /// Run directory (config.json, metrics.jsonl, summary.json).
     #[arg(long, default_value = "runs/train")]
     pub out: PathBuf,
-    /// Compute device: auto, cpu, cuda or cuda:N.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Progress output: auto (a bar on a terminal, lines otherwise), bar, lines, none.
-    #[arg(long, default_value = "auto")]
-    pub progress: String,
+    #[command(flatten)]
+    pub device: DeviceArg,
+    /// Progress output: a bar on a terminal, lines otherwise (auto), bar, lines, none.
+    #[arg(long, value_enum, default_value_t = Style::Auto)]
+    pub progress: Style,
     #[command(flatten)]
     pub checkpoint: CheckpointArgs,
 }
@@ -538,10 +560,10 @@ pub struct TrainArgs {
 pub struct InfoArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Take input channels, size and classes from this data set (fashion-mnist, cifar10,
-    /// cifar100, synthetic) instead of --in-channels and --input-size.
-    #[arg(long)]
-    pub dataset: Option<String>,
+    /// Take input channels, size and classes from this data set instead of --in-channels and
+    /// --input-size.
+    #[arg(long, value_enum)]
+    pub dataset: Option<data::Name>,
     /// Input channels.
     #[arg(long, default_value_t = 3)]
     pub in_channels: usize,
@@ -565,25 +587,26 @@ pub struct BenchArgs {
     /// Internal: print one training-step row for this base width (run as a child process).
     #[arg(long, hide = true)]
     pub step_only: Option<usize>,
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
-/// Check `--device`: only the CPU backend exists in this build.
-pub fn check_device(device: &str) -> Result<()> {
-    match device {
-        "auto" | "cpu" => Ok(()),
-        d if d == "cuda" || d.starts_with("cuda:") => Err(Error::config(format!(
-            "--device {d}: this build of loft has no CUDA backend yet; use --device cpu"
-        ))),
-        d => Err(Error::config(format!(
-            "unknown device '{d}' (expected auto, cpu, cuda or cuda:N)"
-        ))),
-    }
+/// The `--device` flag, shared by every command that computes.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct DeviceArg {
+    /// Compute device: auto (a GPU when this build and machine have one, else the CPU), cpu,
+    /// cuda (the rank's local GPU) or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: Device,
+}
+
+fn parse_device(s: &str) -> std::result::Result<Device, String> {
+    s.parse().map_err(|e: Error| e.to_string())
 }
 
 impl TrainArgs {
     /// The resolved training configuration.
     pub fn config(&self) -> Result<TrainConfig> {
-        check_device(&self.device)?;
         let (dataset, data_dir) = self.data.resolve()?;
         let (c, _, _, classes) = dataset.shape();
         let arch = self.model.spec(c, classes)?;
@@ -597,7 +620,7 @@ impl TrainArgs {
                     .map_err(|_| Error::config(format!("--milestones: '{m}' is not an epoch number")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let schedule = Schedule::parse_kind(&self.optim.schedule, &milestones, self.gamma)?;
+        let schedule = Schedule::kind_of(self.optim.schedule, &milestones, self.gamma)?;
         let default_aug = dataset.default_augment();
         let augment = Augment {
             crop_pad: self.crop_pad.unwrap_or(default_aug.crop_pad),
@@ -619,20 +642,33 @@ impl TrainArgs {
             augment,
             seed: self.seed,
             out: self.out.clone(),
-            progress: self.progress.clone(),
+            progress: self.progress,
             ticket: None,
+            device: self.device.device,
         };
         cfg.validate()?;
-        crate::progress::Mode::parse(&cfg.progress)?;
         Ok(cfg)
     }
+}
+
+/// What fine-tuning takes from the configuration of the run a ticket came from (a training or
+/// pre-training configuration), or of the fine-tuning run being resumed.
+#[derive(serde::Deserialize)]
+struct SourceConfig {
+    arch: ArchSpec,
+    dataset: DatasetKind,
+    data_dir: PathBuf,
+    train_subset: usize,
+    test_subset: usize,
+    augment: Augment,
+    #[serde(default)]
+    ticket: Option<PathBuf>,
 }
 
 impl FinetuneArgs {
     /// The fine-tuning configuration: data and network from the ticket's source run (or, when
     /// only --resume is given, from the checkpoint being resumed), optimizer from the flags.
     pub fn config(&self, found: Option<&crate::checkpoint::Found>) -> Result<TrainConfig> {
-        check_device(&self.device)?;
         let (source, path) = match (&self.ticket, found) {
             (Some(t), _) => (crate::checkpoint::Checkpoint::read(t)?, t.clone()),
             (None, Some(f)) => (f.checkpoint.clone(), f.path.clone()),
@@ -642,41 +678,23 @@ impl FinetuneArgs {
                 ))
             }
         };
-        let base: serde_json::Value = serde_json::from_str(&source.config)
-            .map_err(|e| Error::format(&path, format!("its configuration is not valid JSON: {e}")))?;
-        /// Field `k` of the source configuration.
-        fn field<T: serde::de::DeserializeOwned>(
-            base: &serde_json::Value,
-            k: &str,
-            path: &std::path::Path,
-        ) -> Result<T> {
-            serde_json::from_value(base.get(k).cloned().unwrap_or(serde_json::Value::Null)).map_err(|err| {
-                Error::format(
-                    path,
-                    format!("its configuration's '{k}' is missing or not valid: {err}"),
-                )
-            })
-        }
+        let base: SourceConfig = serde_json::from_str(&source.config).map_err(|e| {
+            Error::format(
+                &path,
+                format!("its configuration does not describe a network and its data: {e}"),
+            )
+        })?;
         let e = self.epochs;
         let milestones = self
             .milestones
             .clone()
             .unwrap_or_else(|| crate::schedule::paper_milestones(e));
         let cfg = TrainConfig {
-            arch: field(&base, "arch", &path)?,
-            dataset: field(&base, "dataset", &path)?,
-            data_dir: match &self.data_dir {
-                Some(d) => d.clone(),
-                None => field(&base, "data_dir", &path)?,
-            },
-            train_subset: match self.train_subset {
-                Some(n) => n,
-                None => field(&base, "train_subset", &path)?,
-            },
-            test_subset: match self.test_subset {
-                Some(n) => n,
-                None => field(&base, "test_subset", &path)?,
-            },
+            arch: base.arch,
+            dataset: base.dataset,
+            data_dir: self.data_dir.clone().unwrap_or(base.data_dir),
+            train_subset: self.train_subset.unwrap_or(base.train_subset),
+            test_subset: self.test_subset.unwrap_or(base.test_subset),
             epochs: e,
             batch_size: self.batch_size,
             lr: self.lr,
@@ -687,18 +705,17 @@ impl FinetuneArgs {
                 gamma: self.gamma,
             },
             warmup_epochs: 0.0,
-            augment: field(&base, "augment", &path)?,
+            augment: base.augment,
             seed: self.seed,
             out: self.out.clone(),
-            progress: self.progress.clone(),
+            progress: self.progress,
             ticket: match (&self.ticket, found) {
                 (Some(t), _) => Some(t.clone()),
-                (None, Some(_)) => field(&base, "ticket", &path)?,
-                (None, None) => None,
+                (None, _) => base.ticket,
             },
+            device: self.device.device,
         };
         cfg.validate()?;
-        crate::progress::Mode::parse(&cfg.progress)?;
         Ok(cfg)
     }
 }
@@ -706,10 +723,10 @@ impl FinetuneArgs {
 impl InfoArgs {
     /// The graph to describe.
     pub fn graph(&self) -> Result<Graph> {
-        let stem = Stem::parse(&self.model.stem)?;
+        let stem = self.model.stem;
         let default_size = if stem == Stem::Imagenet { 224 } else { 32 };
         let (c, h, w, classes) = match &self.dataset {
-            Some(d) => DatasetKind::parse(d)?.shape(),
+            Some(d) => DatasetKind::of(*d).shape(),
             None => {
                 let s = self.input_size.unwrap_or(default_size);
                 (self.in_channels, s, s, 10)
@@ -727,16 +744,11 @@ impl InfoArgs {
 impl PretrainArgs {
     /// The resolved configuration.
     pub fn config(&self) -> Result<crate::loft::PretrainConfig> {
-        check_device(&self.device)?;
-        let method = match self.method.as_str() {
-            "loft" => crate::loft::Method::Loft,
-            "dense" => crate::loft::Method::Dense,
-            m => return Err(Error::config(format!("unknown method '{m}' (expected loft or dense)"))),
-        };
+        let method = self.method;
         let (dataset, data_dir) = self.data.resolve()?;
         let (c, _, _, classes) = dataset.shape();
         let arch = self.model.spec(c, classes)?;
-        let schedule = Schedule::parse_kind(&self.optim.schedule, &[], 0.1)?;
+        let schedule = Schedule::kind_of(self.optim.schedule, &[], 0.1)?;
         let cfg = crate::loft::PretrainConfig {
             method,
             arch,
@@ -761,15 +773,15 @@ impl PretrainArgs {
             verify: self.verify,
             bn_recalibrate: self
                 .bn_recalibrate
-                .unwrap_or(if method == crate::loft::Method::Loft { 50 } else { 0 }),
+                .unwrap_or(if method == Method::Loft { 50 } else { 0 }),
             out: self.out.clone(),
-            progress: self.progress.clone(),
+            progress: self.progress,
             distance_every: self.distance_every,
             distance_ratio: self.distance_ratio,
             early_stop: self.early_stop,
+            device: self.device.device,
         };
         cfg.validate()?;
-        crate::progress::Mode::parse(&cfg.progress)?;
         Ok(cfg)
     }
 }
@@ -777,58 +789,160 @@ impl PretrainArgs {
 /// The configuration and run control of a training command: from the flags, or, with
 /// --resume, from the checkpoint (checked against the flags given).
 fn resolved<C: serde::Serialize + serde::de::DeserializeOwned>(
-    kind: &str,
+    kind: Kind,
     cfg: C,
     out: impl Fn(&C) -> PathBuf,
     ck: &CheckpointArgs,
     default_every: usize,
     m: Option<&clap::ArgMatches>,
-) -> Result<(C, crate::train::RunControl)> {
-    let found = ck.found()?;
-    if let Some(f) = &found {
-        if f.checkpoint.kind != kind {
-            return Err(Error::format(
-                &f.path,
-                format!("is a {0} checkpoint; resume it with loft {0}", f.checkpoint.kind),
-            ));
-        }
-    }
-    let cfg = match (&found, m) {
+) -> Result<(C, RunControl)> {
+    let mut ctl = RunControl::new(std::path::Path::new(""), 0, 1);
+    ctl.resume = ck.found()?;
+    let found = ctl.resumed(kind)?;
+    let cfg = match (found, m) {
         (Some(f), Some(m)) => crate::resume::config(&cfg, f, m)?,
         (Some(f), None) => f.checkpoint.config_as(&f.path)?,
         (None, _) => cfg,
     };
-    let mut ctl = ck.control(&out(&cfg), default_every)?;
-    ctl.resume = found;
-    Ok((cfg, ctl))
+    let mut control = ck.control(&out(&cfg), default_every)?;
+    control.resume = ctl.resume;
+    Ok((cfg, control))
 }
 
 /// Exit status for a run's ending: 0, or [`crate::checkpoint::EXIT_STOPPED`] when a signal
 /// stopped it after writing a checkpoint.
-pub fn exit_code(e: &crate::train::Ending) -> i32 {
+pub fn exit_code(e: &Ending) -> i32 {
     match e {
-        crate::train::Ending::Completed(_) => 0,
-        crate::train::Ending::Stopped(_) => crate::checkpoint::EXIT_STOPPED,
+        Ending::Completed(_) => 0,
+        Ending::Stopped(_) => crate::checkpoint::EXIT_STOPPED,
+    }
+}
+
+/// `loft train` and `loft finetune` on one rank, on whichever backend the device gives.
+struct Training<'a> {
+    cfg: &'a TrainConfig,
+    ctl: &'a RunControl,
+    comm: &'a mut dyn Comm,
+}
+
+impl OnDevice for Training<'_> {
+    type Output = crate::train::TrainSummary;
+    fn run<B: Backend>(self, be: Arc<B>) -> Result<Self::Output> {
+        crate::train::run(self.cfg, self.ctl, self.comm, be)
+    }
+}
+
+/// `loft pretrain` on one rank.
+struct Pretraining<'a> {
+    cfg: &'a crate::loft::PretrainConfig,
+    ctl: &'a RunControl,
+    comm: &'a mut dyn Comm,
+}
+
+impl OnDevice for Pretraining<'_> {
+    type Output = crate::loft::PretrainSummary;
+    fn run<B: Backend>(self, be: Arc<B>) -> Result<Self::Output> {
+        crate::loft::run(self.cfg, self.ctl, self.comm, be)
+    }
+}
+
+/// `loft run` on one rank.
+struct MainJobRun<'a> {
+    job: &'a crate::experiment::MainJob,
+    stop: &'a crate::stop::StopFlag,
+    comm: &'a mut dyn Comm,
+}
+
+impl OnDevice for MainJobRun<'_> {
+    type Output = Ending;
+    fn run<B: Backend>(self, be: Arc<B>) -> Result<Self::Output> {
+        crate::experiment::run(self.job, self.stop, self.comm, be)
+    }
+}
+
+/// `loft bench`.
+struct Benchmarks<'a>(&'a BenchArgs);
+
+impl OnDevice for Benchmarks<'_> {
+    type Output = ();
+    fn run<B: Backend>(self, be: Arc<B>) -> Result<()> {
+        let a = self.0;
+        match a.step_only {
+            Some(base) => crate::bench::step_row(be, base, a.batch),
+            None => crate::bench::run(
+                be,
+                &crate::bench::BenchOptions {
+                    batch: a.batch,
+                    quick: a.quick,
+                    device: a.device.device,
+                },
+            ),
+        }
     }
 }
 
 /// Run `loft train` or `loft finetune` on every rank of the job and print how it ended.
-fn report_training(kind: &str, cfg: &TrainConfig, ctl: &crate::train::RunControl) -> Result<i32> {
+fn report_training(kind: Kind, cfg: &TrainConfig, ctl: &RunControl) -> Result<i32> {
     let mut code = 0;
     crate::comm::run_with_comm(|comm| {
-        let s = crate::train::run(cfg, ctl, comm)?;
+        let rank = comm.rank();
+        let s = backend::run_on(cfg.device, Training { cfg, ctl, comm })?;
         code = exit_code(&s.ending);
-        if comm.rank() == 0 {
+        if rank == 0 {
             match &s.ending {
-                crate::train::Ending::Completed(_) => println!(
+                Ending::Completed(_) => println!(
                     "final test accuracy {:.2}% (best {:.2}%) in {:.1}s; run directory {}",
                     s.final_test_acc,
                     s.best_test_acc,
                     s.wall_s,
                     s.out.display()
                 ),
-                crate::train::Ending::Stopped(p) => {
-                    println!("stopped; resume with: loft {kind} --resume {}", p.display())
+                Ending::Stopped(p) => println!("stopped; resume with: loft {kind} --resume {}", p.display()),
+            }
+        }
+        Ok(())
+    })?;
+    Ok(code)
+}
+
+/// Run `loft pretrain` on every rank of the job and print how it ended.
+fn report_pretraining(cfg: &crate::loft::PretrainConfig, ctl: &RunControl) -> Result<i32> {
+    let mut code = 0;
+    crate::comm::run_with_comm(|comm| {
+        let rank = comm.rank();
+        let s = backend::run_on(cfg.device, Pretraining { cfg, ctl, comm })?;
+        code = exit_code(&s.ending);
+        if rank == 0 {
+            match &s.ending {
+                Ending::Completed(_) => println!(
+                    "final test accuracy {:.2}% in {:.1}s (compute {:.1}s, sync {:.1}s); run directory {}",
+                    s.final_test_acc,
+                    s.wall_s,
+                    s.compute_s,
+                    s.sync_s,
+                    cfg.out.display()
+                ),
+                Ending::Stopped(p) => println!("stopped; resume with: loft pretrain --resume {}", p.display()),
+            }
+        }
+        Ok(())
+    })?;
+    Ok(code)
+}
+
+/// Run `loft run` on every rank of the job and print how it ended.
+fn report_main_job(job: &crate::experiment::MainJob) -> Result<i32> {
+    let stop = crate::stop::StopFlag::install()?;
+    let mut code = 0;
+    crate::comm::run_with_comm(|comm| {
+        let rank = comm.rank();
+        let e = backend::run_on(job.pretrain.device, MainJobRun { job, stop: &stop, comm })?;
+        code = exit_code(&e);
+        if rank == 0 {
+            match &e {
+                Ending::Completed(p) => println!("loft run: done; report {}", p.display()),
+                Ending::Stopped(_) => {
+                    println!("loft run: stopped with a checkpoint; run the same command again to continue")
                 }
             }
         }
@@ -846,42 +960,37 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
             .build_global()
             .map_err(|e| Error::config(format!("--threads {}: {e}", cli.threads)))?;
     }
+    let sub = |name: &str| matches.and_then(|m| m.subcommand_matches(name));
     match cli.command {
         Command::Train(a) => {
-            let sub = matches.and_then(|m| m.subcommand_matches("train"));
-            let (cfg, ctl) = resolved("train", a.config()?, |c| c.out.clone(), &a.checkpoint, 1, sub)?;
+            let (cfg, ctl) = resolved(
+                Kind::Train,
+                a.config()?,
+                |c| c.out.clone(),
+                &a.checkpoint,
+                1,
+                sub("train"),
+            )?;
             cfg.validate()?;
-            report_training("train", &cfg, &ctl)
+            report_training(Kind::Train, &cfg, &ctl)
         }
         Command::Finetune(a) => {
-            let sub = matches.and_then(|m| m.subcommand_matches("finetune"));
             let found = a.checkpoint.found()?;
             let cfg = a.config(found.as_ref())?;
-            let (cfg, ctl) = resolved("finetune", cfg, |c| c.out.clone(), &a.checkpoint, 1, sub)?;
+            let (cfg, ctl) = resolved(
+                Kind::Finetune,
+                cfg,
+                |c| c.out.clone(),
+                &a.checkpoint,
+                1,
+                sub("finetune"),
+            )?;
             cfg.validate()?;
-            report_training("finetune", &cfg, &ctl)
+            report_training(Kind::Finetune, &cfg, &ctl)
         }
-        Command::Run(a) => {
-            let job = a.job()?;
-            let stop = crate::stop::StopFlag::install()?;
-            let mut code = 0;
-            crate::comm::run_with_comm(|comm| {
-                let e = crate::experiment::run(&job, &stop, comm)?;
-                code = exit_code(&e);
-                if comm.rank() == 0 {
-                    match &e {
-                        crate::train::Ending::Completed(p) => println!("loft run: done; report {}", p.display()),
-                        crate::train::Ending::Stopped(_) => {
-                            println!("loft run: stopped with a checkpoint; run the same command again to continue")
-                        }
-                    }
-                }
-                Ok(())
-            })?;
-            Ok(code)
-        }
+        Command::Run(a) => report_main_job(&a.job()?),
         Command::Prune(a) => {
-            crate::ticket::prune::run(&a.checkpoint, a.ratio, &a.criterion, a.masked, a.seed, &a.out).map(|()| 0)
+            crate::ticket::prune::run(&a.checkpoint, a.ratio, a.criterion, a.masked, a.seed, &a.out).map(|()| 0)
         }
         Command::Info(a) => {
             let g = a.graph()?;
@@ -896,47 +1005,57 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
             Ok(0)
         }
         Command::Pretrain(a) => {
-            let sub = matches.and_then(|m| m.subcommand_matches("pretrain"));
-            let (cfg, ctl) = resolved("pretrain", a.config()?, |c| c.out.clone(), &a.checkpoint, 10, sub)?;
+            let (cfg, ctl) = resolved(
+                Kind::Pretrain,
+                a.config()?,
+                |c| c.out.clone(),
+                &a.checkpoint,
+                10,
+                sub("pretrain"),
+            )?;
             cfg.validate()?;
-            let mut code = 0;
-            crate::comm::run_with_comm(|comm| {
-                let s = crate::loft::run(&cfg, &ctl, comm)?;
-                code = exit_code(&s.ending);
-                if comm.rank() == 0 {
-                    match &s.ending {
-                        crate::train::Ending::Completed(_) => println!(
-                            "final test accuracy {:.2}% in {:.1}s (compute {:.1}s, sync {:.1}s); run directory {}",
-                            s.final_test_acc,
-                            s.wall_s,
-                            s.compute_s,
-                            s.sync_s,
-                            cfg.out.display()
-                        ),
-                        crate::train::Ending::Stopped(p) => {
-                            println!("stopped; resume with: loft pretrain --resume {}", p.display())
-                        }
-                    }
-                }
-                Ok(())
-            })?;
-            Ok(code)
+            report_pretraining(&cfg, &ctl)
         }
-        Command::Comm(a) => crate::comm::report::run(&a).map(|()| 0),
+        Command::Comm(a) => crate::comm::report::run(&a.query()?).map(|()| 0),
         Command::Inspect(a) => crate::inspect::run(&a.file, a.json).map(|()| 0),
         Command::Distance(a) => crate::ticket::run_distance(&a.a, &a.b, a.ratio, a.json).map(|()| 0),
         Command::Bench(a) => {
             if a.batch == 0 {
                 return Err(Error::config("--batch must be at least 1"));
             }
-            match a.step_only {
-                Some(base) => crate::bench::step_row(base, a.batch),
-                None => crate::bench::run(&crate::bench::BenchOptions {
-                    batch: a.batch,
-                    quick: a.quick,
-                }),
-            }
-            .map(|()| 0)
+            backend::run_on(a.device.device, Benchmarks(&a)).map(|()| 0)
         }
+    }
+}
+
+/// A clap error about a flag's value as one line (`None` for other errors, which clap prints
+/// with its usage): the flag, what is wrong, and the accepted values.
+pub fn one_line_value_error(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let text = |k| match e.get(k) {
+        Some(ContextValue::String(s)) => Some(s.clone()),
+        Some(ContextValue::Strings(v)) => Some(v.join(", ")),
+        _ => None,
+    };
+    let flag = text(ContextKind::InvalidArg)?;
+    let flag = flag.split_whitespace().next().unwrap_or(&flag).to_string();
+    match e.kind() {
+        ErrorKind::InvalidValue => {
+            let value = text(ContextKind::InvalidValue).unwrap_or_default();
+            let noun = match flag.as_str() {
+                "--dataset" => "data set",
+                "--progress" => "progress mode",
+                other => other.trim_start_matches('-'),
+            };
+            let valid = text(ContextKind::ValidValue).unwrap_or_default();
+            Some(format!("{flag}: unknown {noun} '{value}' (expected one of: {valid})"))
+        }
+        ErrorKind::ValueValidation => {
+            let cause = std::error::Error::source(e)
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| e.kind().to_string());
+            Some(format!("{flag}: {cause}"))
+        }
+        _ => None,
     }
 }

@@ -3,7 +3,16 @@
 use clap::{CommandFactory, FromArgMatches};
 
 fn main() {
-    let matches = loft::cli::Cli::command().get_matches();
+    let matches = match loft::cli::Cli::command().try_get_matches() {
+        Ok(m) => m,
+        Err(e) => match loft::cli::one_line_value_error(&e) {
+            Some(line) => {
+                eprintln!("loft: error: {line}");
+                std::process::exit(1);
+            }
+            None => e.exit(),
+        },
+    };
     let cli = match loft::cli::Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),

@@ -14,21 +14,30 @@ pub enum Mode {
     Quiet,
 }
 
-impl Mode {
-    /// Parse `--progress` (auto, bar, lines, none).
-    pub fn parse(s: &str) -> crate::Result<Self> {
-        match s {
-            "auto" => Ok(if std::io::stderr().is_terminal() {
-                Mode::Bar
-            } else {
-                Mode::Lines
-            }),
-            "bar" => Ok(Mode::Bar),
-            "lines" => Ok(Mode::Lines),
-            "none" => Ok(Mode::Quiet),
-            _ => Err(crate::Error::config(format!(
-                "unknown progress mode '{s}' (expected auto, bar, lines or none)"
-            ))),
+/// The `--progress` choice, as configured (and recorded in configurations).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Style {
+    /// A bar on a terminal, lines otherwise.
+    #[default]
+    Auto,
+    /// A bar redrawn in place.
+    Bar,
+    /// A line every few seconds or every tenth of the work.
+    Lines,
+    /// Nothing.
+    None,
+}
+
+impl Style {
+    /// How progress is shown on this rank (only rank 0 shows any).
+    pub fn mode(self, lead: bool) -> Mode {
+        match self {
+            _ if !lead => Mode::Quiet,
+            Style::Auto if std::io::stderr().is_terminal() => Mode::Bar,
+            Style::Auto | Style::Lines => Mode::Lines,
+            Style::Bar => Mode::Bar,
+            Style::None => Mode::Quiet,
         }
     }
 }

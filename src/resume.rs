@@ -13,14 +13,17 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-/// Configuration keys a resumed run may change, with the flag that changes each.
-const OVERRIDABLE: [(&str, &str); 5] = [
+/// The settings a resumed run may change, with the flag that changes each: the one list
+/// (`loft run` uses it too, to tell whether a finished phase ran with the settings planned).
+pub const MAY_CHANGE: [(&str, &str); 6] = [
     ("data_dir", "data_dir"),
     // S simulated workers and S ranks compute the same bits
     ("simulate", "simulate_workers"),
     ("verify", "verify"),
     ("progress", "progress"),
     ("out", "out"),
+    // checkpoints are device-independent
+    ("device", "device"),
 ];
 
 /// The flags (clap ids) that determine a configuration path.
@@ -76,7 +79,7 @@ pub fn config<C: Serialize + DeserializeOwned>(cli: &C, found: &Found, m: &ArgMa
     leaves(&wanted, "", &mut b);
     for (p, want) in &b {
         let have = a.iter().find(|(q, _)| q == p).map(|(_, v)| v);
-        if have == Some(want) || OVERRIDABLE.iter().any(|(k, _)| p == k) {
+        if have == Some(want) || MAY_CHANGE.iter().any(|(k, _)| p == k) {
             continue;
         }
         if let Some(flag) = flags_of(p).into_iter().find(|f| given(m, f)) {
@@ -90,9 +93,9 @@ pub fn config<C: Serialize + DeserializeOwned>(cli: &C, found: &Found, m: &ArgMa
             ));
         }
     }
-    for (key, flag) in OVERRIDABLE {
+    for (key, flag) in MAY_CHANGE {
         let explicit = given(m, flag) || key == "progress";
-        if explicit {
+        if explicit && !wanted[key].is_null() {
             saved[key] = wanted[key].clone();
         } else if key == "out" {
             saved[key] = Value::String(found.run_dir.to_string_lossy().into_owned());

@@ -16,6 +16,17 @@ pub enum Kind {
     Cosine,
 }
 
+/// The `--schedule` choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Name {
+    /// Cosine decay to 0.
+    Cosine,
+    /// Multiply by --gamma at each milestone.
+    Step,
+    /// The base rate throughout.
+    Constant,
+}
+
 /// A learning-rate schedule over `total_steps` steps of `steps_per_epoch` each.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Schedule {
@@ -29,10 +40,18 @@ pub struct Schedule {
 impl Schedule {
     /// Parse `--schedule` ("cosine", "step", "constant").
     pub fn parse_kind(name: &str, milestones: &[usize], gamma: f64) -> Result<Kind> {
+        use clap::ValueEnum;
+        let n = Name::from_str(name, false)
+            .map_err(|_| Error::config(format!("unknown schedule '{name}' (expected cosine, step or constant)")))?;
+        Self::kind_of(n, milestones, gamma)
+    }
+
+    /// The schedule `--schedule` names, with the step schedule's milestones and factor.
+    pub fn kind_of(name: Name, milestones: &[usize], gamma: f64) -> Result<Kind> {
         match name {
-            "cosine" => Ok(Kind::Cosine),
-            "constant" => Ok(Kind::Constant),
-            "step" => {
+            Name::Cosine => Ok(Kind::Cosine),
+            Name::Constant => Ok(Kind::Constant),
+            Name::Step => {
                 if !(gamma > 0.0 && gamma.is_finite()) {
                     return Err(Error::config(format!("--gamma must be positive, got {gamma}")));
                 }
@@ -41,9 +60,6 @@ impl Schedule {
                     gamma,
                 })
             }
-            _ => Err(Error::config(format!(
-                "unknown schedule '{name}' (expected cosine, step or constant)"
-            ))),
         }
     }
 

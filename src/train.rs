@@ -1,25 +1,26 @@
-//! Dense training: the epoch loop, evaluation, the metric log and the run directory.
+//! Dense training and fine-tuning: the epoch loop of one model on the engine, alone or as
+//! data-parallel replicas over the ranks of the job (each rank its shard, gradients and BN
+//! statistics averaged every step).
 //!
-//! A run directory holds `config.json` (the resolved configuration) and `metrics.jsonl` (one
-//! JSON object per epoch). Fields ending in `_s` or `_per_s` are timings; everything else is
-//! a deterministic function of the configuration, so two runs with the same seed write the
-//! same log apart from those fields.
+//! The run directory holds `config.json`, `metrics.jsonl` (one [`EpochRecord`] per epoch),
+//! `summary.json` and `checkpoints/`. Fields ending in `_s` or `_per_s` are timings;
+//! everything else is a deterministic function of the configuration, so two runs with the same
+//! seed write the same log apart from those fields.
 
-use crate::backend::cpu::CpuBackend;
-use crate::backend::Backend;
-use crate::checkpoint::{self, Checkpoint, DataIdentity, Found, Saver, State};
+use crate::backend::{Backend, Device};
+use crate::checkpoint::{self, Checkpoint, DataIdentity, Kind, Method, State, TicketInfo};
 use crate::comm::{Comm, Purpose};
-use crate::data::{self, Augment, DatasetKind, Loader};
+use crate::data::{Augment, DatasetKind, Loader};
+use crate::engine::{self, Ending, Evaluation, Record, RunControl, Stream, Trainer};
 use crate::model::{ArchSpec, Graph, Model};
 use crate::ops::Sgd;
-use crate::progress::{Mode, Progress};
-use crate::schedule::{Kind, Schedule};
-use crate::stop::StopFlag;
-use crate::ticket::prune::{self, TicketInfo};
+use crate::progress::{Mode, Progress, Style};
+use crate::rundir::{ConfigFile, RunDir};
+use crate::schedule::{Kind as ScheduleKind, Schedule};
+use crate::ticket::prune;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -37,20 +38,23 @@ pub struct TrainConfig {
     pub lr: f64,
     pub momentum: f64,
     pub weight_decay: f64,
-    pub schedule: Kind,
+    pub schedule: ScheduleKind,
     pub warmup_epochs: f64,
     pub augment: Augment,
     pub seed: u64,
     pub out: PathBuf,
-    pub progress: String,
+    pub progress: Style,
     /// Fine-tuning: the ticket whose weights the run starts from (None: initialise from the
     /// seed).
     #[serde(default)]
     pub ticket: Option<PathBuf>,
+    /// Where the run computes (checkpoints do not depend on it).
+    #[serde(default)]
+    pub device: Device,
 }
 
 /// One line of `metrics.jsonl`.
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct EpochRecord {
     pub epoch: usize,
     pub step: usize,
@@ -63,42 +67,19 @@ pub struct EpochRecord {
     pub train_images_per_s: f64,
 }
 
-/// Result of a run.
-#[derive(Clone, Debug, Serialize)]
+/// Result of a run (`summary.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainSummary {
     pub final_test_acc: f64,
     pub best_test_acc: f64,
     pub wall_s: f64,
     pub out: PathBuf,
     pub ending: Ending,
-}
-
-/// Write `bytes` to `path` atomically: a temporary file in the same directory, then rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
-    f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-}
-
-/// Check the optimizer flags shared by every training command.
-pub fn validate_sgd(batch_size: usize, lr: f64, momentum: f64, weight_decay: f64) -> Result<()> {
-    if batch_size == 0 {
-        return Err(Error::config("--batch-size must be at least 1"));
-    }
-    if !(lr > 0.0 && lr.is_finite()) {
-        return Err(Error::config(format!("--lr must be a positive number, got {lr}")));
-    }
-    if !(0.0..1.0).contains(&momentum) {
-        return Err(Error::config(format!("--momentum must be in [0, 1), got {momentum}")));
-    }
-    if !(weight_decay >= 0.0 && weight_decay.is_finite()) {
-        return Err(Error::config(format!(
-            "--weight-decay must be >= 0, got {weight_decay}"
-        )));
-    }
-    Ok(())
+    /// The device chosen and the backend it ran on.
+    #[serde(default)]
+    pub device: Device,
+    #[serde(default)]
+    pub backend: String,
 }
 
 impl TrainConfig {
@@ -107,14 +88,14 @@ impl TrainConfig {
         if self.epochs == 0 {
             return Err(Error::config("--epochs must be at least 1"));
         }
-        validate_sgd(self.batch_size, self.lr, self.momentum, self.weight_decay)?;
+        engine::validate_sgd(self.batch_size, self.lr, self.momentum, self.weight_decay)?;
         if !(self.warmup_epochs >= 0.0 && self.warmup_epochs.is_finite()) {
             return Err(Error::config(format!(
                 "--warmup-epochs must be >= 0, got {}",
                 self.warmup_epochs
             )));
         }
-        if let Kind::Step { milestones, .. } = &self.schedule {
+        if let ScheduleKind::Step { milestones, .. } = &self.schedule {
             if let Some(m) = milestones.iter().find(|&&m| m == 0 || m > self.epochs) {
                 return Err(Error::config(format!(
                     "milestone {m} is outside 1..={} epochs",
@@ -124,120 +105,55 @@ impl TrainConfig {
         }
         self.arch.validate()
     }
-}
 
-/// Create the run directory and check that it is writable.
-pub fn prepare_out_dir(out: &Path) -> Result<()> {
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let probe = out.join(".write-test");
-    std::fs::write(&probe, b"").map_err(|e| Error::io(out, e))?;
-    let _ = std::fs::remove_file(&probe);
-    Ok(())
-}
-
-/// Load a data set (optionally only its first samples) and check that `arch` fits it.
-pub fn load_for(
-    arch: &ArchSpec,
-    dataset: &DatasetKind,
-    dir: &Path,
-    train_subset: usize,
-    test_subset: usize,
-) -> Result<data::Split> {
-    let mut split = data::load(dataset, dir)?;
-    if train_subset > 0 {
-        split.train.truncate(train_subset);
-    }
-    if test_subset > 0 {
-        split.test.truncate(test_subset);
-    }
-    if split.train.is_empty() || split.test.is_empty() {
-        return Err(Error::config("the training and test sets must not be empty"));
-    }
-    if arch.classes < split.train.classes {
-        return Err(Error::config(format!(
-            "--classes {} is fewer than the {} classes of {}",
-            arch.classes,
-            split.train.classes,
-            dataset.name()
-        )));
-    }
-    if arch.in_channels != split.train.channels {
-        return Err(Error::Shape(format!(
-            "the model takes {} input channels but {} images have {}",
-            arch.in_channels,
-            dataset.name(),
-            split.train.channels
-        )));
-    }
-    Ok(split)
-}
-
-/// How a run checkpoints, resumes and stops.
-pub struct RunControl {
-    /// Where and how often checkpoints are written.
-    pub saver: Saver,
-    /// The checkpoint to continue from.
-    pub resume: Option<Found>,
-    /// Set by SIGTERM / SIGUSR1 / SIGINT.
-    pub stop: StopFlag,
-}
-
-impl RunControl {
-    /// Checkpoints every `every` rounds or epochs into `out/checkpoints`, keeping `keep`; no
-    /// resume; no signal handling.
-    pub fn new(out: &Path, every: usize, keep: usize) -> Self {
-        RunControl {
-            saver: Saver {
-                dir: out.join("checkpoints"),
-                every,
-                keep,
-            },
-            resume: None,
-            stop: StopFlag::never(),
+    /// The checkpoint kind this configuration writes.
+    pub fn kind(&self) -> Kind {
+        if self.ticket.is_some() {
+            Kind::Finetune
+        } else {
+            Kind::Train
         }
     }
 }
 
-/// How a run ended.
-#[derive(Clone, Debug, Serialize, PartialEq)]
-pub enum Ending {
-    /// Every epoch or round ran; the final checkpoint.
-    Completed(PathBuf),
-    /// A signal stopped it; the checkpoint to resume from.
-    Stopped(PathBuf),
-}
-
-/// Open `metrics.jsonl` for appending after writing `text` (the log so far) into it.
-pub fn start_log(path: &Path, text: &str) -> Result<std::fs::File> {
-    let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(text.as_bytes()).map_err(|e| Error::io(path, e))?;
-    Ok(f)
-}
-
-/// Append one record to the log file and to its in-memory copy.
-pub fn log_line(f: &mut std::fs::File, path: &Path, text: &mut String, rec: &impl Serialize) -> Result<()> {
-    let line = serde_json::to_string(rec).expect("json") + "\n";
-    f.write_all(line.as_bytes()).map_err(|e| Error::io(path, e))?;
-    f.flush().map_err(|e| Error::io(path, e))?;
-    text.push_str(&line);
-    Ok(())
-}
-
-/// The network a training run trains: a fresh one, or a ticket (narrow, or full with masks).
+/// The network a run trains: a fresh one, or a ticket (narrow, or full with masks).
 struct Net {
     graph: Graph,
-    /// The ticket and, in masked mode, the masks of the parameters and the BN statistics.
     ticket: Option<TicketInfo>,
+    /// Masked tickets: the masks of the parameters and of the BN statistics.
     masks: Option<(Vec<f32>, Vec<f32>)>,
+    /// The ticket file a fine-tuning run starts from (not when resuming).
+    start: Option<Checkpoint>,
 }
 
 impl Net {
-    fn build(cfg: &TrainConfig, h: usize, w: usize, ticket: Option<TicketInfo>) -> Result<Net> {
-        let Some(info) = ticket else {
+    /// The network of `cfg` on h x w inputs: from the checkpoint being resumed, else from the
+    /// ticket file, else fresh.
+    fn resolve(cfg: &TrainConfig, resumed: Option<&checkpoint::Found>, h: usize, w: usize) -> Result<Net> {
+        let start = match (&cfg.ticket, resumed) {
+            (Some(t), None) => {
+                let c = Checkpoint::read(t)?;
+                if c.kind != Kind::Ticket || c.ticket.is_none() {
+                    return Err(Error::format(
+                        t,
+                        format!("is a {} checkpoint, not a ticket (make one with loft prune)", c.kind),
+                    ));
+                }
+                Some(c)
+            }
+            _ => None,
+        };
+        let info = match (resumed, &start) {
+            (Some(f), _) => f.checkpoint.ticket.clone(),
+            (None, Some(t)) => t.ticket.clone(),
+            (None, None) => None,
+        };
+        let Some(info) = info else {
             return Ok(Net {
                 graph: Graph::build(&cfg.arch, h, w, None)?,
                 ticket: None,
                 masks: None,
+                start,
             });
         };
         let (full_all, _, graph, idx) = prune::ticket_graphs(&cfg.arch, h, w, &info)?;
@@ -251,41 +167,71 @@ impl Net {
             graph,
             ticket: Some(info),
             masks,
+            start,
         })
-    }
-
-    /// Hold the pruned values at zero (masked tickets): parameters, momentum, statistics.
-    fn apply_masks(&self, model: &mut Model<CpuBackend<f32>>) {
-        if let Some((mp, ms)) = &self.masks {
-            for (v, m) in model.params.iter_mut().zip(mp) {
-                *v *= m;
-            }
-            for (v, m) in model.momentum.iter_mut().zip(mp) {
-                *v *= m;
-            }
-            for (v, m) in model.stats.iter_mut().zip(ms) {
-                *v *= m;
-            }
-        }
     }
 }
 
-/// Train and evaluate on every rank of `comm` (data-parallel when there are several: each
-/// rank trains on its shard with the gradients averaged every step); returns the summary.
+/// Command-specific facts of `config.json`.
+#[derive(Serialize)]
+struct TrainFacts<'a> {
+    params: ParamCounts,
+    ticket: &'a Option<TicketInfo>,
+    train_samples: usize,
+    test_samples: usize,
+    steps_per_epoch: usize,
+    normalisation: Normalisation<'a>,
+}
+
+/// Shared, partitioned and total parameters.
+#[derive(Serialize)]
+struct ParamCounts {
+    shared: usize,
+    partitioned: usize,
+    total: usize,
+}
+
+/// Per-channel normalisation of the inputs.
+#[derive(Serialize)]
+struct Normalisation<'a> {
+    mean: &'a [f32],
+    std: &'a [f32],
+}
+
+/// A training run in progress on one rank.
+struct DenseRun<'c, 'd, B: Backend> {
+    cfg: &'c TrainConfig,
+    ctl: &'c RunControl,
+    kind: Kind,
+    trainer: Trainer<'d, B>,
+    eval: Evaluation<'c, 'd>,
+    sched: Schedule,
+    steps_per_epoch: usize,
+    st: State,
+    dir: RunDir,
+    mode: Mode,
+    ticket: Option<TicketInfo>,
+    config_json: String,
+    wall: Instant,
+    wall_before: f64,
+}
+
+/// Train and evaluate on every rank of `comm` on backend `be` (data-parallel when there are
+/// several ranks: each rank trains on its shard with the gradients averaged every step).
 /// Rank 0 writes the run directory as it goes.
-pub fn run(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Result<TrainSummary> {
+pub fn run<B: Backend>(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm, be: Arc<B>) -> Result<TrainSummary> {
     cfg.validate()?;
     ctl.saver.validate()?;
+    let kind = cfg.kind();
+    let resumed = ctl.resumed(kind)?;
     let (rank, ranks) = (comm.rank(), comm.size());
     let lead = rank == 0;
-    let kind = if cfg.ticket.is_some() { "finetune" } else { "train" };
     if lead {
-        prepare_out_dir(&cfg.out)?;
+        crate::rundir::prepare(&cfg.out)?;
         ctl.saver.prepare()?;
     }
-    let mode = if lead { Mode::parse(&cfg.progress)? } else { Mode::Quiet };
     let wall = Instant::now();
-    let split = load_for(
+    let split = engine::load_data(
         &cfg.arch,
         &cfg.dataset,
         &cfg.data_dir,
@@ -294,40 +240,17 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Result<T
     )?;
     let (train, test) = (&split.train, &split.test);
     let identity = DataIdentity::of(train, test);
-    let (mean, std) = (identity.mean.clone(), identity.std.clone());
-    // The ticket (fine-tuning): from the checkpoint being resumed, else from its file.
-    let ticket_file = match (&cfg.ticket, &ctl.resume) {
-        (Some(t), None) => {
-            let c = Checkpoint::read(t)?;
-            if c.kind != "ticket" || c.ticket.is_none() {
-                return Err(Error::format(
-                    t,
-                    format!("is a {} checkpoint, not a ticket (make one with loft prune)", c.kind),
-                ));
-            }
-            Some(c)
-        }
-        _ => None,
-    };
-    let info = match (&ctl.resume, &ticket_file) {
-        (Some(f), _) => f.checkpoint.ticket.clone(),
-        (None, Some(t)) => t.ticket.clone(),
-        (None, None) => None,
-    };
-    let net = Net::build(cfg, train.height, train.width, info)?;
-    let (shared, partitioned) = net.graph.param_counts();
-    let be = Arc::new(CpuBackend::<f32>::new());
+    let net = Net::resolve(cfg, resumed, train.height, train.width)?;
     let mut model = Model::new(be.clone(), net.graph.clone(), cfg.batch_size)?;
     model.init(cfg.seed)?;
-    if let (Some(t), Some(path)) = (&ticket_file, &cfg.ticket) {
+    if let (Some(t), Some(path)) = (&net.start, &cfg.ticket) {
         // fine-tuning may use other data than pre-training (e.g. the full training set)
         t.check_network(path, &model.graph.params, &model.graph.stats)?;
-        model.params.copy_from_slice(&t.params);
-        model.stats.copy_from_slice(&t.stats);
+        model.load(&t.params, &t.stats, None)?;
     }
-
-    // Data: one shard per rank when data-parallel; every rank takes the same number of
-    // full batches per epoch.
+    // Data: one shard per rank when data-parallel; every rank takes the same number of full
+    // batches per epoch.
+    let (mean, std) = (identity.mean.clone(), identity.std.clone());
     let mut train_loader = Loader::new(
         train,
         cfg.batch_size,
@@ -342,18 +265,6 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Result<T
     if ranks > 1 {
         train_loader = train_loader.with_shard(rank, ranks);
     }
-    let test_loader = Loader::new(
-        test,
-        cfg.batch_size,
-        mean.clone(),
-        std.clone(),
-        Augment::none(),
-        false,
-        false,
-        cfg.seed,
-        0,
-    )
-    .with_shard(rank, ranks);
     let steps_per_epoch = if ranks > 1 {
         (train.len() / ranks) / cfg.batch_size
     } else {
@@ -366,63 +277,68 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Result<T
             cfg.batch_size
         )));
     }
-    let sched = Schedule {
-        base_lr: cfg.lr,
-        kind: cfg.schedule.clone(),
-        warmup_steps: (cfg.warmup_epochs * steps_per_epoch as f64).round() as usize,
-        steps_per_epoch,
-        total_steps: steps_per_epoch * cfg.epochs,
-    };
-
-    // Where the run starts: the beginning, or a checkpoint.
+    let test_loader = Loader::new(
+        test,
+        cfg.batch_size,
+        mean.clone(),
+        std.clone(),
+        Augment::none(),
+        false,
+        false,
+        cfg.seed,
+        0,
+    )
+    .with_shard(rank, ranks);
     let mut st = State {
         workers: ranks,
         data: identity.clone(),
         ..State::default()
     };
     let mut log_text = String::new();
-    if let Some(f) = &ctl.resume {
+    if let Some(f) = resumed {
         let c = &f.checkpoint;
-        if c.kind != kind {
-            return Err(Error::format(
-                &f.path,
-                format!("is a {} checkpoint; resume it with loft {}", c.kind, c.kind),
-            ));
-        }
         c.check_fits(&f.path, &model.graph.params, &model.graph.stats, &identity, ranks)?;
-        model.params.copy_from_slice(&c.params);
-        model.stats.copy_from_slice(&c.stats);
-        model.momentum.copy_from_slice(&c.momentum);
+        engine::restore(&mut model, c)?;
         checkpoint::restore_ledger(comm, c, rank);
         st = c.state.clone();
         log_text = c.metrics_log.clone();
     }
-
-    let resolved = serde_json::json!({
-        "config": cfg,
-        "kind": kind,
-        "device": be.name(),
-        "ranks": ranks,
-        "threads": rayon::current_num_threads(),
-        "params": { "shared": shared, "partitioned": partitioned, "total": shared + partitioned },
-        "ticket": &net.ticket,
-        "train_samples": train.len(),
-        "test_samples": test.len(),
-        "steps_per_epoch": steps_per_epoch,
-        "normalisation": { "mean": &mean, "std": &std },
-        "resumed_from": ctl.resume.as_ref().map(|f| &f.path),
-        "version": env!("CARGO_PKG_VERSION"),
-    });
-    let log_path = cfg.out.join("metrics.jsonl");
-    let mut log = None;
-    if lead {
-        write_atomic(
-            &cfg.out.join("config.json"),
-            serde_json::to_string_pretty(&resolved).expect("json").as_bytes(),
-        )?;
-        log = Some(start_log(&log_path, &log_text)?);
+    let (shared, partitioned) = net.graph.param_counts();
+    let mut stream = Stream::new(train_loader, steps_per_epoch, cfg.batch_size, train.image_len());
+    stream.drawn = st.epoch * steps_per_epoch as u64 + st.batch;
+    let mut trainer = Trainer::new(model, stream);
+    if ranks > 1 {
+        trainer = trainer.data_parallel(true);
     }
-
+    if let Some((mp, ms)) = &net.masks {
+        trainer = trainer.with_masks(mp, ms)?;
+    }
+    let dir = RunDir::open(&cfg.out, lead, log_text)?;
+    dir.write(
+        "config.json",
+        &ConfigFile {
+            config: cfg,
+            kind: kind.name(),
+            device: be.name(),
+            ranks,
+            threads: rayon::current_num_threads(),
+            extra: TrainFacts {
+                params: ParamCounts {
+                    shared,
+                    partitioned,
+                    total: shared + partitioned,
+                },
+                ticket: &net.ticket,
+                train_samples: train.len(),
+                test_samples: test.len(),
+                steps_per_epoch,
+                normalisation: Normalisation { mean: &mean, std: &std },
+            },
+            resumed_from: resumed.map(|f| f.path.as_path()),
+            version: env!("CARGO_PKG_VERSION"),
+        },
+    )?;
+    let mode = cfg.progress.mode(lead);
     if mode != Mode::Quiet {
         eprintln!(
             "loft {kind}: {} (base {}, inner x{}) {:.2}M params on {} ({} train / {} test), {}, {ranks} rank(s), {} epochs x {} steps",
@@ -437,7 +353,7 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Result<T
             cfg.epochs,
             steps_per_epoch
         );
-        if let Some(f) = &ctl.resume {
+        if let Some(f) = resumed {
             eprintln!(
                 "resuming from {} (epoch {}, batch {}, step {})",
                 f.path.display(),
@@ -447,116 +363,130 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Result<T
             );
         }
     }
-    let config_json = serde_json::to_string(cfg).expect("json");
-    let wall_before = st.wall_s;
-    // The checkpoint of the current (replicated) state.
-    let save = |model: &Model<CpuBackend<f32>>, st: &State, log_text: &str, comm: &mut dyn Comm| -> Result<PathBuf> {
-        let mut st = st.clone();
-        st.wall_s = wall_before + wall.elapsed().as_secs_f64();
-        let step = st.step;
-        let make = || Checkpoint {
-            kind: kind.into(),
-            method: "dense".into(),
-            config: config_json.clone(),
-            data_position: Vec::new(),
-            state: st,
-            seed: cfg.seed,
-            params: model.params.clone(),
-            param_layout: model.graph.params.clone(),
-            stats: model.stats.clone(),
-            stat_layout: model.graph.stats.clone(),
-            momentum: model.momentum.clone(),
-            partition: None,
-            ledgers: Vec::new(),
-            metrics_log: log_text.to_string(),
-            ticket: net.ticket.clone(),
-            reference: None,
-        };
-        checkpoint::save_across_ranks(&ctl.saver, comm, make, &[step], ranks == 1, step)
+    let mut r = DenseRun {
+        cfg,
+        ctl,
+        kind,
+        trainer,
+        eval: Evaluation::new(&test_loader, cfg.batch_size, test.image_len()),
+        sched: Schedule {
+            base_lr: cfg.lr,
+            kind: cfg.schedule.clone(),
+            warmup_steps: (cfg.warmup_epochs * steps_per_epoch as f64).round() as usize,
+            steps_per_epoch,
+            total_steps: steps_per_epoch * cfg.epochs,
+        },
+        steps_per_epoch,
+        wall_before: st.wall_s,
+        st,
+        dir,
+        mode,
+        ticket: net.ticket.clone(),
+        config_json: serde_json::to_string(cfg).expect("json"),
+        wall,
     };
-    let sample_len = train.image_len();
-    let mut x = vec![0f32; cfg.batch_size * sample_len];
-    let mut y = vec![0u32; cfg.batch_size];
-    let mut ending = None;
-    let inv = 1.0 / ranks as f32;
-    while (st.epoch as usize) < cfg.epochs && ending.is_none() {
-        let epoch = st.epoch as usize;
+    r.run(comm, &be.name())
+}
+
+impl<B: Backend> DenseRun<'_, '_, B> {
+    /// Epochs until the end or a stop; then the summary.
+    fn run(&mut self, comm: &mut dyn Comm, backend: &str) -> Result<TrainSummary> {
+        let mut ending = None;
+        while (self.st.epoch as usize) < self.cfg.epochs && ending.is_none() {
+            ending = self.epoch(comm)?;
+        }
+        let ending = match ending {
+            Some(e) => e,
+            // resumed from the final checkpoint of a finished run: nothing left to do
+            None => Ending::Completed(self.ctl.resume.as_ref().map(|f| f.path.clone()).unwrap_or_default()),
+        };
+        if let Ending::Stopped(p) = &ending {
+            if self.mode != Mode::Quiet {
+                eprintln!(
+                    "loft {}: stopped by {} at epoch {} batch {}; checkpoint {}",
+                    self.kind,
+                    self.ctl.stop.signal_name(),
+                    self.st.epoch + 1,
+                    self.st.batch,
+                    p.display()
+                );
+            }
+        }
+        let summary = TrainSummary {
+            final_test_acc: self.st.last_acc,
+            best_test_acc: self.st.best_acc,
+            wall_s: self.wall.elapsed().as_secs_f64(),
+            out: self.cfg.out.clone(),
+            ending,
+            device: self.cfg.device,
+            backend: backend.to_string(),
+        };
+        if matches!(summary.ending, Ending::Completed(_)) {
+            self.dir.write("summary.json", &summary)?;
+        }
+        Ok(summary)
+    }
+
+    /// The rest of the current epoch, its evaluation and record, and the checkpoint that is
+    /// due. Returns how the run ended, if it did.
+    fn epoch(&mut self, comm: &mut dyn Comm) -> Result<Option<Ending>> {
+        let epoch = self.st.epoch as usize;
         let t0 = Instant::now();
-        let order = train_loader.order(epoch as u64);
-        let seen_before = st.accum[2];
-        let mut bar = Progress::new(mode, format!("epoch {}/{}", epoch + 1, cfg.epochs), steps_per_epoch);
-        let mut lr = sched.lr(st.step as usize);
-        while (st.batch as usize) < steps_per_epoch {
-            let b = st.batch as usize;
-            let n = train_loader.fill(&order, epoch as u64, b, &mut x, &mut y);
-            model.set_batch(n, &x, &y)?;
-            lr = sched.lr(st.step as usize);
+        let seen_before = self.st.accum[2];
+        let label = format!("epoch {}/{}", epoch + 1, self.cfg.epochs);
+        let mut bar = Progress::new(self.mode, label, self.steps_per_epoch);
+        let mut lr = self.sched.lr(self.st.step as usize);
+        while (self.st.batch as usize) < self.steps_per_epoch {
+            lr = self.sched.lr(self.st.step as usize);
             let hp = Sgd {
                 lr: lr as f32,
-                momentum: cfg.momentum as f32,
-                weight_decay: cfg.weight_decay as f32,
+                momentum: self.cfg.momentum as f32,
+                weight_decay: self.cfg.weight_decay as f32,
             };
-            // one step; the sums of this step over all ranks, and whether any rank must stop
-            let mut m = if ranks == 1 {
-                let (l, c) = model.train_step(n, &hp)?;
-                [l, c as f64, n as f64, ctl.stop.requested() as u8 as f64]
-            } else {
-                model.forward(n, true);
-                let (l, c) = model.loss(n, true)?;
-                model.backward(n);
-                comm.allreduce_sum(Purpose::Gradients, &mut model.grads);
-                model.grads.iter_mut().for_each(|g| *g *= inv);
-                model.sgd_step(&hp);
-                // running statistics are linear in the batch statistics: averaging them every
-                // step keeps the replicas identical at every step
-                comm.allreduce_sum(Purpose::Gradients, &mut model.stats);
-                model.stats.iter_mut().for_each(|v| *v *= inv);
-                let mut m = [l, c as f64, n as f64, ctl.stop.requested() as u8 as f64];
+            let s = self.trainer.step(&hp, comm)?;
+            // the sums of this step over all ranks, and whether any rank must stop
+            let mut m = [
+                s.loss,
+                s.correct as f64,
+                s.samples as f64,
+                self.ctl.stop.requested() as u8 as f64,
+            ];
+            if comm.size() > 1 {
                 comm.allreduce_sum_f64(Purpose::Metrics, &mut m);
-                m
-            };
-            net.apply_masks(&mut model);
+            }
             if !m[0].is_finite() {
                 bar.finish();
-                return Err(Error::config(format!(
-                    "training diverged at epoch {} step {} (loss {}); lower --lr or add --warmup-epochs",
-                    epoch + 1,
-                    b + 1,
-                    m[0]
-                )));
+                let at = format!("at epoch {} step {}", epoch + 1, self.st.batch + 1);
+                return Err(engine::diverged(m[0], &at, "lower --lr or add --warmup-epochs"));
             }
-            for (a, v) in st.accum.iter_mut().zip(&mut m[..3]) {
+            for (a, v) in self.st.accum.iter_mut().zip(&m[..3]) {
                 *a += *v;
             }
-            st.step += 1;
-            st.batch += 1;
-            let [loss_sum, correct, seen] = st.accum;
+            self.st.step += 1;
+            self.st.batch += 1;
+            let [loss_sum, correct, seen] = self.st.accum;
             let ips = (seen - seen_before) / t0.elapsed().as_secs_f64();
-            bar.update(b + 1, || {
+            bar.update(self.st.batch as usize, || {
                 format!(
                     "loss {:.4} acc {:.2}% lr {lr:.4} {ips:.0} img/s",
                     loss_sum / seen,
                     100.0 * correct / seen
                 )
             });
-            if m[3] > 0.0 && (st.batch as usize) < steps_per_epoch {
+            if m[3] > 0.0 && (self.st.batch as usize) < self.steps_per_epoch {
                 bar.finish();
-                ending = Some(Ending::Stopped(save(&model, &st, &log_text, comm)?));
-                break;
+                return Ok(Some(Ending::Stopped(self.save(comm)?)));
             }
-        }
-        if ending.is_some() {
-            break;
         }
         bar.finish();
         let train_time = t0.elapsed().as_secs_f64();
-        let (test_loss, test_acc) = evaluate_on(&mut model, &test_loader, &mut x, &mut y, comm)?;
-        st.last_acc = test_acc;
-        st.best_acc = st.best_acc.max(test_acc);
-        let [loss_sum, correct, seen] = st.accum;
+        let (test_loss, test_acc) = self.eval.run(&mut self.trainer.model, comm, 0)?;
+        self.st.last_acc = test_acc;
+        self.st.best_acc = self.st.best_acc.max(test_acc);
+        let [loss_sum, correct, seen] = self.st.accum;
         let rec = EpochRecord {
             epoch: epoch + 1,
-            step: st.step as usize,
+            step: self.st.step as usize,
             lr,
             train_loss: loss_sum / seen,
             train_acc: 100.0 * correct / seen,
@@ -565,14 +495,12 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Result<T
             epoch_time_s: t0.elapsed().as_secs_f64(),
             train_images_per_s: (seen - seen_before) / train_time,
         };
-        if let Some(f) = log.as_mut() {
-            log_line(f, &log_path, &mut log_text, &rec)?;
-        }
-        if mode != Mode::Quiet {
+        self.dir.log(&rec)?;
+        if self.mode != Mode::Quiet {
             eprintln!(
                 "epoch {}/{}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% | {:.1}s, {:.0} img/s",
                 epoch + 1,
-                cfg.epochs,
+                self.cfg.epochs,
                 rec.train_loss,
                 rec.train_acc,
                 test_loss,
@@ -581,77 +509,50 @@ pub fn run(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Result<T
                 rec.train_images_per_s
             );
         }
-        st.epoch += 1;
-        st.batch = 0;
-        st.accum = [0.0; 3];
-        st.done = st.epoch as usize == cfg.epochs;
+        self.st.epoch += 1;
+        self.st.batch = 0;
+        self.st.accum = [0.0; 3];
+        self.st.done = self.st.epoch as usize == self.cfg.epochs;
         // every rank agrees on stopping (a signal may reach the ranks at different times)
-        let mut stop = [ctl.stop.requested() as u8 as f64];
-        if ranks > 1 {
+        let mut stop = [self.ctl.stop.requested() as u8 as f64];
+        if comm.size() > 1 {
             comm.allreduce_sum_f64(Purpose::Control, &mut stop);
         }
-        if st.done {
-            ending = Some(Ending::Completed(save(&model, &st, &log_text, comm)?));
+        Ok(if self.st.done {
+            Some(Ending::Completed(self.save(comm)?))
         } else if stop[0] > 0.0 {
-            ending = Some(Ending::Stopped(save(&model, &st, &log_text, comm)?));
-        } else if ctl.saver.due(st.epoch as usize) {
-            save(&model, &st, &log_text, comm)?;
-        }
+            Some(Ending::Stopped(self.save(comm)?))
+        } else {
+            if self.ctl.saver.due(self.st.epoch as usize) {
+                self.save(comm)?;
+            }
+            None
+        })
     }
-    let ending = match ending {
-        Some(e) => e,
-        // resumed from the final checkpoint of a finished run: nothing left to do
-        None => Ending::Completed(ctl.resume.as_ref().map(|f| f.path.clone()).unwrap_or_default()),
-    };
-    if let Ending::Stopped(p) = &ending {
-        if mode != Mode::Quiet {
-            eprintln!(
-                "loft {kind}: stopped by {} at epoch {} batch {}; checkpoint {}",
-                ctl.stop.signal_name(),
-                st.epoch + 1,
-                st.batch,
-                p.display()
-            );
-        }
-    }
-    let summary = TrainSummary {
-        final_test_acc: st.last_acc,
-        best_test_acc: st.best_acc,
-        wall_s: wall.elapsed().as_secs_f64(),
-        out: cfg.out.clone(),
-        ending,
-    };
-    if lead && matches!(summary.ending, Ending::Completed(_)) {
-        write_atomic(
-            &cfg.out.join("summary.json"),
-            serde_json::to_string_pretty(&summary).expect("json").as_bytes(),
-        )?;
-    }
-    Ok(summary)
-}
 
-/// Mean loss and accuracy (%) of the model (running BN statistics) over the test shards of
-/// all ranks, i.e. over the whole set.
-pub fn evaluate_on(
-    model: &mut Model<CpuBackend<f32>>,
-    loader: &Loader<'_>,
-    x: &mut [f32],
-    y: &mut [u32],
-    comm: &mut dyn Comm,
-) -> Result<(f64, f64)> {
-    let order = loader.order(0);
-    let (mut loss, mut correct, mut seen) = (0.0, 0.0, 0.0);
-    for b in 0..loader.batches_per_epoch() {
-        let n = loader.fill(&order, 0, b, x, y);
-        model.set_batch(n, x, y)?;
-        let (l, c) = model.eval_step(n)?;
-        loss += l;
-        correct += c as f64;
-        seen += n as f64;
+    /// Write the checkpoint of the current (replicated) state.
+    fn save(&self, comm: &mut dyn Comm) -> Result<PathBuf> {
+        let mut st = self.st.clone();
+        st.wall_s = self.wall_before + self.wall.elapsed().as_secs_f64();
+        let step = st.step;
+        let model = &self.trainer.model;
+        let make = || {
+            engine::checkpoint_of(
+                model,
+                Record {
+                    kind: self.kind,
+                    method: Method::Dense,
+                    config: &self.config_json,
+                    state: st,
+                    seed: self.cfg.seed,
+                    partition: None,
+                    metrics_log: self.dir.log_text(),
+                    ticket: self.ticket.clone(),
+                    reference: None,
+                },
+            )
+        };
+        let single = comm.size() == 1;
+        checkpoint::save_across_ranks(&self.ctl.saver, comm, make, &[step], single, step)
     }
-    let mut e = [loss, correct, seen];
-    if comm.size() > 1 {
-        comm.allreduce_sum_f64(Purpose::Metrics, &mut e);
-    }
-    Ok((e[0] / e[2].max(1.0), 100.0 * e[1] / e[2].max(1.0)))
 }

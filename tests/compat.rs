@@ -46,8 +46,16 @@ fn resumes_bit_identically(command: &str, file: &str, key: &str) {
     let files = loft::checkpoint::list(&dir.join("checkpoints")).unwrap();
     let last = loft::checkpoint::Checkpoint::read(&files.last().expect("a final checkpoint").1).unwrap();
     assert_eq!(fnv(&last.params), want["params"].as_str().unwrap(), "parameters differ");
-    assert_eq!(fnv(&last.stats), want["stats"].as_str().unwrap(), "BN statistics differ");
-    assert_eq!(fnv(&last.momentum), want["momentum"].as_str().unwrap(), "momentum differs");
+    assert_eq!(
+        fnv(&last.stats),
+        want["stats"].as_str().unwrap(),
+        "BN statistics differ"
+    );
+    assert_eq!(
+        fnv(&last.momentum),
+        want["momentum"].as_str().unwrap(),
+        "momentum differs"
+    );
     let log = metrics_without_timings(&dir);
     assert_eq!(serde_json::Value::Array(log), want["metrics"], "metric logs differ");
     let _ = std::fs::remove_dir_all(&dir);

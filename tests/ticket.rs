@@ -127,7 +127,7 @@ fn masked_and_narrow_fine_tuning_give_the_same_parameters() {
     let (full_all, pruned_all, _, idx) = prune::ticket_graphs(&arch, h, w, &info).unwrap();
     let part = prune::keep_partition(&idx, &info);
     let mut kept = vec![0.0f32; pruned_all.params.total];
-    loft::loft::slices::extract(&full_all.params, &pruned_all.params, &part, 0, &fm.params, &mut kept);
+    loft::model::slices::extract(&full_all.params, &pruned_all.params, &part, 0, &fm.params, &mut kept);
     let mask = prune::mask(&full_all.params, &idx, &info);
     assert!(
         fm.params.iter().zip(&mask).all(|(v, m)| *m == 1.0 || *v == 0.0),

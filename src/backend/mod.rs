@@ -5,17 +5,45 @@
 //! ([`cpu::CpuBackend`], generic over f32/f64 so gradient checks run in f64) or a GPU.
 //! Every op's geometry comes from [`crate::ops`]; backends do no shape arithmetic of their own.
 //! Ops with an `accumulate` flag add into their output instead of overwriting it.
+//!
+//! Ops are queued, not checked: a device may run them asynchronously and report a failure
+//! only later. [`Backend::sync`] is the checked point; the engine calls it once per step, so
+//! a failed device ends the run with a one-line error instead of wrong numbers.
+//!
+//! Host transfers are explicit and few: [`Backend::upload`] (inputs, labels, initial and
+//! restored weights), [`Backend::download_into`] (the two loss numbers of a step),
+//! [`Backend::read_host`] (checkpoints, distances, outgoing collective payloads) and
+//! [`Backend::with_host_mut`] (collectives that write a buffer), plus
+//! [`Backend::prepare_runs`] (the run tables of a LoFT round). On the CPU the last three
+//! borrow the buffer itself and copy nothing.
 
 pub mod cpu;
+pub mod device;
+
+pub use device::Device;
 
 use crate::ops::{BatchNorm, Conv2d, Linear, Pool2d, Sgd};
 use crate::Result;
+use std::borrow::Cow;
+use std::sync::Arc;
+
+/// One contiguous copy of a run table: `len` elements from offset `src` of the source view to
+/// offset `dst` of the destination view. A table of runs gathers a rank's filter slices into a
+/// packed buffer, scatters them back, or maps one model's layout onto another's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub src: usize,
+    pub dst: usize,
+    pub len: usize,
+}
 
 /// A compute device with its buffers and ops. Buffers hold the backend's scalar type; the
 /// host side always speaks f32 (or f64 for checks).
-pub trait Backend: Send + Sync {
+pub trait Backend: Send + Sync + 'static {
     /// An owned device buffer.
     type Buf: Send + Sync;
+    /// A run table prepared for [`Backend::copy_runs`] (on a GPU: uploaded once).
+    type Runs: Send + Sync;
     /// A read-only view of part of a buffer.
     type View<'a>: Copy
     where
@@ -27,6 +55,10 @@ pub trait Backend: Send + Sync {
 
     /// Human-readable device name.
     fn name(&self) -> String;
+    /// Bytes of the backend's own workspace (scratch buffers of its ops).
+    fn workspace_bytes(&self) -> usize {
+        0
+    }
     /// A zero-filled buffer of `len` elements.
     fn alloc(&self, len: usize) -> Result<Self::Buf>;
     /// Number of elements of a buffer.
@@ -41,6 +73,16 @@ pub trait Backend: Send + Sync {
     fn download_f64(&self, src: &Self::Buf) -> Result<Vec<f64>>;
     /// Copy the first `dst.len()` elements of a buffer into a host slice (no allocation).
     fn download_into(&self, src: &Self::Buf, dst: &mut [f64]) -> Result<()>;
+    /// `len` elements at `off` as f32 on the host: the buffer itself where it is host memory
+    /// of f32 (the CPU backend), otherwise a device-to-host copy.
+    fn read_host<'a>(&self, b: &'a Self::Buf, off: usize, len: usize) -> Result<Cow<'a, [f32]>>;
+    /// Run `f` on `len` elements at `off` as a writable host f32 slice and keep what it wrote:
+    /// in place on the CPU, a download before and an upload after on a device.
+    fn with_host_mut<R>(&self, b: &mut Self::Buf, off: usize, len: usize, f: impl FnOnce(&mut [f32]) -> R)
+        -> Result<R>;
+    /// The checked point: wait for every queued op and report the first failure since the
+    /// last call (an out-of-memory, a launch error, a fault inside a kernel).
+    fn sync(&self) -> Result<()>;
     /// View of `len` elements at `off`.
     fn view<'a>(&self, b: &'a Self::Buf, off: usize, len: usize) -> Self::View<'a>;
     /// Writable view of `len` elements at `off`.
@@ -53,6 +95,15 @@ pub trait Backend: Send + Sync {
     fn fill(&self, x: Self::ViewMut<'_>, value: f32);
     /// `dst = src` or `dst += src`.
     fn copy(&self, src: Self::View<'_>, dst: Self::ViewMut<'_>, accumulate: bool);
+    /// `x *= a` (averaging after a sum over ranks).
+    fn scale(&self, x: Self::ViewMut<'_>, a: f32);
+    /// `y += a x`.
+    fn axpy(&self, a: f32, x: Self::View<'_>, y: Self::ViewMut<'_>);
+    /// Prepare a run table for [`Backend::copy_runs`] (a host-to-device transfer on a GPU).
+    fn prepare_runs(&self, runs: &[Run]) -> Result<Self::Runs>;
+    /// For every run of the table: `dst[run.dst..][..run.len] = src[run.src..][..run.len]`.
+    /// Runs never overlap in `dst`. This is the gather and the scatter of filter slices.
+    fn copy_runs(&self, runs: &Self::Runs, src: Self::View<'_>, dst: Self::ViewMut<'_>);
 
     /// Convolution forward: x `(n, c_in, h, w)`, w `(c_out, c_in, kh, kw)` -> y `(n, c_out, ho, wo)`.
     fn conv2d_forward(&self, s: &Conv2d, x: Self::View<'_>, w: Self::View<'_>, y: Self::ViewMut<'_>);
@@ -184,7 +235,22 @@ pub trait Backend: Send + Sync {
 
     /// One SGD step over a flat buffer: `g += wd p; m = mu m + g; p -= lr m`.
     fn sgd_step(&self, hp: &Sgd, params: Self::ViewMut<'_>, grads: Self::ViewMut<'_>, momentum: Self::ViewMut<'_>);
-    /// Multiply every element by `value` where `mask` is 0, leave it where the mask is 1;
-    /// i.e. `x *= mask` for a 0/1 mask.
+    /// `x *= mask` for a 0/1 mask: zero where the mask is 0, unchanged where it is 1.
     fn apply_mask(&self, x: Self::ViewMut<'_>, mask: Self::View<'_>);
+}
+
+/// Work that runs on whichever backend the device choice gives: each computing command
+/// implements it once, generically, and [`run_on`] picks the backend.
+pub trait OnDevice {
+    /// What the work returns.
+    type Output;
+    /// Run on backend `be`.
+    fn run<B: Backend>(self, be: Arc<B>) -> Result<Self::Output>;
+}
+
+/// Run `work` on the backend `device` resolves to. The one place that names a backend type.
+pub fn run_on<W: OnDevice>(device: Device, work: W) -> Result<W::Output> {
+    match device.resolve()? {
+        device::Resolved::Cpu => work.run(Arc::new(cpu::CpuBackend::<f32>::new())),
+    }
 }

@@ -1,7 +1,6 @@
 //! `loft comm`: communication volumes of a model under four accountings, as a table or JSON.
 
 use super::accounting::{self as acc, ModelCounts};
-use crate::cli::CommArgs;
 use crate::model::{ArchSpec, Graph, Stem};
 use crate::{Error, Result};
 use serde_json::json;
@@ -53,8 +52,28 @@ fn paper_graph(arch: &str, classes: usize, stem: Stem) -> Result<Graph> {
     Graph::build(&s, hw, hw, None)
 }
 
+/// What `loft comm` is asked.
+#[derive(Clone, Debug)]
+pub struct Query {
+    /// The network and its input size (height = width).
+    pub spec: ArchSpec,
+    pub input_size: usize,
+    /// Workers S, rounds R, local steps and batch per worker of the LoFT run.
+    pub workers: usize,
+    pub rounds: usize,
+    pub local_steps: usize,
+    pub batch_size: usize,
+    /// Samples of GPipe and data-parallel training (default: those of the LoFT run).
+    pub samples: Option<u64>,
+    /// GPipe cut positions (stages after which the network is cut).
+    pub cuts: Option<Vec<usize>>,
+    /// Print the paper's figures instead.
+    pub paper: bool,
+    pub json: bool,
+}
+
 /// Run `loft comm`.
-pub fn run(a: &CommArgs) -> Result<()> {
+pub fn run(a: &Query) -> Result<()> {
     if a.workers == 0 || a.rounds == 0 || a.local_steps == 0 || a.batch_size == 0 || a.samples == Some(0) {
         return Err(Error::config(
             "--workers, --rounds, --local-steps, --batch-size and --samples must be at least 1",
@@ -144,10 +163,8 @@ pub fn run(a: &CommArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let stem = Stem::parse(&a.model.stem)?;
-    let size = a.input_size.unwrap_or(if stem == Stem::Imagenet { 224 } else { 32 });
-    let spec = a.model.spec(a.in_channels, 10)?;
-    let g = Graph::build(&spec, size, size, None)?;
+    let spec = &a.spec;
+    let g = Graph::build(spec, a.input_size, a.input_size, None)?;
     let cuts = a.cuts.clone().unwrap_or_else(|| acc::default_cuts(a.workers));
     if let Some(c) = cuts.iter().find(|&&c| !(1..=3).contains(&c)) {
         return Err(Error::config(format!("--cuts: stage {c} is not in 1..=3")));

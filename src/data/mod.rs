@@ -118,21 +118,39 @@ pub enum DatasetKind {
     Synthetic(synthetic::SyntheticSpec),
 }
 
+/// The `--dataset` choice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Name {
+    /// Fashion-MNIST IDX files.
+    FashionMnist,
+    /// CIFAR-10, binary version.
+    Cifar10,
+    /// CIFAR-100, binary version.
+    Cifar100,
+    /// Generated data (no files).
+    Synthetic,
+}
+
 /// The CLI names accepted by [`DatasetKind::parse`].
 const KIND_NAMES: &str = "fashion-mnist, cifar10, cifar100, synthetic";
 
 impl DatasetKind {
-    /// Parse the CLI names "fashion-mnist", "cifar10", "cifar100", "synthetic" (synthetic uses
-    /// SyntheticSpec::default()). Unknown name -> Error::config listing the valid names.
+    /// Parse a CLI name ("fashion-mnist", "cifar10", "cifar100", "synthetic"). Unknown name ->
+    /// Error::config listing the valid names.
     pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "fashion-mnist" => Ok(DatasetKind::FashionMnist),
-            "cifar10" => Ok(DatasetKind::Cifar10),
-            "cifar100" => Ok(DatasetKind::Cifar100),
-            "synthetic" => Ok(DatasetKind::Synthetic(synthetic::SyntheticSpec::default())),
-            other => Err(Error::config(format!(
-                "unknown data set `{other}`; valid names: {KIND_NAMES}"
-            ))),
+        use clap::ValueEnum;
+        Name::from_str(s, false)
+            .map(DatasetKind::of)
+            .map_err(|_| Error::config(format!("unknown data set `{s}`; valid names: {KIND_NAMES}")))
+    }
+
+    /// The data set a CLI name means (synthetic uses `SyntheticSpec::default()`).
+    pub fn of(name: Name) -> Self {
+        match name {
+            Name::FashionMnist => DatasetKind::FashionMnist,
+            Name::Cifar10 => DatasetKind::Cifar10,
+            Name::Cifar100 => DatasetKind::Cifar100,
+            Name::Synthetic => DatasetKind::Synthetic(synthetic::SyntheticSpec::default()),
         }
     }
 

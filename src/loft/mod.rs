@@ -1,42 +1,37 @@
-//! LoFT pre-training (and its dense baseline) across ranks.
+//! LoFT pre-training (and its dense baseline) across ranks, on the engine.
 //!
-//! Every rank holds the full model. Each round, rank r extracts its narrow sub-network (the
-//! inner filters it owns in this round's [`Partition`] plus every shared tensor), runs
-//! `local_steps` SGD steps on its own data stream with a fresh optimizer, and the ranks
-//! re-assemble the model: one allreduce-mean of the shared parameters and shared BN
-//! statistics, one allgather(v) of the packed partitioned slices. With `simulate` the S
-//! workers run one after another in one process; the result is bit-identical to S ranks.
+//! Each round, rank r extracts its narrow sub-network from the assembled model (the inner
+//! filters it owns in this round's [`Partition`] plus every shared tensor), runs `local_steps`
+//! SGD steps on its own data stream with a fresh optimizer, and the ranks re-assemble the model
+//! ([`reassembly`]). With `simulate` the S workers run one after another in one process; the
+//! result is bit-identical to S ranks.
 //!
-//! The dense method trains the full model: one rank, or data-parallel over S ranks with a
-//! gradient allreduce (mean) every step.
+//! A LoFT rank holds its narrow network's training buffers and the assembled model's
+//! parameters and statistics (with the buffers of a forward-only walk for evaluation), not a
+//! second full model at training size. The dense method trains the full model: one rank, or
+//! data-parallel over S ranks with a gradient allreduce (mean) every step.
 
-pub mod partition;
-pub mod slices;
+mod reassembly;
 
-use crate::backend::cpu::CpuBackend;
-use crate::checkpoint::{self, Checkpoint, DataIdentity, State};
-use crate::comm::accounting;
-use crate::comm::{sum_in_rank_order, Comm, Purpose};
+pub use crate::checkpoint::Method;
+
+use crate::backend::{Backend, Device};
+use crate::checkpoint::{self, DataIdentity, Kind, State};
+use crate::comm::{accounting, Comm, Purpose};
 use crate::data::{Augment, DatasetKind, Loader};
-use crate::model::{ArchSpec, Graph, Model};
+use crate::engine::{self, Ending, Evaluation, Record, RunControl, Stream, Trainer};
+use crate::model::partition::Partition;
+use crate::model::{slices, ArchSpec, Graph, Model};
 use crate::ops::Sgd;
-use crate::progress::{Mode, Progress};
-use crate::schedule::{Kind, Schedule};
-use crate::train::{log_line, prepare_out_dir, start_log, write_atomic, Ending, RunControl};
+use crate::progress::{Mode, Progress, Style};
+use crate::rundir::{ConfigFile, RunDir};
+use crate::schedule::{Kind as ScheduleKind, Schedule};
 use crate::{Error, Result};
-use partition::Partition;
+use reassembly::Reassembly;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// Pre-training method.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    Loft,
-    Dense,
-}
 
 /// A resolved pre-training configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -53,7 +48,7 @@ pub struct PretrainConfig {
     pub lr: f64,
     pub momentum: f64,
     pub weight_decay: f64,
-    pub schedule: Kind,
+    pub schedule: ScheduleKind,
     pub warmup_rounds: f64,
     /// Dense only: zero the momentum every `local_steps` steps (LoFT's fresh optimizer).
     pub reset_momentum: bool,
@@ -72,7 +67,7 @@ pub struct PretrainConfig {
     /// narrow sub-networks). Evaluation only: the training state is restored afterwards.
     pub bn_recalibrate: usize,
     pub out: PathBuf,
-    pub progress: String,
+    pub progress: Style,
     /// Record the filter distance to the previous recorded point every N rounds (0: never).
     #[serde(default)]
     pub distance_every: usize,
@@ -82,6 +77,9 @@ pub struct PretrainConfig {
     /// Early-Bird style stop: end pre-training once the last 4 recorded D_idx are all <= EPS.
     #[serde(default)]
     pub early_stop: Option<f64>,
+    /// Where the run computes (checkpoints do not depend on it).
+    #[serde(default)]
+    pub device: Device,
 }
 
 fn default_ratio() -> f64 {
@@ -91,40 +89,8 @@ fn default_ratio() -> f64 {
 /// Recorded distances the early stop looks at.
 pub const EARLY_STOP_WINDOW: usize = 4;
 
-/// One LoFT worker: its narrow model and its data stream.
-struct Worker<'a> {
-    rank: usize,
-    graph: Graph,
-    model: Model<CpuBackend<f32>>,
-    loader: Loader<'a>,
-    order: Vec<usize>,
-    order_epoch: u64,
-    /// Batches drawn so far.
-    drawn: u64,
-    x: Vec<f32>,
-    y: Vec<u32>,
-}
-
-impl Worker<'_> {
-    /// Load the next batch of this worker's stream into its model; returns its size.
-    fn next_batch(&mut self) -> Result<usize> {
-        let bpe = self.loader.batches_per_epoch() as u64;
-        let (epoch, b) = (self.drawn / bpe, self.drawn % bpe);
-        if epoch != self.order_epoch || self.order.is_empty() {
-            self.order = self.loader.order(epoch);
-            self.order_epoch = epoch;
-        }
-        let n = self
-            .loader
-            .fill(&self.order, epoch, b as usize, &mut self.x, &mut self.y);
-        self.drawn += 1;
-        self.model.set_batch(n, &self.x, &self.y)?;
-        Ok(n)
-    }
-}
-
 /// One line of `metrics.jsonl`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RoundRecord {
     pub round: usize,
     pub step: usize,
@@ -142,7 +108,7 @@ pub struct RoundRecord {
 }
 
 /// Result of a pre-training run.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PretrainSummary {
     pub final_test_acc: f64,
     pub wall_s: f64,
@@ -160,12 +126,81 @@ pub struct PretrainSummary {
     pub full_flops_per_sample: f64,
     /// Bytes of rank 0's worker model buffers (parameters, gradients, momentum, statistics,
     /// activations and their gradients at the batch size), and of the full model kept for
-    /// re-assembly and evaluation.
+    /// re-assembly and evaluation (LoFT; the dense worker is the full model).
     pub worker_model_bytes: usize,
     pub full_model_bytes: usize,
+    /// Where each rank's memory goes.
+    #[serde(default)]
+    pub per_rank_memory: Vec<RankMemory>,
     pub sync_bytes_sent: u64,
     pub sync_bytes_closed_form: u64,
     pub ending: Ending,
+    /// The device chosen and the backend it ran on.
+    #[serde(default)]
+    pub device: Device,
+    #[serde(default)]
+    pub backend: String,
+}
+
+/// One rank's memory, by what it holds (bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankMemory {
+    /// The worker's activations (input batch included) and their gradients.
+    pub activations: u64,
+    pub activation_grads: u64,
+    /// The worker's parameters and statistics, and its gradients and momentum.
+    pub worker_params: u64,
+    pub worker_grads_and_momentum: u64,
+    /// The assembled full model (LoFT): parameters, statistics, kept momentum and the
+    /// activations of a forward-only walk.
+    pub full_model: u64,
+    /// Re-assembly buffers (packed shared tensors and slices).
+    pub sync_buffers: u64,
+    /// The backend's scratch (im2col and the like).
+    pub scratch: u64,
+    /// Peak resident memory of the process; what the rest does not explain is the MPI
+    /// library, the runtime, the data set and the program.
+    pub peak_rss: u64,
+}
+
+impl RankMemory {
+    /// Peak RSS not explained by the buffers above.
+    pub fn runtime_and_data(&self) -> u64 {
+        let known = self.activations
+            + self.activation_grads
+            + self.worker_params
+            + self.worker_grads_and_momentum
+            + self.full_model
+            + self.sync_buffers
+            + self.scratch;
+        self.peak_rss.saturating_sub(known)
+    }
+
+    fn to_vec(self) -> [u64; 8] {
+        [
+            self.activations,
+            self.activation_grads,
+            self.worker_params,
+            self.worker_grads_and_momentum,
+            self.full_model,
+            self.sync_buffers,
+            self.scratch,
+            self.peak_rss,
+        ]
+    }
+
+    fn from_slice(v: &[u64]) -> Self {
+        RankMemory {
+            activations: v[0],
+            activation_grads: v[1],
+            worker_params: v[2],
+            worker_grads_and_momentum: v[3],
+            full_model: v[4],
+            sync_buffers: v[5],
+            scratch: v[6],
+            peak_rss: v[7],
+        }
+    }
 }
 
 impl PretrainConfig {
@@ -180,7 +215,7 @@ impl PretrainConfig {
                 return Err(Error::config(format!("{what} must be at least 1")));
             }
         }
-        crate::train::validate_sgd(self.batch_size, self.lr, self.momentum, self.weight_decay)?;
+        engine::validate_sgd(self.batch_size, self.lr, self.momentum, self.weight_decay)?;
         if !(self.warmup_rounds >= 0.0 && self.warmup_rounds.is_finite()) {
             return Err(Error::config("--warmup-rounds must be >= 0"));
         }
@@ -204,153 +239,6 @@ impl PretrainConfig {
     }
 }
 
-/// LoFT re-assembly: one allreduce-mean of everything shared, one allgatherv of the slices.
-struct Reassembly<'g> {
-    full_graph: &'g Graph,
-    /// Every rank's sub-network (for unpacking its slices).
-    sub_graphs: &'g [Graph],
-    /// Packed slice length of every rank.
-    counts: &'g [usize],
-    /// Shared parameters + shared BN statistics (+ shared momentum).
-    shared_len: usize,
-    workers: usize,
-    /// Momentum travels with the parameters.
-    momentum: bool,
-    /// Every worker is in this process (simulation, or one rank).
-    local_all: bool,
-    /// Buffers: the shared sum `(shared_len)`, each local worker's shared pack, this rank's
-    /// packed slices, and every rank's slices in rank order `(sum counts)`.
-    shared: Vec<f32>,
-    parts: Vec<Vec<f32>>,
-    own: Vec<f32>,
-    gathered: Vec<f32>,
-}
-
-impl Reassembly<'_> {
-    /// Re-assemble `full` from the local workers (and, through `comm`, the other ranks).
-    fn sync(&mut self, p: &Partition, ws: &[Worker<'_>], full: &mut Model<CpuBackend<f32>>, comm: &mut dyn Comm) {
-        let g = self.full_graph;
-        // shared parameters and statistics: mean over workers, summed in rank order
-        self.parts.resize_with(ws.len(), Vec::new);
-        for (v, wk) in self.parts.iter_mut().zip(ws) {
-            v.clear();
-            slices::pack_shared(&wk.graph.params, &wk.model.params, v);
-            slices::pack_shared(&wk.graph.stats, &wk.model.stats, v);
-            if self.momentum {
-                slices::pack_shared(&wk.graph.params, &wk.model.momentum, v);
-            }
-        }
-        self.shared.resize(self.shared_len, 0.0);
-        let refs: Vec<&[f32]> = self.parts.iter().map(|v| &v[..]).collect();
-        sum_in_rank_order(&refs, &mut self.shared);
-        comm.allreduce_sum(Purpose::Sync, &mut self.shared);
-        let inv = self.workers as f32;
-        for v in self.shared.iter_mut() {
-            *v /= inv;
-        }
-        let mut used = slices::unpack_shared(&g.params, &self.shared, &mut full.params);
-        used += slices::unpack_shared(&g.stats, &self.shared[used..], &mut full.stats);
-        if self.momentum {
-            slices::unpack_shared(&g.params, &self.shared[used..], &mut full.momentum);
-        }
-        // partitioned slices: every worker's, in rank order
-        if self.local_all {
-            self.gathered.clear();
-            for wk in ws {
-                pack_slices(wk, self.momentum, &mut self.gathered);
-            }
-        } else {
-            self.own.clear();
-            pack_slices(&ws[0], self.momentum, &mut self.own);
-            comm.allgatherv(Purpose::Sync, &self.own, self.counts, &mut self.gathered);
-        }
-        let mut at = 0;
-        for (r, sg) in self.sub_graphs.iter().enumerate() {
-            let np = slices::partitioned_len(&sg.params);
-            let ns = slices::partitioned_len(&sg.stats);
-            let packed = &self.gathered[at..];
-            slices::insert_partitioned(&g.params, &sg.params, p, r, &packed[..np], &mut full.params);
-            slices::insert_partitioned(&g.stats, &sg.stats, p, r, &packed[np..np + ns], &mut full.stats);
-            at += np + ns;
-            if self.momentum {
-                slices::insert_partitioned(
-                    &g.params,
-                    &sg.params,
-                    p,
-                    r,
-                    &packed[np + ns..2 * np + ns],
-                    &mut full.momentum,
-                );
-                at += np;
-            }
-        }
-    }
-}
-
-/// Evaluation of the assembled model: optional BN recalibration on training batches, then the
-/// test set (each rank its shard), with loss and accuracy summed over ranks.
-struct Evaluation<'a, 'd> {
-    test: &'a Loader<'d>,
-    recal: &'a Loader<'d>,
-    recal_batches: usize,
-}
-
-impl Evaluation<'_, '_> {
-    /// (mean test loss, test accuracy %) of `full`. Its BN statistics are restored afterwards,
-    /// so evaluation never changes the training state.
-    fn run(
-        &self,
-        full: &mut Model<CpuBackend<f32>>,
-        comm: &mut dyn Comm,
-        round: u64,
-        x: &mut [f32],
-        y: &mut [u32],
-    ) -> Result<(f64, f64)> {
-        let saved_stats = (self.recal_batches > 0).then(|| full.stats.clone());
-        if self.recal_batches > 0 {
-            let order = self.recal.order(round);
-            for b in 0..self.recal_batches.min(self.recal.batches_per_epoch()) {
-                let n = self.recal.fill(&order, round, b, x, y);
-                full.set_batch(n, x, y)?;
-                full.forward(n, true);
-            }
-            if comm.size() > 1 {
-                comm.allreduce_sum(Purpose::Metrics, &mut full.stats);
-                let inv = comm.size() as f32;
-                for v in full.stats.iter_mut() {
-                    *v /= inv;
-                }
-            }
-        }
-        let (mut loss, mut correct, mut seen) = (0.0, 0.0, 0.0);
-        let order = self.test.order(0);
-        for b in 0..self.test.batches_per_epoch() {
-            let n = self.test.fill(&order, 0, b, x, y);
-            full.set_batch(n, x, y)?;
-            let (l, c) = full.eval_step(n)?;
-            loss += l;
-            correct += c as f64;
-            seen += n as f64;
-        }
-        if let Some(st) = saved_stats {
-            full.stats.copy_from_slice(&st);
-        }
-        let mut e = [loss, correct, seen];
-        comm.allreduce_sum_f64(Purpose::Metrics, &mut e);
-        Ok((e[0] / e[2].max(1.0), 100.0 * e[1] / e[2].max(1.0)))
-    }
-}
-
-/// Append a worker's partitioned slices in the canonical order: parameters, BN statistics,
-/// then (when momentum is kept) the momentum.
-fn pack_slices(wk: &Worker<'_>, momentum: bool, out: &mut Vec<f32>) {
-    slices::pack_partitioned(&wk.graph.params, &wk.model.params, out);
-    slices::pack_partitioned(&wk.graph.stats, &wk.model.stats, out);
-    if momentum {
-        slices::pack_partitioned(&wk.graph.params, &wk.model.momentum, out);
-    }
-}
-
 /// FNV-1a over the bits of the parameters and statistics.
 pub fn fingerprint(params: &[f32], stats: &[f32]) -> u64 {
     params.iter().chain(stats).fold(0xcbf2_9ce4_8422_2325u64, |h, v| {
@@ -358,10 +246,93 @@ pub fn fingerprint(params: &[f32], stats: &[f32]) -> u64 {
     })
 }
 
-/// Run LoFT or dense pre-training on this rank. `comm` spans the ranks of the job.
-pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Result<PretrainSummary> {
+/// `ledger.json`: the bytes every rank moved for re-assembly, against the closed form.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LedgerReport {
+    pub ranks: usize,
+    pub workers: usize,
+    pub rounds: usize,
+    pub per_rank_sync_bytes_sent: Vec<u64>,
+    pub per_rank_sync_bytes_received: Vec<u64>,
+    pub per_rank_sync_bytes_closed_form: Vec<u64>,
+    /// Every collective of rank 0, by purpose and kind.
+    pub rank0_ledger: serde_json::Value,
+    pub closed_form: ClosedForm,
+}
+
+/// Closed-form communication of the whole run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClosedForm {
+    pub loft_total_bytes: u64,
+    pub paper_accounting_bytes: u64,
+}
+
+/// Command-specific facts of `config.json`.
+#[derive(Serialize)]
+struct PretrainFacts<'a> {
+    workers: usize,
+    params: SharedCounts,
+    sync_elements: SyncElements<'a>,
+}
+
+/// Shared and partitioned parameters.
+#[derive(Serialize)]
+struct SharedCounts {
+    shared: usize,
+    partitioned: usize,
+}
+
+/// Elements of one re-assembly: the allreduce and every rank's allgather share.
+#[derive(Serialize)]
+struct SyncElements<'a> {
+    allreduce: u64,
+    allgather_counts: &'a [usize],
+}
+
+/// One worker in this process: its rank and the trainer of its sub-network (LoFT) or of the
+/// full model (dense).
+struct Worker<'d, B: Backend> {
+    rank: usize,
+    trainer: Trainer<'d, B>,
+}
+
+/// A pre-training run in progress on one rank.
+struct Pretraining<'c, 'd, B: Backend> {
+    cfg: &'c PretrainConfig,
+    ctl: &'c RunControl,
+    workers: usize,
+    full_graph: Graph,
+    /// LoFT: the assembled model (parameters, statistics, kept momentum, forward-only
+    /// buffers). Dense: none, the worker's model is the full model.
+    full: Option<Model<B>>,
+    ws: Vec<Worker<'d, B>>,
+    reassembly: Option<Reassembly<B>>,
+    eval: Evaluation<'c, 'd>,
+    sched: Schedule,
+    st: State,
+    dir: RunDir,
+    mode: Mode,
+    bar: Progress,
+    /// Parameters at the last distance record.
+    reference: Option<Vec<f32>>,
+    compute_s: f64,
+    sync_s: f64,
+    config_json: String,
+    wall: Instant,
+    wall_before: f64,
+}
+
+/// Run LoFT or dense pre-training on this rank, on backend `be`. `comm` spans the ranks of the
+/// job.
+pub fn run<B: Backend>(
+    cfg: &PretrainConfig,
+    ctl: &RunControl,
+    comm: &mut dyn Comm,
+    be: Arc<B>,
+) -> Result<PretrainSummary> {
     cfg.validate()?;
     ctl.saver.validate()?;
+    let resumed = ctl.resumed(Kind::Pretrain)?;
     let (rank, ranks) = (comm.rank(), comm.size());
     if cfg.simulate > 0 && ranks > 1 {
         return Err(Error::config(
@@ -371,12 +342,11 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
     let workers = if cfg.simulate > 0 { cfg.simulate } else { ranks };
     let lead = rank == 0;
     if lead {
-        prepare_out_dir(&cfg.out)?;
+        crate::rundir::prepare(&cfg.out)?;
         ctl.saver.prepare()?;
     }
-    let mode = if lead { Mode::parse(&cfg.progress)? } else { Mode::Quiet };
     let wall = Instant::now();
-    let split = crate::train::load_for(
+    let split = engine::load_data(
         &cfg.arch,
         &cfg.dataset,
         &cfg.data_dir,
@@ -384,14 +354,9 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
         cfg.test_subset,
     )?;
     let (train, test) = (&split.train, &split.test);
-    let (h, w) = (train.height, train.width);
-    let full_graph = Graph::build(&cfg.arch, h, w, None)?;
-    let be = Arc::new(CpuBackend::<f32>::new());
-    let mut full = Model::new(be.clone(), full_graph.clone(), cfg.batch_size)?;
-    full.init(cfg.seed)?;
     let identity = DataIdentity::of(train, test);
     let (mean, std) = (identity.mean.clone(), identity.std.clone());
-
+    let full_graph = Graph::build(&cfg.arch, train.height, train.width, None)?;
     // The local workers: one per rank, or all S when simulating.
     let local: Vec<usize> = if cfg.simulate > 0 {
         (0..workers).collect()
@@ -402,7 +367,7 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
     // Sub-layouts of every rank (for unpacking their slices); fixed over rounds.
     let sub_graphs: Vec<Graph> = match cfg.method {
         Method::Loft => (0..workers)
-            .map(|r| Graph::build(&cfg.arch, h, w, Some(&p0.widths(&full_graph, r))))
+            .map(|r| Graph::build(&cfg.arch, train.height, train.width, Some(&p0.widths(&full_graph, r))))
             .collect::<Result<_>>()?,
         Method::Dense => Vec::new(),
     };
@@ -412,11 +377,10 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
             Method::Loft => sub_graphs[r].clone(),
             Method::Dense => full_graph.clone(),
         };
-        let mut model = Model::new(be.clone(), graph.clone(), cfg.batch_size)?;
+        let mut model = Model::new(be.clone(), graph, cfg.batch_size)?;
         if cfg.method == Method::Dense {
-            // the dense worker trains the full model itself, from the same initial weights
-            model.params.copy_from_slice(&full.params);
-            model.stats.copy_from_slice(&full.stats);
+            // the dense worker trains the full model itself, from the initial weights
+            model.init(cfg.seed)?;
         }
         let loader = Loader::new(
             train,
@@ -429,57 +393,33 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
             cfg.seed,
             r as u64,
         );
-        ws.push(Worker {
-            rank: r,
-            graph,
-            model,
-            loader,
-            order: Vec::new(),
-            order_epoch: 0,
-            drawn: 0,
-            x: vec![0.0; cfg.batch_size * train.image_len()],
-            y: vec![0; cfg.batch_size],
-        });
+        let per_epoch = loader.batches_per_epoch();
+        let mut trainer = Trainer::new(model, Stream::new(loader, per_epoch, cfg.batch_size, train.image_len()));
+        if cfg.method == Method::Dense && ranks > 1 {
+            // gradients every step; the BN statistics once per round, at sync
+            trainer = trainer.data_parallel(false);
+        }
+        ws.push(Worker { rank: r, trainer });
     }
-    // Where the run starts: the beginning, or a checkpoint.
-    let mut st = State {
-        workers,
-        data: identity.clone(),
-        ..State::default()
+    let mut full = None;
+    if cfg.method == Method::Loft {
+        let mut m = Model::for_evaluation(be.clone(), full_graph.clone(), cfg.batch_size, cfg.keep_momentum)?;
+        m.init(cfg.seed)?;
+        full = Some(m);
+    }
+    let (shared_n, counts) = accounting::loft_sync_elements(&full_graph, workers as u64, cfg.keep_momentum);
+    let counts: Vec<usize> = counts.iter().map(|&c| c as usize).collect();
+    let reassembly = match cfg.method {
+        Method::Loft => Some(Reassembly::new(
+            &*be,
+            &full_graph,
+            sub_graphs,
+            &local,
+            counts.clone(),
+            cfg.keep_momentum,
+        )?),
+        Method::Dense => None,
     };
-    let mut log_text = String::new();
-    if let Some(f) = &ctl.resume {
-        let c = &f.checkpoint;
-        if c.kind != "pretrain" {
-            return Err(Error::format(
-                &f.path,
-                format!("is a {} checkpoint; resume it with loft {}", c.kind, c.kind),
-            ));
-        }
-        c.check_fits(&f.path, &full_graph.params, &full_graph.stats, &identity, workers)?;
-        if let Some(saved) = &c.partition {
-            if *saved != Partition::draw(&full_graph, cfg.seed, saved.round, workers) {
-                return Err(Error::format(
-                    &f.path,
-                    format!("the partition of round {} differs from the one this loft draws; it was written by an incompatible version", saved.round + 1),
-                ));
-            }
-        }
-        full.params.copy_from_slice(&c.params);
-        full.stats.copy_from_slice(&c.stats);
-        full.momentum.copy_from_slice(&c.momentum);
-        for wk in ws.iter_mut() {
-            wk.drawn = c.data_position[wk.rank];
-            if cfg.method == Method::Dense {
-                wk.model.params.copy_from_slice(&c.params);
-                wk.model.stats.copy_from_slice(&c.stats);
-                wk.model.momentum.copy_from_slice(&c.momentum);
-            }
-        }
-        checkpoint::restore_ledger(comm, c, if cfg.simulate > 0 { 0 } else { rank });
-        st = c.state.clone();
-        log_text = c.metrics_log.clone();
-    }
     let test_loader = Loader::new(
         test,
         cfg.batch_size,
@@ -507,76 +447,158 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
         cfg.seed ^ 0x6263_7265_6361_6c00,
         if cfg.simulate > 0 { 0 } else { rank as u64 },
     );
-    let steps_per_epoch = ws[0].loader.batches_per_epoch();
-    let sched = Schedule {
-        base_lr: cfg.lr,
-        kind: cfg.schedule.clone(),
-        warmup_steps: (cfg.warmup_rounds * cfg.local_steps as f64).round() as usize,
-        steps_per_epoch,
-        total_steps: cfg.rounds * cfg.local_steps,
+    let eval = Evaluation::new(&test_loader, cfg.batch_size, test.image_len())
+        .with_recalibration(&recal_loader, cfg.bn_recalibrate);
+    let steps_per_epoch = ws[0].trainer.stream.per_epoch();
+    let mut p = Pretraining {
+        cfg,
+        ctl,
+        workers,
+        full,
+        ws,
+        reassembly,
+        eval,
+        sched: Schedule {
+            base_lr: cfg.lr,
+            kind: cfg.schedule.clone(),
+            warmup_steps: (cfg.warmup_rounds * cfg.local_steps as f64).round() as usize,
+            steps_per_epoch,
+            total_steps: cfg.rounds * cfg.local_steps,
+        },
+        st: State {
+            workers,
+            data: identity.clone(),
+            ..State::default()
+        },
+        dir: RunDir::open(&cfg.out, false, String::new())?,
+        mode: cfg.progress.mode(lead),
+        bar: Progress::new(Mode::Quiet, "", 0),
+        reference: None,
+        compute_s: 0.0,
+        sync_s: 0.0,
+        config_json: serde_json::to_string(cfg).expect("json"),
+        wall,
+        wall_before: 0.0,
+        full_graph,
     };
-    let (shared_n, counts) = accounting::loft_sync_elements(&full_graph, workers as u64, cfg.keep_momentum);
-    let counts: Vec<usize> = counts.iter().map(|&c| c as usize).collect();
-    let mut log = None;
-    if lead {
-        let (sh, pa) = full_graph.param_counts();
-        let resolved = serde_json::json!({
-            "config": cfg, "workers": workers, "ranks": ranks, "device": "cpu",
-            "threads": rayon::current_num_threads(),
-            "params": { "shared": sh, "partitioned": pa },
-            "sync_elements": { "allreduce": shared_n, "allgather_counts": &counts },
-            "resumed_from": ctl.resume.as_ref().map(|f| &f.path),
-            "version": env!("CARGO_PKG_VERSION"),
-        });
-        write_atomic(
-            &cfg.out.join("config.json"),
-            serde_json::to_string_pretty(&resolved).expect("json").as_bytes(),
-        )?;
-        let path = cfg.out.join("metrics.jsonl");
-        log = Some((start_log(&path, &log_text)?, path));
-        if mode != Mode::Quiet {
-            eprintln!(
-                "loft pretrain: {:?} with {workers} worker(s) on {ranks} rank(s), {} (base {}, inner x{}), {} rounds x {} local steps, batch {}",
-                cfg.method, cfg.arch.name(), cfg.arch.base_width, cfg.arch.inner_width, cfg.rounds, cfg.local_steps, cfg.batch_size
-            );
-            if let Some(f) = &ctl.resume {
-                eprintln!("resuming from {} after round {}", f.path.display(), st.round);
-            }
+    if let Some(f) = resumed {
+        let log = p.resume(f, &identity, comm, if cfg.simulate > 0 { 0 } else { rank })?;
+        p.dir = RunDir::open(&cfg.out, lead, log)?;
+    } else {
+        p.dir = RunDir::open(&cfg.out, lead, String::new())?;
+    }
+    let (sh, pa) = p.full_graph.param_counts();
+    p.dir.write(
+        "config.json",
+        &ConfigFile {
+            config: cfg,
+            kind: Kind::Pretrain.name(),
+            device: be.name(),
+            ranks,
+            threads: rayon::current_num_threads(),
+            extra: PretrainFacts {
+                workers,
+                params: SharedCounts {
+                    shared: sh,
+                    partitioned: pa,
+                },
+                sync_elements: SyncElements {
+                    allreduce: shared_n,
+                    allgather_counts: &counts,
+                },
+            },
+            resumed_from: resumed.map(|f| f.path.as_path()),
+            version: env!("CARGO_PKG_VERSION"),
+        },
+    )?;
+    if p.mode != Mode::Quiet {
+        eprintln!(
+            "loft pretrain: {:?} with {workers} worker(s) on {ranks} rank(s), {} (base {}, inner x{}), {} rounds x {} local steps, batch {}, {}",
+            cfg.method,
+            cfg.arch.name(),
+            cfg.arch.base_width,
+            cfg.arch.inner_width,
+            cfg.rounds,
+            cfg.local_steps,
+            cfg.batch_size,
+            be.name()
+        );
+        if let Some(f) = resumed {
+            eprintln!("resuming from {} after round {}", f.path.display(), p.st.round);
         }
     }
-
-    let mut x_eval = vec![0.0f32; cfg.batch_size * test.image_len()];
-    let mut y_eval = vec![0u32; cfg.batch_size];
-    let mut bar = Progress::new(mode, "pretrain", cfg.rounds);
-    let (mut compute_s, mut sync_s) = (st.compute_s, st.sync_s);
-    let mut last_acc = st.last_acc;
-    let mut step = st.step as usize;
-    let wall_before = st.wall_s;
-    let config_json = serde_json::to_string(cfg).expect("json");
+    p.bar = Progress::new(p.mode, "pretrain", cfg.rounds);
     let mut ending = None;
-    // parameters at the last distance record
-    let mut reference: Option<Vec<f32>> = ctl.resume.as_ref().and_then(|f| f.checkpoint.reference.clone());
-    let mut reassembly = Reassembly {
-        full_graph: &full_graph,
-        sub_graphs: &sub_graphs,
-        counts: &counts,
-        shared_len: shared_n as usize,
-        workers,
-        momentum: cfg.keep_momentum,
-        local_all: cfg.simulate > 0 || ranks == 1,
-        shared: Vec::new(),
-        parts: Vec::new(),
-        own: Vec::new(),
-        gathered: vec![0.0f32; counts.iter().sum()],
-    };
-    for t in st.round as usize..cfg.rounds {
-        let t0 = Instant::now();
-        crate::comm::injected_failure(rank, t)?;
-        let p = Partition::draw(&full_graph, cfg.seed, t as u64, workers);
-        if cfg.verify {
-            p.check_cover(&full_graph)?;
+    for t in p.st.round as usize..cfg.rounds {
+        ending = p.round(t, comm)?;
+        if ending.is_some() {
+            break;
         }
-        if cfg.method == Method::Loft && ranks > 1 {
+    }
+    p.bar.finish();
+    // resumed from the final checkpoint of a finished run: nothing was left to do
+    let ending = ending.unwrap_or_else(|| Ending::Completed(resumed.map(|f| f.path.clone()).unwrap_or_default()));
+    p.finish(ending, comm, &be.name())
+}
+
+impl<B: Backend> Pretraining<'_, '_, B> {
+    /// The assembled model: LoFT's full model, or the dense worker's.
+    fn assembled(&self) -> &Model<B> {
+        self.full.as_ref().unwrap_or(&self.ws[0].trainer.model)
+    }
+
+    /// Continue from checkpoint `f`: the assembled model, the data streams, the ledger of
+    /// this rank (`ledger` indexes the checkpoint's ledgers), the state. Returns the log so far.
+    fn resume(
+        &mut self,
+        f: &checkpoint::Found,
+        identity: &DataIdentity,
+        comm: &mut dyn Comm,
+        ledger: usize,
+    ) -> Result<String> {
+        let (cfg, c) = (self.cfg, &f.checkpoint);
+        c.check_fits(
+            &f.path,
+            &self.full_graph.params,
+            &self.full_graph.stats,
+            identity,
+            self.workers,
+        )?;
+        if let Some(saved) = &c.partition {
+            if *saved != Partition::draw(&self.full_graph, cfg.seed, saved.round, self.workers) {
+                return Err(Error::format(
+                    &f.path,
+                    format!("the partition of round {} differs from the one this loft draws; it was written by an incompatible version", saved.round + 1),
+                ));
+            }
+        }
+        match self.full.as_mut() {
+            Some(full) => engine::restore(full, c)?,
+            None => engine::restore(&mut self.ws[0].trainer.model, c)?,
+        }
+        for wk in self.ws.iter_mut() {
+            wk.trainer.stream.drawn = c.data_position[wk.rank];
+        }
+        checkpoint::restore_ledger(comm, c, ledger);
+        self.st = c.state.clone();
+        self.compute_s = self.st.compute_s;
+        self.sync_s = self.st.sync_s;
+        self.wall_before = self.st.wall_s;
+        self.reference = c.reference.as_ref().map(|r| r.to_vec());
+        Ok(c.metrics_log.clone())
+    }
+
+    /// Round t: partition, local steps, re-assembly, metrics, distance, evaluation, record,
+    /// checkpoint. Returns how the run ended, if it did.
+    fn round(&mut self, t: usize, comm: &mut dyn Comm) -> Result<Option<Ending>> {
+        let cfg = self.cfg;
+        let t0 = Instant::now();
+        crate::comm::injected_failure(comm.rank(), t)?;
+        let p = Partition::draw(&self.full_graph, cfg.seed, t as u64, self.workers);
+        if cfg.verify {
+            p.check_cover(&self.full_graph)?;
+        }
+        if cfg.method == Method::Loft && comm.size() > 1 {
             let hashes = comm.allgather_u64(Purpose::Metrics, p.hash());
             if hashes.iter().any(|&h| h != hashes[0]) {
                 return Err(Error::config(format!(
@@ -584,103 +606,18 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
                 )));
             }
         }
-        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0.0f64, 0.0f64);
-        let mut lr = sched.lr(step);
         let tc = Instant::now();
-        for wk in ws.iter_mut() {
-            match cfg.method {
-                Method::Loft => {
-                    slices::extract(
-                        &full_graph.params,
-                        &wk.graph.params,
-                        &p,
-                        wk.rank,
-                        &full.params,
-                        &mut wk.model.params,
-                    );
-                    slices::extract(
-                        &full_graph.stats,
-                        &wk.graph.stats,
-                        &p,
-                        wk.rank,
-                        &full.stats,
-                        &mut wk.model.stats,
-                    );
-                    if cfg.keep_momentum {
-                        let (fl, sl) = (&full_graph.params, &wk.graph.params);
-                        slices::extract(fl, sl, &p, wk.rank, &full.momentum, &mut wk.model.momentum);
-                    } else {
-                        wk.model.reset_momentum();
-                    }
-                }
-                Method::Dense => {
-                    if cfg.reset_momentum {
-                        wk.model.reset_momentum();
-                    }
-                }
-            }
-            for k in 0..cfg.local_steps {
-                lr = sched.lr(step + k);
-                let hp = Sgd {
-                    lr: lr as f32,
-                    momentum: cfg.momentum as f32,
-                    weight_decay: cfg.weight_decay as f32,
-                };
-                let n = wk.next_batch()?;
-                let (l, c) = match cfg.method {
-                    Method::Loft => wk.model.train_step(n, &hp)?,
-                    Method::Dense => {
-                        wk.model.forward(n, true);
-                        let r = wk.model.loss(n, true)?;
-                        wk.model.backward(n);
-                        if ranks > 1 {
-                            let ts = Instant::now();
-                            comm.allreduce_sum(Purpose::Gradients, &mut wk.model.grads);
-                            let inv = ranks as f32;
-                            for g in wk.model.grads.iter_mut() {
-                                *g /= inv;
-                            }
-                            sync_s += ts.elapsed().as_secs_f64();
-                        }
-                        wk.model.sgd_step(&hp);
-                        r
-                    }
-                };
-                if !l.is_finite() {
-                    return Err(Error::config(format!(
-                        "training diverged in round {} (loss {l}); lower --lr or add --warmup-rounds",
-                        t + 1
-                    )));
-                }
-                loss_sum += l;
-                correct += c as f64;
-                seen += n as f64;
-            }
-        }
-        step += cfg.local_steps;
+        let (sums, lr) = self.local_steps(&p, comm)?;
+        let step = self.st.step as usize + cfg.local_steps;
         let compute = tc.elapsed().as_secs_f64();
-        // Re-assemble the model.
         let ts = Instant::now();
-        match cfg.method {
-            Method::Loft => reassembly.sync(&p, &ws, &mut full, comm),
-            Method::Dense => {
-                let wk = &mut ws[0];
-                if ranks > 1 {
-                    // gradients were averaged every step; BN running statistics are local,
-                    // so average them once per round to keep the replicas identical
-                    comm.allreduce_sum(Purpose::Sync, &mut wk.model.stats);
-                    let inv = ranks as f32;
-                    for v in wk.model.stats.iter_mut() {
-                        *v /= inv;
-                    }
-                }
-                full.params.copy_from_slice(&wk.model.params);
-                full.stats.copy_from_slice(&wk.model.stats);
-            }
-        }
+        self.sync(&p, comm)?;
         let sync = ts.elapsed().as_secs_f64();
-        if cfg.verify && ranks > 1 {
-            let h = fingerprint(&full.params, &full.stats);
+        if cfg.verify && comm.size() > 1 {
+            let m = self.assembled();
+            let np = m.graph.params.total;
+            let ns = m.graph.stats.total;
+            let h = fingerprint(&m.be.read_host(&m.params, 0, np)?, &m.be.read_host(&m.stats, 0, ns)?);
             let all = comm.allgather_u64(Purpose::Metrics, h);
             if all.iter().any(|&x| x != all[0]) {
                 return Err(Error::config(format!(
@@ -689,79 +626,51 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
                 )));
             }
         }
-        compute_s += compute;
-        sync_s += sync;
-        // metrics, averaged over ranks
-        // the fourth entry: how many ranks were asked to stop (all stop together)
-        let mut m = [loss_sum, correct, seen, ctl.stop.requested() as u8 as f64];
+        self.compute_s += compute;
+        self.sync_s += sync;
+        // metrics, summed over ranks; the fourth: how many ranks were asked to stop
+        let mut m = [sums[0], sums[1], sums[2], self.ctl.stop.requested() as u8 as f64];
         comm.allreduce_sum_f64(Purpose::Metrics, &mut m);
-        // the filter distance to the previous recorded point (replicated: no communication)
-        let mut distance = None;
-        if cfg.distance_every > 0 && (t + 1) % cfg.distance_every == 0 {
-            if let Some(prev) = &reference {
-                let d = crate::ticket::distance(&full_graph.params, &full.params, prev, cfg.distance_ratio)?;
-                st.recent_distances.push(d.index);
-                if st.recent_distances.len() > EARLY_STOP_WINDOW {
-                    st.recent_distances.remove(0);
-                }
-                distance = Some(d);
-            }
-            reference = Some(full.params.clone());
-        }
+        let distance = self.record_distance(t)?;
         let early = cfg.early_stop.is_some_and(|eps| {
-            st.recent_distances.len() == EARLY_STOP_WINDOW && st.recent_distances.iter().all(|&d| d <= eps)
+            self.st.recent_distances.len() == EARLY_STOP_WINDOW && self.st.recent_distances.iter().all(|&d| d <= eps)
         });
-        let evaluate = (t + 1) % cfg.eval_every == 0 || t + 1 == cfg.rounds || early;
-        let (mut test_loss, mut test_acc) = (None, None);
-        if evaluate {
-            let eval = Evaluation {
-                test: &test_loader,
-                recal: &recal_loader,
-                recal_batches: cfg.bn_recalibrate,
+        let evaluate = (t + 1).is_multiple_of(cfg.eval_every) || t + 1 == cfg.rounds || early;
+        let test = if evaluate {
+            let model = match self.full.as_mut() {
+                Some(full) => full,
+                None => &mut self.ws[0].trainer.model,
             };
-            let (l, a) = eval.run(&mut full, comm, t as u64, &mut x_eval, &mut y_eval)?;
-            test_loss = Some(l);
-            test_acc = Some(a);
-            last_acc = a;
-        }
+            Some(self.eval.run(model, comm, t as u64)?)
+        } else {
+            None
+        };
         let rec = RoundRecord {
             round: t + 1,
             step,
             lr,
             train_loss: m[0] / m[2],
             train_acc: 100.0 * m[1] / m[2],
-            test_loss,
-            test_acc,
+            test_loss: test.map(|(l, _)| l),
+            test_acc: test.map(|(_, a)| a),
             distance_idx: distance.as_ref().map(|d| d.index),
             distance_w: distance.as_ref().map(|d| d.weight),
             round_time_s: t0.elapsed().as_secs_f64(),
             compute_s: compute,
             sync_s: sync,
         };
-        if let Some((f, path)) = log.as_mut() {
-            log_line(f, path, &mut log_text, &rec)?;
+        self.dir.log(&rec)?;
+        self.show(&rec);
+        if let Some(a) = rec.test_acc {
+            self.st.last_acc = a;
         }
-        bar.update(t + 1, || {
-            let test = test_acc.map(|a| format!(" test {a:.2}%")).unwrap_or_default();
-            format!("loss {:.4} acc {:.2}%{test}", rec.train_loss, rec.train_acc)
-        });
-        if evaluate && mode == Mode::Lines {
-            eprintln!(
-                "round {}/{}: train loss {:.4} acc {:.2}% test acc {last_acc:.2}%",
-                t + 1,
-                cfg.rounds,
-                rec.train_loss,
-                rec.train_acc
-            );
-        }
-        st.round = (t + 1) as u64;
-        st.step = step as u64;
-        st.last_acc = last_acc;
-        st.best_acc = st.best_acc.max(test_acc.unwrap_or(0.0));
-        (st.compute_s, st.sync_s) = (compute_s, sync_s);
-        st.wall_s = wall_before + wall.elapsed().as_secs_f64();
-        st.done = t + 1 == cfg.rounds || early;
-        if early && mode != Mode::Quiet {
+        self.st.round = (t + 1) as u64;
+        self.st.step = step as u64;
+        self.st.best_acc = self.st.best_acc.max(rec.test_acc.unwrap_or(0.0));
+        (self.st.compute_s, self.st.sync_s) = (self.compute_s, self.sync_s);
+        self.st.wall_s = self.wall_before + self.wall.elapsed().as_secs_f64();
+        self.st.done = t + 1 == cfg.rounds || early;
+        if early && self.mode != Mode::Quiet {
             eprintln!(
                 "loft pretrain: early stop after round {}: the last {EARLY_STOP_WINDOW} filter distances are all <= {}",
                 t + 1,
@@ -769,125 +678,259 @@ pub fn run(cfg: &PretrainConfig, ctl: &RunControl, comm: &mut dyn Comm) -> Resul
             );
         }
         let stop = m[3] > 0.0;
-        if st.done || stop || ctl.saver.due(t + 1) {
-            let make = || Checkpoint {
-                kind: "pretrain".into(),
-                method: serde_json::to_value(cfg.method)
-                    .expect("json")
-                    .as_str()
-                    .unwrap_or("")
-                    .into(),
-                config: config_json.clone(),
-                state: st.clone(),
-                seed: cfg.seed,
-                params: full.params.clone(),
-                param_layout: full_graph.params.clone(),
-                stats: full.stats.clone(),
-                stat_layout: full_graph.stats.clone(),
-                momentum: match cfg.method {
-                    Method::Dense => ws[0].model.momentum.clone(),
-                    Method::Loft => full.momentum.clone(),
-                },
-                data_position: Vec::new(),
-                partition: (cfg.method == Method::Loft).then(|| p.clone()),
-                ledgers: Vec::new(),
-                metrics_log: log_text.clone(),
-                ticket: None,
-                reference: reference.clone(),
-            };
-            let positions: Vec<u64> = ws.iter().map(|w| w.drawn).collect();
-            let path = checkpoint::save_across_ranks(&ctl.saver, comm, make, &positions, ws.len() == workers, st.step)?;
-            if st.done {
-                ending = Some(Ending::Completed(path));
-                break;
-            } else if stop {
-                bar.finish();
-                if mode != Mode::Quiet {
-                    eprintln!(
-                        "loft pretrain: stopped by a signal after round {}; checkpoint {}",
-                        t + 1,
-                        path.display()
-                    );
+        if !(self.st.done || stop || self.ctl.saver.due(t + 1)) {
+            return Ok(None);
+        }
+        let path = self.save(&p, comm)?;
+        if self.st.done {
+            return Ok(Some(Ending::Completed(path)));
+        }
+        if stop {
+            self.bar.finish();
+            if self.mode != Mode::Quiet {
+                eprintln!(
+                    "loft pretrain: stopped by a signal after round {}; checkpoint {}",
+                    t + 1,
+                    path.display()
+                );
+            }
+            return Ok(Some(Ending::Stopped(path)));
+        }
+        Ok(None)
+    }
+
+    /// Progress for one round record.
+    fn show(&mut self, rec: &RoundRecord) {
+        self.bar.update(rec.round, || {
+            let test = rec.test_acc.map(|a| format!(" test {a:.2}%")).unwrap_or_default();
+            format!("loss {:.4} acc {:.2}%{test}", rec.train_loss, rec.train_acc)
+        });
+        if let (Some(a), Mode::Lines) = (rec.test_acc, self.mode) {
+            eprintln!(
+                "round {}/{}: train loss {:.4} acc {:.2}% test acc {a:.2}%",
+                rec.round, self.cfg.rounds, rec.train_loss, rec.train_acc
+            );
+        }
+    }
+
+    /// Every local worker's steps of this round (LoFT: on its sub-network, extracted from the
+    /// assembled model first). Returns the sums (loss, correct, samples) and the last rate.
+    fn local_steps(&mut self, p: &Partition, comm: &mut dyn Comm) -> Result<([f64; 3], f64)> {
+        let cfg = self.cfg;
+        let first = self.st.step as usize;
+        let mut sums = [0.0f64; 3];
+        let mut lr = self.sched.lr(first);
+        let mut comm_s = 0.0;
+        for wk in self.ws.iter_mut() {
+            let m = &mut wk.trainer.model;
+            match (&self.full, cfg.method) {
+                (Some(full), Method::Loft) => extract(full, m, p, wk.rank, cfg.keep_momentum)?,
+                _ if cfg.reset_momentum => m.reset_momentum(),
+                _ => {}
+            }
+            for k in 0..cfg.local_steps {
+                lr = self.sched.lr(first + k);
+                let hp = Sgd {
+                    lr: lr as f32,
+                    momentum: cfg.momentum as f32,
+                    weight_decay: cfg.weight_decay as f32,
+                };
+                let s = wk.trainer.step(&hp, comm)?;
+                if !s.loss.is_finite() {
+                    let at = format!("in round {}", self.st.round + 1);
+                    return Err(engine::diverged(s.loss, &at, "lower --lr or add --warmup-rounds"));
                 }
-                ending = Some(Ending::Stopped(path));
-                break;
+                comm_s += s.comm_s;
+                sums[0] += s.loss;
+                sums[1] += s.correct as f64;
+                sums[2] += s.samples as f64;
+            }
+        }
+        self.sync_s += comm_s;
+        Ok((sums, lr))
+    }
+
+    /// Re-assemble the model after the local steps.
+    fn sync(&mut self, p: &Partition, comm: &mut dyn Comm) -> Result<()> {
+        match (self.full.as_mut(), self.reassembly.as_mut()) {
+            (Some(full), Some(re)) => {
+                let subs: Vec<&Model<B>> = self.ws.iter().map(|w| &w.trainer.model).collect();
+                let ranks: Vec<usize> = self.ws.iter().map(|w| w.rank).collect();
+                re.sync(p, &subs, &ranks, full, comm)
+            }
+            _ => {
+                // dense: gradients were averaged every step; BN running statistics are local,
+                // so average them once per round to keep the replicas identical
+                let m = &mut self.ws[0].trainer.model;
+                if comm.size() > 1 {
+                    let be = m.be.clone();
+                    engine::allreduce_mean(&*be, comm, Purpose::Sync, &mut m.stats, m.graph.stats.total)?;
+                }
+                m.be.sync()
             }
         }
     }
-    bar.finish();
-    // resumed from the final checkpoint of a finished run: nothing was left to do
-    let ending =
-        ending.unwrap_or_else(|| Ending::Completed(ctl.resume.as_ref().map(|f| f.path.clone()).unwrap_or_default()));
-    let completed = matches!(ending, Ending::Completed(_));
 
-    // Ledger: measured against the closed form, per rank.
-    let sync_tally = comm.ledger().purpose_total(Purpose::Sync);
-    let closed: u64 = match cfg.method {
-        Method::Loft if ranks > 1 => {
-            let (n, c) = accounting::loft_sync_elements(&full_graph, ranks as u64, cfg.keep_momentum);
-            cfg.rounds as u64
-                * (accounting::allreduce_rank_bytes(n, ranks as u64, rank as u64).0
-                    + accounting::allgatherv_rank_bytes(&c, rank).0)
+    /// The filter distance to the previous recorded point, every `distance_every` rounds
+    /// (replicated: no communication). Updates the reference and the early-stop window.
+    fn record_distance(&mut self, t: usize) -> Result<Option<crate::ticket::Distance>> {
+        let cfg = self.cfg;
+        if cfg.distance_every == 0 || !(t + 1).is_multiple_of(cfg.distance_every) {
+            return Ok(None);
         }
-        _ => 0,
-    };
-    let sent_all = comm.allgather_u64(Purpose::Metrics, sync_tally.bytes_sent);
-    let recv_all = comm.allgather_u64(Purpose::Metrics, sync_tally.bytes_received);
-    let closed_all = comm.allgather_u64(Purpose::Metrics, closed);
-    if lead && completed {
-        let counts_model = accounting::ModelCounts::of(&full_graph);
-        let report = serde_json::json!({
-            "ranks": ranks,
-            "workers": workers,
-            "rounds": cfg.rounds,
-            "per_rank_sync_bytes_sent": sent_all,
-            "per_rank_sync_bytes_received": recv_all,
-            "per_rank_sync_bytes_closed_form": closed_all,
-            "rank0_ledger": comm.ledger().to_json(),
-            "closed_form": {
-                "loft_total_bytes": cfg.rounds as u64 * accounting::loft_round_bytes(&full_graph, workers as u64, cfg.keep_momentum),
-                "paper_accounting_bytes": accounting::paper_bytes(&counts_model, workers as u64, cfg.rounds as u64),
-            },
-        });
-        write_atomic(
-            &cfg.out.join("ledger.json"),
-            serde_json::to_string_pretty(&report).expect("json").as_bytes(),
-        )?;
-        let params_path = cfg.out.join("params.f32");
-        let bytes: Vec<u8> = full
-            .params
-            .iter()
-            .chain(full.stats.iter())
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
-        write_atomic(&params_path, &bytes)?;
+        let m = self.assembled();
+        // kept as the next reference
+        let params = m.be.read_host(&m.params, 0, m.graph.params.total)?.into_owned();
+        let mut distance = None;
+        if let Some(prev) = &self.reference {
+            let d = crate::ticket::distance(&self.full_graph.params, &params, prev, cfg.distance_ratio)?;
+            self.st.recent_distances.push(d.index);
+            if self.st.recent_distances.len() > EARLY_STOP_WINDOW {
+                self.st.recent_distances.remove(0);
+            }
+            distance = Some(d);
+        }
+        self.reference = Some(params);
+        Ok(distance)
     }
-    let per_rank_compute_ms = comm.allgather_u64(Purpose::Metrics, (compute_s * 1e3) as u64);
-    let per_rank_sync_ms = comm.allgather_u64(Purpose::Metrics, (sync_s * 1e3) as u64);
-    let rss = crate::bench::peak_rss_bytes().unwrap_or(0);
-    let per_rank_peak_rss_bytes = comm.allgather_u64(Purpose::Metrics, rss);
-    let summary = PretrainSummary {
-        final_test_acc: last_acc,
-        wall_s: wall.elapsed().as_secs_f64(),
-        compute_s,
-        sync_s,
-        per_rank_compute_ms,
-        per_rank_sync_ms,
-        per_rank_peak_rss_bytes,
-        worker_params: ws[0].graph.params.total,
-        worker_flops_per_sample: ws[0].graph.flops_per_sample(),
-        full_flops_per_sample: full_graph.flops_per_sample(),
-        worker_model_bytes: ws[0].model.device_bytes(),
-        full_model_bytes: full.device_bytes(),
-        sync_bytes_sent: sync_tally.bytes_sent,
-        sync_bytes_closed_form: closed,
-        ending,
-    };
-    if lead && completed {
-        write_atomic(
-            &cfg.out.join("summary.json"),
-            serde_json::to_string_pretty(&summary).expect("json").as_bytes(),
-        )?;
+
+    /// Write the checkpoint of the assembled (replicated) state after partition `p`.
+    fn save(&self, p: &Partition, comm: &mut dyn Comm) -> Result<PathBuf> {
+        let positions: Vec<u64> = self.ws.iter().map(|w| w.trainer.stream.drawn).collect();
+        let make = || {
+            engine::checkpoint_of(
+                self.assembled(),
+                Record {
+                    kind: Kind::Pretrain,
+                    method: self.cfg.method,
+                    config: &self.config_json,
+                    state: self.st.clone(),
+                    seed: self.cfg.seed,
+                    partition: (self.cfg.method == Method::Loft).then(|| p.clone()),
+                    metrics_log: self.dir.log_text(),
+                    ticket: None,
+                    reference: self.reference.as_deref(),
+                },
+            )
+        };
+        let all_local = self.ws.len() == self.workers;
+        checkpoint::save_across_ranks(&self.ctl.saver, comm, make, &positions, all_local, self.st.step)
     }
-    Ok(summary)
+
+    /// This rank's memory, by what holds it.
+    fn memory(&self) -> RankMemory {
+        let m = self.ws[0].trainer.model.memory();
+        let be = &self.ws[0].trainer.model.be;
+        RankMemory {
+            activations: m.activations as u64,
+            activation_grads: m.activation_grads as u64,
+            worker_params: m.params_and_stats as u64,
+            worker_grads_and_momentum: (m.grads_and_momentum + m.other) as u64,
+            full_model: self.full.as_ref().map_or(0, |f| f.device_bytes()) as u64,
+            sync_buffers: self.reassembly.as_ref().map_or(0, |r| r.bytes(be)) as u64,
+            scratch: be.workspace_bytes() as u64,
+            peak_rss: crate::rundir::peak_rss_bytes().unwrap_or(0),
+        }
+    }
+
+    /// The ledger against the closed form, the final files and the summary.
+    fn finish(&mut self, ending: Ending, comm: &mut dyn Comm, backend: &str) -> Result<PretrainSummary> {
+        let cfg = self.cfg;
+        let completed = matches!(ending, Ending::Completed(_));
+        let (rank, ranks) = (comm.rank(), comm.size());
+        let g = &self.full_graph;
+        let sync_tally = comm.ledger().purpose_total(Purpose::Sync);
+        let closed: u64 = match cfg.method {
+            Method::Loft if ranks > 1 => {
+                let (n, c) = accounting::loft_sync_elements(g, ranks as u64, cfg.keep_momentum);
+                cfg.rounds as u64
+                    * (accounting::allreduce_rank_bytes(n, ranks as u64, rank as u64).0
+                        + accounting::allgatherv_rank_bytes(&c, rank).0)
+            }
+            _ => 0,
+        };
+        let sent_all = comm.allgather_u64(Purpose::Metrics, sync_tally.bytes_sent);
+        let recv_all = comm.allgather_u64(Purpose::Metrics, sync_tally.bytes_received);
+        let closed_all = comm.allgather_u64(Purpose::Metrics, closed);
+        if completed {
+            let counts_model = accounting::ModelCounts::of(g);
+            let w = self.workers as u64;
+            self.dir.write(
+                "ledger.json",
+                &LedgerReport {
+                    ranks,
+                    workers: self.workers,
+                    rounds: cfg.rounds,
+                    per_rank_sync_bytes_sent: sent_all,
+                    per_rank_sync_bytes_received: recv_all,
+                    per_rank_sync_bytes_closed_form: closed_all,
+                    rank0_ledger: comm.ledger().to_json(),
+                    closed_form: ClosedForm {
+                        loft_total_bytes: cfg.rounds as u64 * accounting::loft_round_bytes(g, w, cfg.keep_momentum),
+                        paper_accounting_bytes: accounting::paper_bytes(&counts_model, w, cfg.rounds as u64),
+                    },
+                },
+            )?;
+            if self.dir.writes() {
+                let m = self.assembled();
+                let params = m.be.read_host(&m.params, 0, m.graph.params.total)?;
+                let stats = m.be.read_host(&m.stats, 0, m.graph.stats.total)?;
+                let bytes: Vec<u8> = params
+                    .iter()
+                    .chain(stats.iter())
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect();
+                self.dir.write_bytes("params.f32", &bytes)?;
+            }
+        }
+        let per_rank_compute_ms = comm.allgather_u64(Purpose::Metrics, (self.compute_s * 1e3) as u64);
+        let per_rank_sync_ms = comm.allgather_u64(Purpose::Metrics, (self.sync_s * 1e3) as u64);
+        let mem = self.memory();
+        let per_rank_peak_rss_bytes = comm.allgather_u64(Purpose::Metrics, mem.peak_rss);
+        let all_mem = comm.allgather_u64s(Purpose::Metrics, &mem.to_vec());
+        let worker = &self.ws[0].trainer.model;
+        let summary = PretrainSummary {
+            final_test_acc: self.st.last_acc,
+            wall_s: self.wall.elapsed().as_secs_f64(),
+            compute_s: self.compute_s,
+            sync_s: self.sync_s,
+            per_rank_compute_ms,
+            per_rank_sync_ms,
+            per_rank_peak_rss_bytes,
+            worker_params: worker.graph.params.total,
+            worker_flops_per_sample: worker.graph.flops_per_sample(),
+            full_flops_per_sample: g.flops_per_sample(),
+            worker_model_bytes: worker.device_bytes(),
+            full_model_bytes: self.full.as_ref().map_or(0, |f| f.device_bytes()),
+            per_rank_memory: all_mem.chunks(8).map(RankMemory::from_slice).collect(),
+            sync_bytes_sent: sync_tally.bytes_sent,
+            sync_bytes_closed_form: closed,
+            ending,
+            device: cfg.device,
+            backend: backend.to_string(),
+        };
+        if completed {
+            self.dir.write("summary.json", &summary)?;
+        }
+        Ok(summary)
+    }
+}
+
+/// Copy rank r's share of the assembled model `full` into its sub-network `m` (parameters,
+/// statistics, and momentum when it is kept; otherwise a fresh optimizer).
+fn extract<B: Backend>(full: &Model<B>, m: &mut Model<B>, p: &Partition, r: usize, keep_momentum: bool) -> Result<()> {
+    let be = m.be.clone();
+    let (fg, sg) = (&full.graph, &m.graph);
+    let tp = be.prepare_runs(&slices::extract_runs(&fg.params, &sg.params, p, r))?;
+    let ts = be.prepare_runs(&slices::extract_runs(&fg.stats, &sg.stats, p, r))?;
+    let (fp, fs) = (fg.params.total, fg.stats.total);
+    let (sp, ss) = (sg.params.total, sg.stats.total);
+    be.copy_runs(&tp, be.view(&full.params, 0, fp), be.view_mut(&mut m.params, 0, sp));
+    be.copy_runs(&ts, be.view(&full.stats, 0, fs), be.view_mut(&mut m.stats, 0, ss));
+    if keep_momentum {
+        be.copy_runs(&tp, be.view(&full.momentum, 0, fp), be.view_mut(&mut m.momentum, 0, sp));
+    } else {
+        m.reset_momentum();
+    }
+    Ok(())
 }

@@ -13,7 +13,7 @@ pub enum Family {
 }
 
 /// Input stem.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 pub enum Stem {
     /// conv3x3 stride 1 + BN (+ReLU for post-activation).
     Cifar,

@@ -3,17 +3,24 @@
 //! Buffers (all on the backend's device):
 //! - `params`, `grads`, `momentum`: `(graph.params.total)`, one layout;
 //! - `stats`: BN running statistics `(graph.stats.total)`;
-//! - `acts[t]`, `dacts[t]`: activation tensor t and its gradient, `(capacity, c, h, w)`;
+//! - activation buffers `(capacity, c, h, w)` and, when training, their gradients;
 //! - `saves[i]`: mean and 1/std of BN op i from the last training forward, `(2, c)`;
 //! - `labels`: `(capacity)` class indices as floats; `loss_stats`: `(2)` = [loss sum, correct].
 //!
-//! Nothing here touches tensor elements from the host except `init`, `set_batch` and the two
-//! loss numbers read back per step.
+//! A model built with [`Model::new`] trains: every activation keeps its own buffer for the
+//! backward pass. A model built with [`Model::for_evaluation`] only runs forward: tensors
+//! share buffers once nothing reads them any more (a handful instead of one per tensor), and
+//! it has no gradients (and momentum only when asked for).
+//!
+//! Nothing here touches tensor elements from the host except `init`, `load`, `set_batch` and
+//! the two loss numbers read back per batch.
 
 pub mod arch;
 pub mod graph;
 pub mod init;
 pub mod layout;
+pub mod partition;
+pub mod slices;
 
 pub use arch::{ArchSpec, BlockInfo, Family, Stem};
 pub use graph::{Graph, Op, TensorId};
@@ -22,6 +29,7 @@ pub use layout::{Entry, Layout, Role};
 use crate::backend::Backend;
 use crate::ops::{BatchNorm, Linear, Sgd};
 use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 /// BN epsilon (PyTorch default).
@@ -35,10 +43,15 @@ pub struct Model<B: Backend> {
     pub graph: Graph,
     pub capacity: usize,
     pub params: B::Buf,
+    /// Empty on an evaluation model.
     pub grads: B::Buf,
+    /// Empty on an evaluation model built without momentum.
     pub momentum: B::Buf,
     pub stats: B::Buf,
+    /// Activation buffers; tensor t lives in `acts[slot[t]]`.
     acts: Vec<Option<B::Buf>>,
+    slot: Vec<usize>,
+    /// Activation gradients, one per tensor (None for the input, and on an evaluation model).
     dacts: Vec<Option<B::Buf>>,
     saves: Vec<B::Buf>,
     labels: B::Buf,
@@ -54,6 +67,28 @@ pub struct Model<B: Backend> {
 pub struct OpTimes {
     pub forward: std::collections::BTreeMap<&'static str, f64>,
     pub backward: std::collections::BTreeMap<&'static str, f64>,
+}
+
+/// Bytes of a model's device buffers, by what they hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Memory {
+    /// Activations (including the input batch and labels).
+    pub activations: usize,
+    /// Gradients of the activations.
+    pub activation_grads: usize,
+    /// Parameters and BN running statistics.
+    pub params_and_stats: usize,
+    /// Parameter gradients and momentum.
+    pub grads_and_momentum: usize,
+    /// Saved BN batch statistics and the loss numbers.
+    pub other: usize,
+}
+
+impl Memory {
+    /// All of it.
+    pub fn total(&self) -> usize {
+        self.activations + self.activation_grads + self.params_and_stats + self.grads_and_momentum + self.other
+    }
 }
 
 impl Op {
@@ -77,38 +112,65 @@ fn take<T>(v: &mut [Option<T>], i: usize) -> T {
 }
 
 impl<B: Backend> Model<B> {
-    /// Allocate every buffer for batches of up to `capacity` samples (parameters zeroed; see
-    /// [`Model::init`]).
+    /// A training model: every buffer for batches of up to `capacity` samples (parameters
+    /// zeroed; see [`Model::init`]).
     pub fn new(be: Arc<B>, graph: Graph, capacity: usize) -> Result<Self> {
+        let slot: Vec<usize> = (0..graph.tensors.len()).collect();
+        let sizes: Vec<usize> = graph.tensors.iter().map(|t| t.len()).collect();
+        let mut m = Self::alloc(be, graph, capacity, slot, &sizes, true, true)?;
+        for t in 0..m.graph.tensors.len() {
+            if t != m.graph.input {
+                m.dacts[t] = Some(m.be.alloc(capacity * m.graph.tensors[t].len())?);
+            }
+        }
+        Ok(m)
+    }
+
+    /// An evaluation model: parameters, statistics (and momentum when `momentum`), and
+    /// activation buffers shared between tensors whose lifetimes in the forward walk do not
+    /// overlap. It runs [`Model::forward`] and [`Model::loss`] without gradients, in either
+    /// BN mode.
+    pub fn for_evaluation(be: Arc<B>, graph: Graph, capacity: usize, momentum: bool) -> Result<Self> {
+        let (slot, sizes) = shared_slots(&graph);
+        Self::alloc(be, graph, capacity, slot, &sizes, false, momentum)
+    }
+
+    fn alloc(
+        be: Arc<B>,
+        graph: Graph,
+        capacity: usize,
+        slot: Vec<usize>,
+        slot_sizes: &[usize],
+        training: bool,
+        momentum: bool,
+    ) -> Result<Self> {
         if capacity == 0 {
             return Err(Error::config("batch capacity must be at least 1"));
         }
-        let mut acts = Vec::new();
-        let mut dacts = Vec::new();
-        for (t, spec) in graph.tensors.iter().enumerate() {
-            acts.push(Some(be.alloc(capacity * spec.len())?));
-            dacts.push(if t == graph.input {
-                None
-            } else {
-                Some(be.alloc(capacity * spec.len())?)
-            });
-        }
-        let mut saves = Vec::new();
-        for op in &graph.ops {
-            if let Op::Bn { c, .. } = op {
-                saves.push(be.alloc(2 * c)?);
-            }
-        }
+        let acts = slot_sizes
+            .iter()
+            .map(|&len| be.alloc(capacity * len).map(Some))
+            .collect::<Result<Vec<_>>>()?;
+        let saves = graph
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Bn { c, .. } => Some(be.alloc(2 * c)),
+                _ => None,
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let n = graph.params.total;
         Ok(Model {
-            params: be.alloc(graph.params.total)?,
-            grads: be.alloc(graph.params.total)?,
-            momentum: be.alloc(graph.params.total)?,
+            params: be.alloc(n)?,
+            grads: be.alloc(if training { n } else { 0 })?,
+            momentum: be.alloc(if momentum { n } else { 0 })?,
             stats: be.alloc(graph.stats.total)?,
             labels: be.alloc(capacity)?,
             labels_host: vec![0.0; capacity],
             loss_stats: be.alloc(2)?,
+            dacts: (0..graph.tensors.len()).map(|_| None).collect(),
             acts,
-            dacts,
+            slot,
             saves,
             op_times: None,
             capacity,
@@ -117,14 +179,27 @@ impl<B: Backend> Model<B> {
         })
     }
 
+    /// Whether this model trains (has gradients).
+    pub fn trains(&self) -> bool {
+        self.be.buf_len(&self.grads) > 0
+    }
+
+    /// Bytes held by the model's device buffers, by what they hold.
+    pub fn memory(&self) -> Memory {
+        let be = &*self.be;
+        let len = |b: &B::Buf| be.buf_len(b) * 4;
+        Memory {
+            activations: self.acts.iter().flatten().map(len).sum::<usize>() + len(&self.labels),
+            activation_grads: self.dacts.iter().flatten().map(len).sum(),
+            params_and_stats: len(&self.params) + len(&self.stats),
+            grads_and_momentum: len(&self.grads) + len(&self.momentum),
+            other: self.saves.iter().map(len).sum::<usize>() + len(&self.loss_stats),
+        }
+    }
+
     /// Bytes held by the model's device buffers.
     pub fn device_bytes(&self) -> usize {
-        let mut n = 3 * self.graph.params.total + self.graph.stats.total + self.capacity + 2;
-        for (t, spec) in self.graph.tensors.iter().enumerate() {
-            n += self.capacity * spec.len() * if t == self.graph.input { 1 } else { 2 };
-        }
-        n += self.saves.iter().map(|s| self.be.buf_len(s)).sum::<usize>();
-        n * 4
+        self.memory().total()
     }
 
     /// Initialise parameters and statistics from the seed (see [`init`]); momentum zeroed.
@@ -138,9 +213,31 @@ impl<B: Backend> Model<B> {
 
     /// Zero the momentum buffer.
     pub fn reset_momentum(&mut self) {
-        let n = self.graph.params.total;
+        let n = self.be.buf_len(&self.momentum);
         let v = self.be.view_mut(&mut self.momentum, 0, n);
         self.be.fill(v, 0.0);
+    }
+
+    /// Upload parameters, statistics and (when given and held) momentum from the host, e.g.
+    /// from a checkpoint. Lengths must match the layouts.
+    pub fn load(&mut self, params: &[f32], stats: &[f32], momentum: Option<&[f32]>) -> Result<()> {
+        let n = self.graph.params.total;
+        let held = self.be.buf_len(&self.momentum);
+        if params.len() != n || stats.len() != self.graph.stats.total || momentum.is_some_and(|m| m.len() != held) {
+            return Err(Error::Shape(format!(
+                "loading {} parameters and {} statistics into a model of {} and {}",
+                params.len(),
+                stats.len(),
+                n,
+                self.graph.stats.total
+            )));
+        }
+        self.be.upload(params, &mut self.params)?;
+        self.be.upload(stats, &mut self.stats)?;
+        if let Some(m) = momentum {
+            self.be.upload(m, &mut self.momentum)?;
+        }
+        Ok(())
     }
 
     /// Copy a batch in: x `(n, c, h, w)` normalised images, y `(n)` labels.
@@ -155,7 +252,7 @@ impl<B: Backend> Model<B> {
                 spec.len()
             )));
         }
-        let buf = self.acts[self.graph.input].as_mut().expect("input buffer");
+        let buf = self.acts[self.slot[self.graph.input]].as_mut().expect("input buffer");
         self.be.upload(&x[..n * spec.len()], buf)?;
         let classes = self.graph.spec.classes;
         if let Some(&bad) = y[..n].iter().find(|&&l| l as usize >= classes) {
@@ -182,14 +279,14 @@ impl<B: Backend> Model<B> {
             let started = self.op_times.as_ref().map(|_| std::time::Instant::now());
             let y_id = op.output();
             let ylen = self.act_len(y_id, n);
-            let mut ybuf = take(&mut self.acts, y_id);
+            let mut ybuf = take(&mut self.acts, self.slot[y_id]);
             {
                 let yv = be.view_mut(&mut ybuf, 0, ylen);
                 match op {
                     Op::Conv { x, w, geom, .. } => {
                         let g = geom.with_n(n);
                         let e = &self.graph.params.entries[w];
-                        let xb = self.acts[x].as_ref().expect("x");
+                        let xb = self.acts[self.slot[x]].as_ref().expect("x");
                         be.conv2d_forward(
                             &g,
                             be.view(xb, 0, g.x_len()),
@@ -215,7 +312,7 @@ impl<B: Backend> Model<B> {
                         };
                         let ge = &self.graph.params.entries[gamma];
                         let me = &self.graph.stats.entries[mean];
-                        let xv = be.view(self.acts[x].as_ref().expect("x"), 0, s.len());
+                        let xv = be.view(self.acts[self.slot[x]].as_ref().expect("x"), 0, s.len());
                         let gv = be.view(&self.params, ge.offset, c);
                         let bv = be.view(&self.params, ge.offset + c, c);
                         if train {
@@ -231,34 +328,34 @@ impl<B: Backend> Model<B> {
                         }
                     }
                     Op::Relu { x, .. } => {
-                        let xv = be.view(self.acts[x].as_ref().expect("x"), 0, ylen);
+                        let xv = be.view(self.acts[self.slot[x]].as_ref().expect("x"), 0, ylen);
                         be.relu_forward(xv, yv);
                     }
                     Op::Add { a, b, .. } => {
-                        let av = be.view(self.acts[a].as_ref().expect("a"), 0, ylen);
-                        let bv = be.view(self.acts[b].as_ref().expect("b"), 0, ylen);
+                        let av = be.view(self.acts[self.slot[a]].as_ref().expect("a"), 0, ylen);
+                        let bv = be.view(self.acts[self.slot[b]].as_ref().expect("b"), 0, ylen);
                         be.add_forward(av, bv, yv);
                     }
                     Op::MaxPool { x, geom, .. } => {
                         let g = crate::ops::Pool2d { n, ..geom };
-                        let xv = be.view(self.acts[x].as_ref().expect("x"), 0, n * g.c * g.h * g.w);
+                        let xv = be.view(self.acts[self.slot[x]].as_ref().expect("x"), 0, n * g.c * g.h * g.w);
                         be.maxpool_forward(&g, xv, yv);
                     }
                     Op::AvgPool { x, c, hw, .. } => {
-                        let xv = be.view(self.acts[x].as_ref().expect("x"), 0, n * c * hw);
+                        let xv = be.view(self.acts[self.slot[x]].as_ref().expect("x"), 0, n * c * hw);
                         be.avgpool_forward(n, c, hw, xv, yv);
                     }
                     Op::Linear { x, w, d_in, d_out, .. } => {
                         let s = Linear { n, d_in, d_out };
                         let e = &self.graph.params.entries[w];
-                        let xv = be.view(self.acts[x].as_ref().expect("x"), 0, n * d_in);
+                        let xv = be.view(self.acts[self.slot[x]].as_ref().expect("x"), 0, n * d_in);
                         let wv = be.view(&self.params, e.offset, d_out * d_in);
                         let bv = be.view(&self.params, e.offset + d_out * d_in, d_out);
                         be.linear_forward(&s, xv, wv, bv, yv);
                     }
                 }
             }
-            self.acts[y_id] = Some(ybuf);
+            self.acts[self.slot[y_id]] = Some(ybuf);
             if let (Some(t), Some(times)) = (started, self.op_times.as_mut()) {
                 *times.forward.entry(op.kind()).or_default() += t.elapsed().as_secs_f64();
             }
@@ -269,10 +366,16 @@ impl<B: Backend> Model<B> {
     /// correct predictions). With `grad`, also writes the gradient of the mean loss into the
     /// logits' gradient.
     pub fn loss(&mut self, n: usize, grad: bool) -> Result<(f64, usize)> {
+        self.compute_loss(n, grad);
+        self.read_loss()
+    }
+
+    /// Queue the loss of the last forward (see [`Model::loss`]); [`Model::read_loss`] reads it.
+    pub fn compute_loss(&mut self, n: usize, grad: bool) {
         let be = &*self.be;
         let classes = self.graph.spec.classes;
         let lt = self.graph.logits;
-        let logits = be.view(self.acts[lt].as_ref().expect("logits"), 0, n * classes);
+        let logits = be.view(self.acts[self.slot[lt]].as_ref().expect("logits"), 0, n * classes);
         let labels = be.view(&self.labels, 0, n);
         let stats = be.view_mut(&mut self.loss_stats, 0, 2);
         let dl = if grad {
@@ -281,14 +384,19 @@ impl<B: Backend> Model<B> {
             None
         };
         be.softmax_xent(n, classes, logits, labels, dl, stats);
+    }
+
+    /// The (loss sum, correct) of the last [`Model::compute_loss`]: two numbers to the host.
+    pub fn read_loss(&self) -> Result<(f64, usize)> {
         let mut s = [0.0; 2];
-        be.download_into(&self.loss_stats, &mut s)?;
+        self.be.download_into(&self.loss_stats, &mut s)?;
         Ok((s[0], s[1].round() as usize))
     }
 
     /// Backward walk for a batch of `n` after `forward(n, true)` and `loss(n, true)`: fills
     /// `grads` (overwritten, not accumulated).
     pub fn backward(&mut self, n: usize) {
+        assert!(self.trains(), "backward on an evaluation model");
         let be = self.be.clone();
         let be = &*be;
         let input = self.graph.input;
@@ -304,7 +412,7 @@ impl<B: Backend> Model<B> {
                 Op::Conv { x, w, geom, .. } => {
                     let g = geom.with_n(n);
                     let (off, len) = (self.graph.params.entries[w].offset, self.graph.params.entries[w].len);
-                    let xv = be.view(self.acts[x].as_ref().expect("x"), 0, g.x_len());
+                    let xv = be.view(self.acts[self.slot[x]].as_ref().expect("x"), 0, g.x_len());
                     be.conv2d_backward_filter(&g, xv, dy, be.view_mut(&mut self.grads, off, len), false);
                     if x != input {
                         let dx = be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, g.x_len());
@@ -322,7 +430,7 @@ impl<B: Backend> Model<B> {
                         momentum: BN_MOMENTUM,
                     };
                     let off = self.graph.params.entries[gamma].offset;
-                    let xv = be.view(self.acts[x].as_ref().expect("x"), 0, s.len());
+                    let xv = be.view(self.acts[self.slot[x]].as_ref().expect("x"), 0, s.len());
                     let gv = be.view(&self.params, off, c);
                     let sm = be.view(&self.saves[save], 0, c);
                     let si = be.view(&self.saves[save], c, c);
@@ -331,7 +439,7 @@ impl<B: Backend> Model<B> {
                     be.batchnorm_backward(&s, xv, dy, gv, sm, si, dx, dg, db, acc[0]);
                 }
                 Op::Relu { x, .. } => {
-                    let yv = be.view(self.acts[y_id].as_ref().expect("y"), 0, ylen);
+                    let yv = be.view(self.acts[self.slot[y_id]].as_ref().expect("y"), 0, ylen);
                     let dx = be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, ylen);
                     be.relu_backward(yv, dy, dx, acc[0]);
                 }
@@ -342,8 +450,8 @@ impl<B: Backend> Model<B> {
                 Op::MaxPool { x, geom, .. } => {
                     let g = crate::ops::Pool2d { n, ..geom };
                     let xlen = n * g.c * g.h * g.w;
-                    let xv = be.view(self.acts[x].as_ref().expect("x"), 0, xlen);
-                    let yv = be.view(self.acts[y_id].as_ref().expect("y"), 0, ylen);
+                    let xv = be.view(self.acts[self.slot[x]].as_ref().expect("x"), 0, xlen);
+                    let yv = be.view(self.acts[self.slot[y_id]].as_ref().expect("y"), 0, ylen);
                     let dx = be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, xlen);
                     be.maxpool_backward(&g, xv, yv, dy, dx, acc[0]);
                 }
@@ -354,7 +462,7 @@ impl<B: Backend> Model<B> {
                 Op::Linear { x, w, d_in, d_out, .. } => {
                     let s = Linear { n, d_in, d_out };
                     let off = self.graph.params.entries[w].offset;
-                    let xv = be.view(self.acts[x].as_ref().expect("x"), 0, n * d_in);
+                    let xv = be.view(self.acts[self.slot[x]].as_ref().expect("x"), 0, n * d_in);
                     let wv = be.view(&self.params, off, d_out * d_in);
                     let (dw, db) = be.split_mut(be.view_mut(&mut self.grads, off, d_out * (d_in + 1)), d_out * d_in);
                     let dx = if x != input {
@@ -404,4 +512,51 @@ impl<B: Backend> Model<B> {
     pub fn params_host(&self) -> Result<Vec<f32>> {
         self.be.download(&self.params)
     }
+}
+
+/// Buffers for a forward-only walk: tensor t gets slot `slot[t]`, and a slot is reused once
+/// every op that reads its tensor has run (the logits stay live for the loss). Returns the
+/// slot of every tensor and the per-sample size of every slot.
+fn shared_slots(g: &Graph) -> (Vec<usize>, Vec<usize>) {
+    let ops = g.ops.len();
+    let mut last_read = vec![0usize; g.tensors.len()];
+    for (i, op) in g.ops.iter().enumerate() {
+        for t in op.inputs() {
+            last_read[t] = last_read[t].max(i);
+        }
+    }
+    last_read[g.logits] = ops;
+    let mut slot = vec![usize::MAX; g.tensors.len()];
+    let mut sizes: Vec<usize> = Vec::new();
+    let mut free: Vec<usize> = Vec::new();
+    let mut place = |t: usize, slot: &mut Vec<usize>, free: &mut Vec<usize>| {
+        let need = g.tensors[t].len();
+        // the smallest free slot that fits, else the largest free one (grown), else a new one
+        let fit = free
+            .iter()
+            .enumerate()
+            .filter(|(_, &s)| sizes[s] >= need)
+            .min_by_key(|(_, &s)| sizes[s])
+            .or_else(|| free.iter().enumerate().max_by_key(|(_, &s)| sizes[s]))
+            .map(|(i, _)| i);
+        let s = match fit {
+            Some(i) => free.swap_remove(i),
+            None => {
+                sizes.push(0);
+                sizes.len() - 1
+            }
+        };
+        sizes[s] = sizes[s].max(need);
+        slot[t] = s;
+    };
+    place(g.input, &mut slot, &mut free);
+    for (i, op) in g.ops.iter().enumerate() {
+        place(op.output(), &mut slot, &mut free);
+        for t in op.inputs() {
+            if last_read[t] == i && !free.contains(&slot[t]) {
+                free.push(slot[t]);
+            }
+        }
+    }
+    (slot, sizes)
 }

@@ -13,31 +13,7 @@ use crate::rng::{Purpose, Rng};
 use crate::{Error, Result};
 use serde::Serialize;
 
-/// Which filters a ticket keeps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Criterion {
-    /// The largest conv1 row norms (the method).
-    Largest,
-    /// The smallest (ablation).
-    Smallest,
-    /// A uniformly random subset (ablation), drawn from the seed.
-    Random,
-}
-
-impl Criterion {
-    /// Parse `largest`, `smallest` or `random`.
-    pub fn parse(s: &str) -> Result<Self> {
-        match s {
-            "largest" => Ok(Criterion::Largest),
-            "smallest" => Ok(Criterion::Smallest),
-            "random" => Ok(Criterion::Random),
-            _ => Err(Error::config(format!(
-                "unknown criterion '{s}' (expected largest, smallest or random)"
-            ))),
-        }
-    }
-}
+pub use crate::checkpoint::Criterion;
 
 /// A prunable block as seen in a parameter layout.
 #[derive(Clone, Debug)]

@@ -7,33 +7,17 @@
 //! machinery, with one "rank" owning the kept filters of every prunable block.
 
 use super::{kept, prunable_blocks, validate_ratio, Criterion};
-use crate::checkpoint::{Checkpoint, State};
+pub use crate::checkpoint::TicketInfo;
+use crate::checkpoint::{Checkpoint, CheckpointOf, Kind, State};
 use crate::data::DatasetKind;
-use crate::loft::partition::Partition;
-use crate::loft::slices;
+use crate::model::partition::Partition;
+use crate::model::slices;
 use crate::model::{ArchSpec, Graph, Layout, Role};
 use crate::{Error, Result};
-use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// What a ticket remembers about its making (the `/ticket` group of its checkpoint).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TicketInfo {
-    /// Pruning ratio p and criterion.
-    pub ratio: f64,
-    pub criterion: String,
-    /// The checkpoint it was pruned from.
-    pub source: String,
-    /// Full shapes with a mask (true), or a narrower network (false).
-    pub masked: bool,
-    /// Prunable blocks (name prefixes), their full inner widths, and the kept filters.
-    pub blocks: Vec<String>,
-    pub widths: Vec<usize>,
-    pub kept: Vec<Vec<usize>>,
-}
-
 /// The architecture and input size a checkpoint's configuration describes.
-pub fn arch_of(c: &Checkpoint, path: &Path) -> Result<(ArchSpec, usize, usize)> {
+pub fn arch_of(c: &CheckpointOf<'_>, path: &Path) -> Result<(ArchSpec, usize, usize)> {
     let cfg: serde_json::Value = serde_json::from_str(&c.config)
         .map_err(|e| Error::format(path, format!("its configuration is not valid JSON: {e}")))?;
     let arch: ArchSpec = serde_json::from_value(cfg["arch"].clone())
@@ -121,7 +105,7 @@ pub fn mask(layout: &Layout, idx: &[usize], info: &TicketInfo) -> Vec<f32> {
 /// "ticket" holding the pre-trained weights of the kept filters (no rewinding) and a fresh
 /// optimizer.
 pub fn prune(
-    c: &Checkpoint,
+    c: &CheckpointOf<'_>,
     path: &Path,
     ratio: f64,
     criterion: Criterion,
@@ -129,7 +113,7 @@ pub fn prune(
     seed: u64,
 ) -> Result<Checkpoint> {
     validate_ratio(ratio)?;
-    if c.kind == "ticket" {
+    if c.kind == Kind::Ticket {
         return Err(Error::format(
             path,
             "is already a ticket; prune the pre-trained checkpoint",
@@ -146,11 +130,7 @@ pub fn prune(
     let blocks = prunable_blocks(&full.params);
     let info = TicketInfo {
         ratio,
-        criterion: serde_json::to_value(criterion)
-            .expect("json")
-            .as_str()
-            .unwrap_or("")
-            .into(),
+        criterion,
         source: path.display().to_string(),
         masked,
         widths: blocks.iter().map(|b| b.conv1.shape[0]).collect(),
@@ -158,7 +138,7 @@ pub fn prune(
         blocks: blocks.into_iter().map(|b| b.name).collect(),
     };
     let (full_all, pruned_all, train, idx) = ticket_graphs(&arch, h, w, &info)?;
-    let (params, stats) = if masked {
+    let (params, stats): (Vec<f32>, Vec<f32>) = if masked {
         let (mp, ms) = (mask(&full_all.params, &idx, &info), mask(&full_all.stats, &idx, &info));
         (
             c.params.iter().zip(&mp).map(|(v, m)| v * m).collect(),
@@ -173,8 +153,8 @@ pub fn prune(
         (params, stats)
     };
     Ok(Checkpoint {
-        kind: "ticket".into(),
-        method: c.method.clone(),
+        kind: Kind::Ticket,
+        method: c.method,
         config: c.config.clone(),
         state: State {
             workers: 1,
@@ -184,10 +164,10 @@ pub fn prune(
             ..State::default()
         },
         seed,
-        momentum: vec![0.0; params.len()],
-        params,
+        momentum: vec![0.0; params.len()].into(),
+        params: params.into(),
         param_layout: train.params.clone(),
-        stats,
+        stats: stats.into(),
         stat_layout: train.stats.clone(),
         data_position: Vec::new(),
         partition: None,
@@ -199,8 +179,7 @@ pub fn prune(
 }
 
 /// `loft prune`: write the ticket of `checkpoint` at `ratio` to `out`.
-pub fn run(checkpoint: &Path, ratio: f64, criterion: &str, masked: bool, seed: u64, out: &Path) -> Result<()> {
-    let criterion = Criterion::parse(criterion)?;
+pub fn run(checkpoint: &Path, ratio: f64, criterion: Criterion, masked: bool, seed: u64, out: &Path) -> Result<()> {
     let c = Checkpoint::read(checkpoint)?;
     let t = prune(&c, checkpoint, ratio, criterion, masked, seed)?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -212,7 +191,7 @@ pub fn run(checkpoint: &Path, ratio: f64, criterion: &str, masked: bool, seed: u
     let total: usize = info.widths.iter().sum();
     println!(
         "ticket at ratio {ratio} ({}, {}): {kept} of {total} inner filters kept in {} blocks, {} parameters (from {}); written to {}",
-        info.criterion,
+        info.criterion.name(),
         if masked { "masked" } else { "narrow" },
         info.blocks.len(),
         if masked {

@@ -2,6 +2,7 @@
 
 use super::gemm::{matmul, Mat};
 use super::real::Real;
+use crate::backend::Run;
 use crate::ops::{Linear, Pool2d, Sgd};
 use rayon::prelude::*;
 
@@ -55,6 +56,31 @@ pub fn copy<T: Real>(src: &[T], dst: &mut [T], accumulate: bool) {
             *o += i;
         }
     });
+}
+
+/// x *= a.
+pub fn scale<T: Real>(x: &mut [T], a: T) {
+    x.par_chunks_mut(GRAIN).for_each(|c| {
+        for v in c {
+            *v *= a;
+        }
+    });
+}
+
+/// y += a x.
+pub fn axpy<T: Real>(a: T, x: &[T], y: &mut [T]) {
+    y.par_chunks_mut(GRAIN).zip(x.par_chunks(GRAIN)).for_each(|(yc, xc)| {
+        for (o, &i) in yc.iter_mut().zip(xc) {
+            *o += a * i;
+        }
+    });
+}
+
+/// dst[r.dst..][..r.len] = src[r.src..][..r.len] for every run (runs do not overlap in dst).
+pub fn copy_runs<T: Real>(runs: &[Run], src: &[T], dst: &mut [T]) {
+    for r in runs {
+        dst[r.dst..r.dst + r.len].copy_from_slice(&src[r.src..r.src + r.len]);
+    }
 }
 
 /// Max pooling forward, padding never selected.

@@ -12,10 +12,11 @@ pub mod scratch;
 
 pub use real::Real;
 
-use super::Backend;
+use super::{Backend, Run};
 use crate::ops::{BatchNorm, Conv2d, Linear, Pool2d, Sgd};
 use crate::Result;
 use scratch::ScratchPool;
+use std::borrow::Cow;
 
 /// The CPU backend. Holds the convolution scratch buffers, which grow to the largest layer once.
 pub struct CpuBackend<T: Real> {
@@ -49,11 +50,15 @@ impl<T: Real> Default for CpuBackend<T> {
 
 impl<T: Real> Backend for CpuBackend<T> {
     type Buf = Vec<T>;
+    type Runs = Vec<Run>;
     type View<'a> = &'a [T];
     type ViewMut<'a> = &'a mut [T];
 
     fn name(&self) -> String {
         format!("cpu ({} threads, {})", self.threads, std::any::type_name::<T>())
+    }
+    fn workspace_bytes(&self) -> usize {
+        self.scratch.bytes() + self.stats_scratch.bytes()
     }
     fn alloc(&self, len: usize) -> Result<Vec<T>> {
         Ok(vec![T::ZERO; len])
@@ -85,6 +90,29 @@ impl<T: Real> Backend for CpuBackend<T> {
         }
         Ok(())
     }
+    fn read_host<'a>(&self, b: &'a Vec<T>, off: usize, len: usize) -> Result<Cow<'a, [f32]>> {
+        let s = &b[off..off + len];
+        Ok(match T::as_f32(s) {
+            Some(f) => Cow::Borrowed(f),
+            None => Cow::Owned(s.iter().map(|v| v.to_f32()).collect()),
+        })
+    }
+    fn with_host_mut<R>(&self, b: &mut Vec<T>, off: usize, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> Result<R> {
+        let s = &mut b[off..off + len];
+        if let Some(h) = T::as_f32_mut(s) {
+            return Ok(f(h));
+        }
+        let mut h: Vec<f32> = s.iter().map(|v| v.to_f32()).collect();
+        let r = f(&mut h);
+        for (d, v) in s.iter_mut().zip(h) {
+            *d = T::from_f32(v);
+        }
+        Ok(r)
+    }
+    fn sync(&self) -> Result<()> {
+        // every op ran to completion before it returned
+        Ok(())
+    }
     fn view<'a>(&self, b: &'a Vec<T>, off: usize, len: usize) -> &'a [T] {
         &b[off..off + len]
     }
@@ -102,6 +130,18 @@ impl<T: Real> Backend for CpuBackend<T> {
     }
     fn copy(&self, src: &[T], dst: &mut [T], accumulate: bool) {
         elementwise::copy(src, dst, accumulate);
+    }
+    fn scale(&self, x: &mut [T], a: f32) {
+        elementwise::scale(x, T::from_f32(a));
+    }
+    fn axpy(&self, a: f32, x: &[T], y: &mut [T]) {
+        elementwise::axpy(T::from_f32(a), x, y);
+    }
+    fn prepare_runs(&self, runs: &[Run]) -> Result<Vec<Run>> {
+        Ok(runs.to_vec())
+    }
+    fn copy_runs(&self, runs: &Vec<Run>, src: &[T], dst: &mut [T]) {
+        elementwise::copy_runs(runs, src, dst);
     }
 
     fn conv2d_forward(&self, s: &Conv2d, x: &[T], w: &[T], y: &mut [T]) {

@@ -33,6 +33,10 @@ pub trait Real:
     fn from_f32(v: f32) -> Self;
     /// Convert (rounding for f64).
     fn to_f32(self) -> f32;
+    /// The slice itself as f32, when the scalar is f32 (no copy).
+    fn as_f32(s: &[Self]) -> Option<&[f32]>;
+    /// The slice itself as writable f32, when the scalar is f32 (no copy).
+    fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
 }
 
 impl Real for f32 {
@@ -54,6 +58,12 @@ impl Real for f32 {
     fn to_f32(self) -> f32 {
         self
     }
+    fn as_f32(s: &[f32]) -> Option<&[f32]> {
+        Some(s)
+    }
+    fn as_f32_mut(s: &mut [f32]) -> Option<&mut [f32]> {
+        Some(s)
+    }
 }
 
 impl Real for f64 {
@@ -74,5 +84,11 @@ impl Real for f64 {
     #[inline]
     fn to_f32(self) -> f32 {
         self as f32
+    }
+    fn as_f32(_: &[f64]) -> Option<&[f32]> {
+        None
+    }
+    fn as_f32_mut(_: &mut [f64]) -> Option<&mut [f32]> {
+        None
     }
 }

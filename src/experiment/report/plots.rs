@@ -1,9 +1,9 @@
 //! PNG plots of the report: accuracy over training, filter-distance curves, communication.
 //! Text needs a TrueType font; DejaVu Sans (Debian's fonts-dejavu-core) is loaded at run time.
 
+use super::Report;
 use crate::{Error, Result};
 use plotters::prelude::*;
-use serde_json::Value;
 use std::path::Path;
 
 /// Fonts tried, in order.
@@ -35,12 +35,8 @@ fn err(e: impl std::fmt::Display) -> Error {
     Error::Backend(format!("plot: {e}"))
 }
 
-fn points(v: &Value) -> Vec<(f64, f64)> {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
-        .collect()
+fn points(v: &[(usize, f64)]) -> Vec<(f64, f64)> {
+    v.iter().map(|&(x, y)| (x as f64, y)).collect()
 }
 
 const COLORS: [RGBColor; 8] = [
@@ -113,30 +109,29 @@ fn lines(
 }
 
 /// Draw `accuracy.png`, `distance.png` and `communication.png` into `dir`.
-pub fn draw(r: &Value, dir: &Path) -> Result<()> {
+pub fn draw(r: &Report, dir: &Path) -> Result<()> {
     font()?;
-    let s = r["workers"].as_u64().unwrap_or(1);
+    let s = r.workers;
     // accuracy: pre-training (per round) and fine-tuning (per epoch)
     let path = dir.join("accuracy.png");
     let root = BitMapBackend::new(&path, (1400, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let (left, right) = root.split_horizontally(620);
-    let pre = &r["pretraining"];
+    let pre = &r.pretraining;
     lines(
         &left,
         "Pre-training: test accuracy",
         "round",
         "test accuracy %",
         &[
-            ("dense".into(), points(&pre["dense"]["test_acc"])),
-            (format!("LoFT-{s}"), points(&pre["loft"]["test_acc"])),
+            ("dense".into(), points(&pre.dense.test_acc)),
+            (format!("LoFT-{s}"), points(&pre.loft.test_acc)),
         ],
     )?;
-    let fine: Vec<(String, Vec<(f64, f64)>)> = r["tickets"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|t| (t["ticket"].as_str().unwrap_or("").to_string(), points(&t["test_acc"])))
+    let fine: Vec<(String, Vec<(f64, f64)>)> = r
+        .tickets
+        .iter()
+        .map(|t| (t.ticket.clone(), points(&t.test_acc)))
         .collect();
     lines(
         &right,
@@ -152,12 +147,10 @@ pub fn draw(r: &Value, dir: &Path) -> Result<()> {
     let root = BitMapBackend::new(&path, (1100, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let (left, right) = root.split_horizontally(550);
-    let curve = |m: &str, k: usize| -> Vec<(f64, f64)> {
-        pre[m]["distance_to_final"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|p| Some((p[0].as_f64()?, p[k].as_f64()?)))
+    let curve = |m: &super::PretrainRow, k: usize| -> Vec<(f64, f64)> {
+        m.distance_to_final
+            .iter()
+            .map(|p| (p.0 as f64, if k == 1 { p.1 } else { p.2 }))
             .collect()
     };
     for (area, k, what) in [(&left, 1, "index distance D_idx"), (&right, 2, "weight distance D_w")] {
@@ -167,15 +160,15 @@ pub fn draw(r: &Value, dir: &Path) -> Result<()> {
             "round",
             what,
             &[
-                ("dense".into(), curve("dense", k)),
-                (format!("LoFT-{s}"), curve("loft", k)),
+                ("dense".into(), curve(&pre.dense, k)),
+                (format!("LoFT-{s}"), curve(&pre.loft, k)),
             ],
         )?;
     }
     root.present().map_err(err)?;
 
     // communication bars
-    let c = &r["communication_bytes"];
+    let c = &r.communication_bytes;
     let bars: Vec<(String, f64)> = [
         (format!("LoFT-{s} (loft)"), "loft_measured"),
         (format!("LoFT-{s} (paper)"), "loft_paper_accounting"),
@@ -184,7 +177,7 @@ pub fn draw(r: &Value, dir: &Path) -> Result<()> {
         (format!("data-parallel-{s}"), "data_parallel"),
     ]
     .into_iter()
-    .map(|(n, k)| (n, c[k].as_u64().unwrap_or(0) as f64 / 1e9))
+    .map(|(n, k)| (n, c.get(k) as f64 / 1e9))
     .collect();
     let path = dir.join("communication.png");
     let root = BitMapBackend::new(&path, (900, 480)).into_drawing_area();

@@ -7,14 +7,20 @@
 //! the same command again continues an interrupted job. A stop signal ends the job after the
 //! current phase's checkpoint with status 75.
 
+pub mod report;
+
+use crate::backend::Backend;
 use crate::checkpoint::{self, Saver};
 use crate::comm::{Comm, Purpose};
+use crate::engine::{Ending, RunControl};
 use crate::loft::{Method, PretrainConfig};
+use crate::progress::Style;
 use crate::stop::StopFlag;
 use crate::ticket::{prune, Criterion};
-use crate::train::{Ending, RunControl, TrainConfig};
+use crate::train::TrainConfig;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Everything `loft run` does, resolved.
 #[derive(Clone, Debug)]
@@ -28,7 +34,7 @@ pub struct MainJob {
     /// A pre-training checkpoint every N rounds: the points of the distance curves.
     pub record_every: usize,
     pub out: PathBuf,
-    pub progress: String,
+    pub progress: Style,
 }
 
 /// Directory of a phase.
@@ -104,18 +110,21 @@ fn same_settings(ctl: &RunControl, planned: &impl serde::Serialize) -> Result<()
 
 /// Check that a finished phase (its `config.json`) ran with the settings planned now.
 fn finished_with_same_settings(dir: &Path, planned: &impl serde::Serialize) -> Result<()> {
+    /// The part of `config.json` compared.
+    #[derive(serde::Deserialize)]
+    struct Saved {
+        config: serde_json::Value,
+    }
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| Error::format(&path, format!("not valid JSON: {e}")))?;
-    compare_settings(&path, v["config"].clone(), planned)
+    let saved: Saved = crate::rundir::read_json(&path)?;
+    compare_settings(&path, saved.config, planned)
 }
 
 fn compare_settings(path: &Path, mut saved: serde_json::Value, planned: &impl serde::Serialize) -> Result<()> {
     let mut want = serde_json::to_value(planned).expect("config serializes");
     for v in [&mut saved, &mut want] {
         if let Some(o) = v.as_object_mut() {
-            for k in ["out", "progress", "data_dir", "verify"] {
+            for (k, _) in crate::resume::MAY_CHANGE {
                 o.remove(k);
             }
         }
@@ -131,20 +140,20 @@ fn compare_settings(path: &Path, mut saved: serde_json::Value, planned: &impl se
 
 /// Print a phase header on rank 0, and start the phase with an empty ledger (each phase's
 /// run directory accounts for its own bytes).
-fn header(comm: &mut dyn Comm, progress: &str, i: usize, n: usize, what: &str) {
+fn header(comm: &mut dyn Comm, progress: Style, i: usize, n: usize, what: &str) {
     *comm.ledger_mut() = Default::default();
-    if comm.rank() == 0 && progress != "none" {
+    if comm.rank() == 0 && progress != Style::None {
         eprintln!("\n== loft run: phase {i}/{n}: {what} ==");
     }
 }
 
 /// Run the main job on this rank. Returns the report directory, or the ending of the phase a
 /// signal stopped.
-pub fn run(job: &MainJob, stop: &StopFlag, comm: &mut dyn Comm) -> Result<Ending> {
+pub fn run<B: Backend>(job: &MainJob, stop: &StopFlag, comm: &mut dyn Comm, be: Arc<B>) -> Result<Ending> {
     job.validate()?;
     let lead = comm.rank() == 0;
     if lead {
-        crate::train::prepare_out_dir(&job.out)?;
+        crate::rundir::prepare(&job.out)?;
     }
     let all = tickets(&job.ratios);
     let phases = 2 + 1 + all.len() + 1;
@@ -156,33 +165,27 @@ pub fn run(job: &MainJob, stop: &StopFlag, comm: &mut dyn Comm) -> Result<Ending
         let mut cfg = job.pretrain.clone();
         cfg.method = m;
         cfg.out = dir.clone();
-        cfg.progress = job.progress.clone();
+        cfg.progress = job.progress;
         if m == Method::Dense {
             cfg.bn_recalibrate = 0;
             cfg.keep_momentum = false;
         }
         if dir.join("summary.json").exists() {
             finished_with_same_settings(&dir, &cfg)?;
-            header(
-                comm,
-                &job.progress,
-                phase,
-                phases,
-                &format!("{m:?} pre-training (done)"),
-            );
+            header(comm, job.progress, phase, phases, &format!("{m:?} pre-training (done)"));
             continue;
         }
-        header(comm, &job.progress, phase, phases, &format!("{m:?} pre-training"));
+        header(comm, job.progress, phase, phases, &format!("{m:?} pre-training"));
         let ctl = control(&dir, job.record_every, usize::MAX, stop)?;
         same_settings(&ctl, &cfg)?;
-        let s = crate::loft::run(&cfg, &ctl, comm)?;
+        let s = crate::loft::run(&cfg, &ctl, comm, be.clone())?;
         if let Ending::Stopped(_) = s.ending {
             return Ok(s.ending);
         }
     }
     // 3: the tickets (rank 0 writes them; the others wait)
     phase += 1;
-    header(comm, &job.progress, phase, phases, "pruning");
+    header(comm, job.progress, phase, phases, "pruning");
     let tdir = job.out.join("tickets");
     let mut result = Ok(());
     if lead {
@@ -201,30 +204,24 @@ pub fn run(job: &MainJob, stop: &StopFlag, comm: &mut dyn Comm) -> Result<Ending
         let mut cfg = job.finetune.clone();
         cfg.ticket = Some(tdir.join(format!("{name}.h5")));
         cfg.out = dir.clone();
-        cfg.progress = job.progress.clone();
+        cfg.progress = job.progress;
         if dir.join("summary.json").exists() {
             finished_with_same_settings(&dir, &cfg)?;
-            header(
-                comm,
-                &job.progress,
-                phase,
-                phases,
-                &format!("fine-tuning {name} (done)"),
-            );
+            header(comm, job.progress, phase, phases, &format!("fine-tuning {name} (done)"));
             continue;
         }
-        header(comm, &job.progress, phase, phases, &format!("fine-tuning {name}"));
+        header(comm, job.progress, phase, phases, &format!("fine-tuning {name}"));
         let ctl = control(&dir, 1, 1, stop)?;
         same_settings(&ctl, &cfg)?;
-        let s = crate::train::run(&cfg, &ctl, comm)?;
+        let s = crate::train::run(&cfg, &ctl, comm, be.clone())?;
         if let Ending::Stopped(_) = s.ending {
             return Ok(s.ending);
         }
     }
     phase += 1;
-    header(comm, &job.progress, phase, phases, "report");
+    header(comm, job.progress, phase, phases, "report");
     if lead {
-        crate::report::write(job, comm.size())?;
+        report::write(job, comm.size())?;
     }
     Ok(Ending::Completed(job.out.join("report.md")))
 }

@@ -1,0 +1,114 @@
+//! The `--device` choice: `auto`, `cpu`, `cuda` or `cuda:N`, carried in every configuration.
+//!
+//! Checkpoints are device-independent (flat f32 buffers), so the device is a setting a resumed
+//! run may change; it is recorded in `config.json` and `summary.json`.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::str::FromStr;
+
+/// Where a run computes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// A GPU when this build and machine have one, else the CPU.
+    #[default]
+    Auto,
+    /// The CPU backend (the reference).
+    Cpu,
+    /// A CUDA GPU: the rank's local GPU, or GPU N.
+    Cuda(Option<usize>),
+}
+
+/// The backend a [`Device`] resolves to on this build and machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolved {
+    Cpu,
+}
+
+/// The values `--device` accepts, for help and error messages.
+pub const DEVICE_VALUES: &str = "auto, cpu, cuda or cuda:N";
+
+impl Device {
+    /// The backend this choice means here; an error names what is missing.
+    pub fn resolve(self) -> Result<Resolved> {
+        match self {
+            Device::Auto | Device::Cpu => Ok(Resolved::Cpu),
+            Device::Cuda(_) => Err(Error::config(format!(
+                "--device {self}: this build of loft has no CUDA backend yet; use --device cpu"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Auto => f.write_str("auto"),
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(None) => f.write_str("cuda"),
+            Device::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(None)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Ok(Device::Cuda(Some(n))),
+                _ => Err(Error::config(format!(
+                    "unknown device '{s}' (expected {DEVICE_VALUES})"
+                ))),
+            },
+        }
+    }
+}
+
+impl Serialize for Device {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_print_and_round_trip_through_json() {
+        for (text, d) in [
+            ("auto", Device::Auto),
+            ("cpu", Device::Cpu),
+            ("cuda", Device::Cuda(None)),
+            ("cuda:3", Device::Cuda(Some(3))),
+        ] {
+            assert_eq!(text.parse::<Device>().unwrap(), d);
+            assert_eq!(d.to_string(), text);
+            let json = serde_json::to_string(&d).unwrap();
+            assert_eq!(json, format!("\"{text}\""));
+            assert_eq!(serde_json::from_str::<Device>(&json).unwrap(), d);
+        }
+        for bad in ["gpu", "cuda:", "cuda:x", "CPU"] {
+            let e = bad.parse::<Device>().unwrap_err().to_string();
+            assert!(e.contains("unknown device") && e.contains(bad), "{e}");
+        }
+        assert_eq!(Device::Auto.resolve().unwrap(), Resolved::Cpu);
+        assert!(Device::Cuda(Some(1))
+            .resolve()
+            .unwrap_err()
+            .to_string()
+            .contains("CUDA"));
+    }
+}

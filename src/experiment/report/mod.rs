@@ -1,0 +1,416 @@
+//! The report of `loft run`: a Markdown table shaped like the paper's (accuracy of every
+//! ticket, communication of LoFT against GPipe and data-parallel training), the same as JSON,
+//! and PNG plots. Everything is read back from the phases' run directories.
+
+pub mod plots;
+
+use super::{pretrain_dir, ticket_name, tickets, MainJob};
+use crate::checkpoint::{self, Checkpoint};
+use crate::comm::accounting::{self as acc, ModelCounts};
+use crate::loft::{LedgerReport, Method, PretrainSummary, RoundRecord};
+use crate::model::Graph;
+use crate::rundir::{read_json, read_lines, write_atomic, write_json};
+use crate::train::{EpochRecord, TrainSummary};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// Everything the report shows (`report.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub arch: String,
+    pub base_width: usize,
+    pub inner_width: usize,
+    pub dataset: String,
+    pub workers: usize,
+    pub rounds: usize,
+    pub local_steps: usize,
+    pub batch_per_worker: usize,
+    pub samples: u64,
+    pub seed: u64,
+    pub finetune: FinetuneSettings,
+    pub params: Params,
+    pub pretraining: Pretrainings,
+    pub tickets: Vec<TicketRow>,
+    pub communication_bytes: Communication,
+}
+
+/// The fine-tuning recipe.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FinetuneSettings {
+    pub epochs: usize,
+    pub lr: f64,
+    pub batch: usize,
+}
+
+/// Shared and partitioned parameters of the full model.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Params {
+    pub shared: u64,
+    pub partitioned: u64,
+}
+
+/// Both pre-training runs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Pretrainings {
+    pub dense: PretrainRow,
+    pub loft: PretrainRow,
+}
+
+/// One pre-training run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PretrainRow {
+    pub final_test_acc: f64,
+    pub wall_s: f64,
+    pub compute_s: f64,
+    pub sync_s: f64,
+    pub rounds: u64,
+    pub sync_bytes_sent_all_ranks: u64,
+    /// (round, test accuracy %) of every evaluation.
+    pub test_acc: Vec<(usize, f64)>,
+    /// (round, D_idx, D_w) of every recorded checkpoint to the final model.
+    pub distance_to_final: Vec<DistancePoint>,
+}
+
+/// One fine-tuned ticket.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TicketRow {
+    pub ticket: String,
+    /// The pre-training it was pruned from: dense or loft.
+    pub pretraining: String,
+    pub ratio: f64,
+    pub params: usize,
+    pub best_test_acc: f64,
+    pub final_test_acc: f64,
+    pub wall_s: f64,
+    /// (epoch, test accuracy %).
+    pub test_acc: Vec<(usize, f64)>,
+}
+
+/// Communication of pre-training, in bytes, by accounting.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Communication {
+    pub loft_measured: u64,
+    pub loft_closed_form: u64,
+    pub loft_paper_accounting: u64,
+    pub gpipe2: u64,
+    pub gpipe4: u64,
+    pub data_parallel: u64,
+    pub improvement_gpipe_over_loft_paper: f64,
+    pub improvement_gpipe_over_loft_measured: f64,
+}
+
+impl Communication {
+    /// The figure of one accounting, by its JSON name.
+    pub fn get(&self, key: &str) -> u64 {
+        match key {
+            "loft_measured" => self.loft_measured,
+            "loft_closed_form" => self.loft_closed_form,
+            "loft_paper_accounting" => self.loft_paper_accounting,
+            "gpipe2" => self.gpipe2,
+            "gpipe4" => self.gpipe4,
+            "data_parallel" => self.data_parallel,
+            _ => 0,
+        }
+    }
+}
+
+/// One point of a distance curve: (round, D_idx, D_w) of a recorded checkpoint to the final model.
+pub type DistancePoint = (u64, f64, f64);
+
+/// Distance of every recorded checkpoint of a pre-training run to its final model.
+pub fn distance_curve(dir: &Path, ratio: f64) -> Result<Vec<DistancePoint>> {
+    let files = checkpoint::list(&dir.join("checkpoints"))?;
+    let (_, last) = files.last().ok_or_else(|| Error::format(dir, "holds no checkpoint"))?;
+    let fin = Checkpoint::read(last)?;
+    files
+        .iter()
+        .map(|(_, p)| {
+            let c = Checkpoint::read(p)?;
+            let d = crate::ticket::distance(&fin.param_layout, &c.params, &fin.params, ratio)?;
+            Ok((c.state.round, d.index, d.weight))
+        })
+        .collect()
+}
+
+/// The report of one pre-training run directory.
+fn pretrain_row(dir: &Path, ratio: f64) -> Result<PretrainRow> {
+    let summary: PretrainSummary = read_json(&dir.join("summary.json"))?;
+    let ledger: LedgerReport = read_json(&dir.join("ledger.json"))?;
+    let metrics: Vec<RoundRecord> = read_lines(&dir.join("metrics.jsonl"))?;
+    Ok(PretrainRow {
+        final_test_acc: summary.final_test_acc,
+        wall_s: summary.wall_s,
+        compute_s: summary.compute_s,
+        sync_s: summary.sync_s,
+        rounds: metrics.len() as u64,
+        sync_bytes_sent_all_ranks: ledger.per_rank_sync_bytes_sent.iter().sum(),
+        test_acc: metrics.iter().filter_map(|r| Some((r.round, r.test_acc?))).collect(),
+        distance_to_final: distance_curve(dir, ratio)?,
+    })
+}
+
+/// Collect everything the report shows from the phases' run directories.
+pub fn collect(job: &MainJob, ranks: usize) -> Result<Report> {
+    let p = &job.pretrain;
+    let s = if p.simulate > 0 { p.simulate } else { ranks };
+    let (_, h, w, _) = p.dataset.shape();
+    let g = Graph::build(&p.arch, h, w, None)?;
+    let counts = ModelCounts::of(&g);
+    let (su, rounds) = (s as u64, p.rounds as u64);
+    let pretraining = Pretrainings {
+        dense: pretrain_row(&pretrain_dir(&job.out, Method::Dense), p.distance_ratio)?,
+        loft: pretrain_row(&pretrain_dir(&job.out, Method::Loft), p.distance_ratio)?,
+    };
+    let mut rows = Vec::new();
+    for (m, r) in tickets(&job.ratios) {
+        let name = ticket_name(m, r);
+        let dir = job.out.join("finetune").join(&name);
+        let summary: TrainSummary = read_json(&dir.join("summary.json"))?;
+        let metrics: Vec<EpochRecord> = read_lines(&dir.join("metrics.jsonl"))?;
+        let t = Checkpoint::read(&job.out.join("tickets").join(format!("{name}.h5")))?;
+        rows.push(TicketRow {
+            pretraining: m.unwrap_or(Method::Dense).name().into(),
+            ticket: name,
+            ratio: r,
+            params: t.params.len(),
+            best_test_acc: summary.best_test_acc,
+            final_test_acc: summary.final_test_acc,
+            wall_s: summary.wall_s,
+            test_acc: metrics.iter().map(|e| (e.epoch, e.test_acc)).collect(),
+        });
+    }
+    let samples = rounds * p.local_steps as u64 * p.batch_size as u64 * su;
+    let paper = acc::paper_bytes(&counts, su, rounds);
+    let gpipe = |k: usize| acc::gpipe_bytes(&g, &acc::default_cuts(k), samples);
+    let loft_measured = pretraining.loft.sync_bytes_sent_all_ranks;
+    let gpipe_s = gpipe(s.max(2));
+    let ratio = |a: u64, b: u64| if b > 0 { a as f64 / b as f64 } else { 0.0 };
+    Ok(Report {
+        arch: p.arch.name(),
+        base_width: p.arch.base_width,
+        inner_width: p.arch.inner_width,
+        dataset: p.dataset.name().into(),
+        workers: s,
+        rounds: p.rounds,
+        local_steps: p.local_steps,
+        batch_per_worker: p.batch_size,
+        samples,
+        seed: p.seed,
+        finetune: FinetuneSettings {
+            epochs: job.finetune.epochs,
+            lr: job.finetune.lr,
+            batch: job.finetune.batch_size,
+        },
+        params: Params {
+            shared: counts.shared,
+            partitioned: counts.partitioned,
+        },
+        pretraining,
+        tickets: rows,
+        communication_bytes: Communication {
+            loft_measured,
+            loft_closed_form: rounds * acc::loft_round_bytes(&g, su, p.keep_momentum),
+            loft_paper_accounting: paper,
+            gpipe2: gpipe(2),
+            gpipe4: gpipe(4),
+            data_parallel: rounds * p.local_steps as u64 * acc::data_parallel_step_bytes(&g, su),
+            improvement_gpipe_over_loft_paper: ratio(gpipe_s, paper),
+            improvement_gpipe_over_loft_measured: ratio(gpipe_s, loft_measured),
+        },
+    })
+}
+
+fn gb(bytes: u64) -> String {
+    format!("{:.4}", bytes as f64 / 1e9)
+}
+
+/// The Markdown report.
+pub fn markdown(r: &Report) -> String {
+    let mut o = String::new();
+    let s = r.workers;
+    let _ = writeln!(
+        o,
+        "# loft run: {} (base {}, inner x{}) on {}, S = {s}\n",
+        r.arch, r.base_width, r.inner_width, r.dataset
+    );
+    let _ = writeln!(
+        o,
+        "Pre-training, for both methods: {} rounds x {} local steps x batch {} per worker x {s} workers = {} samples. \
+         Fine-tuning: {} epochs, lr {}, batch {} per rank. Seed {}. GPipe computes the same gradients as dense \
+         training, so the dense tickets stand for GPipe's.\n",
+        r.rounds,
+        r.local_steps,
+        r.batch_per_worker,
+        r.samples,
+        r.finetune.epochs,
+        r.finetune.lr,
+        r.finetune.batch,
+        r.seed
+    );
+    let by = |pre: &str| -> Vec<&TicketRow> {
+        r.tickets
+            .iter()
+            .filter(|t| t.pretraining == pre && t.ratio > 0.0)
+            .collect()
+    };
+    let ratios: Vec<String> = by("dense").iter().map(|t| format!("{:.0}%", t.ratio * 100.0)).collect();
+    let best = |v: Vec<&TicketRow>| {
+        v.iter()
+            .map(|t| format!("{:.2}", t.best_test_acc))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let c = &r.communication_bytes;
+    let _ = writeln!(
+        o,
+        "## The paper's table, at this scale (top-1 %, best over fine-tuning; communication in GB)\n"
+    );
+    let _ = writeln!(
+        o,
+        "| setting | No-Prune | Dense / GPipe ({r}) | LoFT-{s} ({r}) | comm GPipe-2 / LoFT-{s} / GPipe-4 / data-parallel-{s} | improvement GPipe-{g} / LoFT-{s} |",
+        r = ratios.join(", "),
+        g = s.max(2)
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|");
+    let _ = writeln!(
+        o,
+        "| {} base {}, {} | {} | {} | {} | {} / {} / {} / {} | {:.2}x |\n",
+        r.arch,
+        r.base_width,
+        r.dataset,
+        r.tickets
+            .first()
+            .map(|t| format!("{:.2}", t.best_test_acc))
+            .unwrap_or_else(|| "-".into()),
+        best(by("dense")),
+        best(by("loft")),
+        gb(c.gpipe2),
+        gb(c.loft_paper_accounting),
+        gb(c.gpipe4),
+        gb(c.data_parallel),
+        c.improvement_gpipe_over_loft_paper
+    );
+    tickets_table(&mut o, r);
+    communication_table(&mut o, r);
+    pretraining_tables(&mut o, r);
+    let _ = writeln!(
+        o,
+        "\n![accuracy](accuracy.png)\n\n![filter distance](distance.png)\n\n![communication](communication.png)"
+    );
+    o
+}
+
+/// Every ticket's row.
+fn tickets_table(o: &mut String, r: &Report) {
+    let _ = writeln!(o, "## Every ticket\n");
+    let _ = writeln!(
+        o,
+        "| ticket | pre-training | pruning ratio | parameters | best test % | final test % | fine-tuning s |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|");
+    for t in &r.tickets {
+        let _ = writeln!(
+            o,
+            "| {} | {} | {:.0}% | {} | {:.2} | {:.2} | {:.0} |",
+            t.ticket,
+            t.pretraining,
+            t.ratio * 100.0,
+            t.params,
+            t.best_test_acc,
+            t.final_test_acc,
+            t.wall_s
+        );
+    }
+}
+
+/// Communication by accounting.
+fn communication_table(o: &mut String, r: &Report) {
+    let s = r.workers;
+    let c = &r.communication_bytes;
+    let _ = writeln!(o, "\n## Communication (GB = 1e9 bytes)\n");
+    let _ = writeln!(o, "| what | GB | how it is counted |");
+    let _ = writeln!(o, "|---|---|---|");
+    for (k, label, how) in [
+        (
+            "loft_measured",
+            format!("LoFT-{s}, moved by loft"),
+            "the ledger: bytes sent by all ranks (allreduce of shared + allgather of slices)",
+        ),
+        (
+            "loft_closed_form",
+            format!("LoFT-{s}, closed form"),
+            "the same, from the formulas (equal to the ledger)",
+        ),
+        (
+            "loft_paper_accounting",
+            format!("LoFT-{s}, the paper's accounting"),
+            "R x 4 x 2 x (S x shared + partitioned)",
+        ),
+        (
+            "gpipe2",
+            "GPipe-2".into(),
+            "activations and their gradients at the cut after stage 2, every sample",
+        ),
+        ("gpipe4", "GPipe-4".into(), "the same at cuts after stages 1, 2 and 3"),
+        (
+            "data_parallel",
+            format!("data-parallel dense, S = {s}"),
+            "gradient allreduce every step",
+        ),
+    ] {
+        let _ = writeln!(o, "| {label} | {} | {how} |", gb(c.get(k)));
+    }
+}
+
+/// Pre-training runs and their distance curves.
+fn pretraining_tables(o: &mut String, r: &Report) {
+    let _ = writeln!(o, "\n## Pre-training\n");
+    let _ = writeln!(o, "| method | rounds | final test % | wall s | compute s | sync s |");
+    let _ = writeln!(o, "|---|---|---|---|---|---|");
+    for (m, p) in [("dense", &r.pretraining.dense), ("loft", &r.pretraining.loft)] {
+        let _ = writeln!(
+            o,
+            "| {m} | {} | {:.2} | {:.0} | {:.0} | {:.1} |",
+            p.rounds, p.final_test_acc, p.wall_s, p.compute_s, p.sync_s
+        );
+    }
+    let _ = writeln!(
+        o,
+        "\n## Filter distance of each recorded checkpoint to the final model\n"
+    );
+    let _ = writeln!(o, "| round | dense D_idx | dense D_w | LoFT D_idx | LoFT D_w |");
+    let _ = writeln!(o, "|---|---|---|---|---|");
+    let (d, l) = (
+        &r.pretraining.dense.distance_to_final,
+        &r.pretraining.loft.distance_to_final,
+    );
+    for i in 0..d.len().max(l.len()) {
+        let cell = |v: &[DistancePoint], k: usize| {
+            v.get(i)
+                .map(|p| format!("{:.4}", if k == 1 { p.1 } else { p.2 }))
+                .unwrap_or_else(|| "-".into())
+        };
+        let round = d.get(i).or(l.get(i)).map(|p| p.0.to_string()).unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "| {round} | {} | {} | {} | {} |",
+            cell(d, 1),
+            cell(d, 2),
+            cell(l, 1),
+            cell(l, 2)
+        );
+    }
+}
+
+/// Write `report.md`, `report.json` and the plots into the job's directory.
+pub fn write(job: &MainJob, ranks: usize) -> Result<()> {
+    let r = collect(job, ranks)?;
+    write_json(&job.out.join("report.json"), &r)?;
+    write_atomic(&job.out.join("report.md"), markdown(&r).as_bytes())?;
+    if let Err(e) = plots::draw(&r, &job.out) {
+        eprintln!("loft: warning: plots not drawn: {e}");
+    }
+    Ok(())
+}
