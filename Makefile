@@ -15,7 +15,7 @@ BENCH_ARGS ?=
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: help deps build run test bench doctor fmt lint clean
+.PHONY: help deps build run test ci bench doctor fmt lint clean
 
 help: ## List targets (default)
 	@echo "loft make targets:"
@@ -40,6 +40,8 @@ run: build ## The main job on 2 MPI ranks: dense and LoFT pre-training, tickets,
 test: deps ## Run the test suite in release mode (data-dependent tests may not skip)
 	LOFT_REQUIRE_DATA=1 $(CARGO) test --release
 
+ci: deps lint test ## What CI runs: formatting and clippy checks, then the test suite
+
 # The build runs with its output sent to stderr, so `make bench > table.md` captures
 # only the Markdown table.
 bench: ## Print the benchmark Markdown table to stdout (paste into BENCHMARKS.md)
@@ -52,7 +54,7 @@ doctor: ## Show what this machine has (toolchain, MPI, HDF5, data, GPU)
 fmt: ## Format the code with rustfmt
 	$(CARGO) fmt
 
-lint: ## cargo fmt --check and clippy with warnings as errors
+lint: deps ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --check
 	$(CARGO) clippy --release --all-targets -- -D warnings
 

@@ -1,8 +1,7 @@
 //! The command-line interface: clap definitions and their translation into configurations.
 
-use crate::backend::{self, Backend, Device, OnDevice};
+use crate::backend::Device;
 use crate::checkpoint::{Criterion, Kind, Method};
-use crate::comm::Comm;
 use crate::data::{self, Augment, DatasetKind};
 use crate::engine::{Ending, RunControl};
 use crate::model::{ArchSpec, Graph, Stem};
@@ -12,7 +11,6 @@ use crate::train::TrainConfig;
 use crate::{Error, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
-use std::sync::Arc;
 
 /// loft: LoFT filter-wise pre-training and lottery tickets for residual networks.
 #[derive(Parser, Debug)]
@@ -342,7 +340,8 @@ pub struct PretrainArgs {
 pub struct CheckpointArgs {
     /// Continue a run exactly: a checkpoint file, a checkpoints/ directory or a run directory
     /// (its newest valid checkpoint). The configuration comes from the checkpoint; flags given
-    /// with --resume must agree with it, except --out, --data-dir, --progress and --verify.
+    /// with --resume must agree with it, except --out, --data-dir, --progress, --verify,
+    /// --simulate-workers and --device.
     #[arg(long, value_name = "PATH")]
     pub resume: Option<PathBuf>,
     /// Write a checkpoint every N epochs (train) or rounds (pretrain), and always at the end
@@ -818,75 +817,12 @@ pub fn exit_code(e: &Ending) -> i32 {
     }
 }
 
-/// `loft train` and `loft finetune` on one rank, on whichever backend the device gives.
-struct Training<'a> {
-    cfg: &'a TrainConfig,
-    ctl: &'a RunControl,
-    comm: &'a mut dyn Comm,
-}
-
-impl OnDevice for Training<'_> {
-    type Output = crate::train::TrainSummary;
-    fn run<B: Backend>(self, be: Arc<B>) -> Result<Self::Output> {
-        crate::train::run(self.cfg, self.ctl, self.comm, be)
-    }
-}
-
-/// `loft pretrain` on one rank.
-struct Pretraining<'a> {
-    cfg: &'a crate::loft::PretrainConfig,
-    ctl: &'a RunControl,
-    comm: &'a mut dyn Comm,
-}
-
-impl OnDevice for Pretraining<'_> {
-    type Output = crate::loft::PretrainSummary;
-    fn run<B: Backend>(self, be: Arc<B>) -> Result<Self::Output> {
-        crate::loft::run(self.cfg, self.ctl, self.comm, be)
-    }
-}
-
-/// `loft run` on one rank.
-struct MainJobRun<'a> {
-    job: &'a crate::experiment::MainJob,
-    stop: &'a crate::stop::StopFlag,
-    comm: &'a mut dyn Comm,
-}
-
-impl OnDevice for MainJobRun<'_> {
-    type Output = Ending;
-    fn run<B: Backend>(self, be: Arc<B>) -> Result<Self::Output> {
-        crate::experiment::run(self.job, self.stop, self.comm, be)
-    }
-}
-
-/// `loft bench`.
-struct Benchmarks<'a>(&'a BenchArgs);
-
-impl OnDevice for Benchmarks<'_> {
-    type Output = ();
-    fn run<B: Backend>(self, be: Arc<B>) -> Result<()> {
-        let a = self.0;
-        match a.step_only {
-            Some(base) => crate::bench::step_row(be, base, a.batch),
-            None => crate::bench::run(
-                be,
-                &crate::bench::BenchOptions {
-                    batch: a.batch,
-                    quick: a.quick,
-                    device: a.device.device,
-                },
-            ),
-        }
-    }
-}
-
 /// Run `loft train` or `loft finetune` on every rank of the job and print how it ended.
 fn report_training(kind: Kind, cfg: &TrainConfig, ctl: &RunControl) -> Result<i32> {
     let mut code = 0;
     crate::comm::run_with_comm(|comm| {
         let rank = comm.rank();
-        let s = backend::run_on(cfg.device, Training { cfg, ctl, comm })?;
+        let s = crate::on_device!(cfg.device, be => crate::train::run(cfg, ctl, comm, be))?;
         code = exit_code(&s.ending);
         if rank == 0 {
             match &s.ending {
@@ -910,7 +846,7 @@ fn report_pretraining(cfg: &crate::loft::PretrainConfig, ctl: &RunControl) -> Re
     let mut code = 0;
     crate::comm::run_with_comm(|comm| {
         let rank = comm.rank();
-        let s = backend::run_on(cfg.device, Pretraining { cfg, ctl, comm })?;
+        let s = crate::on_device!(cfg.device, be => crate::loft::run(cfg, ctl, comm, be))?;
         code = exit_code(&s.ending);
         if rank == 0 {
             match &s.ending {
@@ -936,7 +872,7 @@ fn report_main_job(job: &crate::experiment::MainJob) -> Result<i32> {
     let mut code = 0;
     crate::comm::run_with_comm(|comm| {
         let rank = comm.rank();
-        let e = backend::run_on(job.pretrain.device, MainJobRun { job, stop: &stop, comm })?;
+        let e = crate::on_device!(job.pretrain.device, be => crate::experiment::run(job, &stop, comm, be))?;
         code = exit_code(&e);
         if rank == 0 {
             match &e {
@@ -1023,7 +959,16 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
             if a.batch == 0 {
                 return Err(Error::config("--batch must be at least 1"));
             }
-            backend::run_on(a.device.device, Benchmarks(&a)).map(|()| 0)
+            let opts = crate::bench::BenchOptions {
+                batch: a.batch,
+                quick: a.quick,
+                device: a.device.device,
+            };
+            crate::on_device!(a.device.device, be => match a.step_only {
+                Some(base) => crate::bench::step_row(be, base, a.batch),
+                None => crate::bench::run(be, &opts),
+            })
+            .map(|()| 0)
         }
     }
 }

@@ -13,9 +13,17 @@ use std::path::{Path, PathBuf};
 
 /// Write `bytes` to `path` atomically: a temporary file in the same directory, then rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// Write `path` atomically with `fill` writing the contents (buffered): a temporary file in
+/// the same directory, fsynced, then renamed.
+pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
+    let f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mut w = std::io::BufWriter::new(f);
+    fill(&mut w).and_then(|()| w.flush()).map_err(|e| Error::io(&tmp, e))?;
+    let f = w.into_inner().map_err(|e| Error::io(&tmp, e.into_error()))?;
     f.sync_all().map_err(|e| Error::io(&tmp, e))?;
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
@@ -128,12 +136,18 @@ impl RunDir {
         Ok(())
     }
 
-    /// Write raw bytes to `name` on rank 0.
-    pub fn write_bytes(&self, name: &str, bytes: &[u8]) -> Result<()> {
-        if self.writes() {
-            write_atomic(&self.path.join(name), bytes)?;
+    /// Write `parts` one after another as little-endian f32 to `name` on rank 0 (streamed:
+    /// no copy of the values is made).
+    pub fn write_f32s(&self, name: &str, parts: &[&[f32]]) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
         }
-        Ok(())
+        write_atomic_with(&self.path.join(name), |w| {
+            for v in parts.iter().flat_map(|p| p.iter()) {
+                w.write_all(&v.to_le_bytes())?;
+            }
+            Ok(())
+        })
     }
 }
 

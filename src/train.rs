@@ -221,17 +221,15 @@ struct DenseRun<'c, 'd, B: Backend> {
 /// Rank 0 writes the run directory as it goes.
 pub fn run<B: Backend>(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm, be: Arc<B>) -> Result<TrainSummary> {
     cfg.validate()?;
-    ctl.saver.validate()?;
     let kind = cfg.kind();
     let resumed = ctl.resumed(kind)?;
     let (rank, ranks) = (comm.rank(), comm.size());
     let lead = rank == 0;
-    if lead {
-        crate::rundir::prepare(&cfg.out)?;
-        ctl.saver.prepare()?;
-    }
     let wall = Instant::now();
-    let split = engine::load_data(
+    let split = engine::start(
+        &cfg.out,
+        ctl,
+        lead,
         &cfg.arch,
         &cfg.dataset,
         &cfg.data_dir,
@@ -250,6 +248,83 @@ pub fn run<B: Backend>(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm,
     }
     // Data: one shard per rank when data-parallel; every rank takes the same number of full
     // batches per epoch.
+    let (mean, std) = (identity.mean.clone(), identity.std.clone());
+    let (train_loader, test_loader, steps_per_epoch) = loaders(cfg, &split, &identity, rank, ranks)?;
+    let mut st = State {
+        workers: ranks,
+        data: identity.clone(),
+        ..State::default()
+    };
+    let mut log_text = String::new();
+    if let Some(f) = resumed {
+        let c = &f.checkpoint;
+        c.check_fits(&f.path, &model.graph.params, &model.graph.stats, &identity, ranks)?;
+        engine::restore(&mut model, c)?;
+        checkpoint::restore_ledger(comm, c, rank);
+        st = c.state.clone();
+        log_text = c.metrics_log.clone();
+    }
+    let (shared, partitioned) = net.graph.param_counts();
+    let mut stream = Stream::new(train_loader, steps_per_epoch, cfg.batch_size, train.image_len());
+    stream.drawn = st.epoch * steps_per_epoch as u64 + st.batch;
+    let mut trainer = Trainer::new(model, stream);
+    if ranks > 1 {
+        trainer = trainer.data_parallel(true);
+    }
+    if let Some((mp, ms)) = &net.masks {
+        trainer = trainer.with_masks(mp, ms)?;
+    }
+    let dir = RunDir::open(&cfg.out, lead, log_text)?;
+    let facts = TrainFacts {
+        params: ParamCounts {
+            shared,
+            partitioned,
+            total: shared + partitioned,
+        },
+        ticket: &net.ticket,
+        train_samples: train.len(),
+        test_samples: test.len(),
+        steps_per_epoch,
+        normalisation: Normalisation { mean: &mean, std: &std },
+    };
+    let mode = cfg.progress.mode(lead);
+    announce(cfg, &dir, mode, &be.name(), ranks, facts, resumed, &st)?;
+    let mut r = DenseRun {
+        cfg,
+        ctl,
+        kind,
+        trainer,
+        eval: Evaluation::new(&test_loader, cfg.batch_size, test.image_len()),
+        sched: Schedule {
+            base_lr: cfg.lr,
+            kind: cfg.schedule.clone(),
+            warmup_steps: (cfg.warmup_epochs * steps_per_epoch as f64).round() as usize,
+            steps_per_epoch,
+            total_steps: steps_per_epoch * cfg.epochs,
+        },
+        steps_per_epoch,
+        wall_before: st.wall_s,
+        st,
+        dir,
+        mode,
+        ticket: net.ticket.clone(),
+        config_json: serde_json::to_string(cfg).expect("json"),
+        wall,
+    };
+    r.run(comm, &be.name())
+}
+
+/// The training stream's loader (this rank's shard when data-parallel), the test loader
+/// (this rank's shard) and the batches per epoch every rank takes (full batches only when
+/// data-parallel, so the ranks agree).
+fn loaders<'d>(
+    cfg: &TrainConfig,
+    split: &'d crate::data::Split,
+    identity: &DataIdentity,
+    rank: usize,
+    ranks: usize,
+) -> Result<(Loader<'d>, Loader<'d>, usize)> {
+    let (train, test) = (&split.train, &split.test);
     let (mean, std) = (identity.mean.clone(), identity.std.clone());
     let mut train_loader = Loader::new(
         train,
@@ -280,8 +355,8 @@ pub fn run<B: Backend>(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm,
     let test_loader = Loader::new(
         test,
         cfg.batch_size,
-        mean.clone(),
-        std.clone(),
+        mean,
+        std,
         Augment::none(),
         false,
         false,
@@ -289,69 +364,46 @@ pub fn run<B: Backend>(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm,
         0,
     )
     .with_shard(rank, ranks);
-    let mut st = State {
-        workers: ranks,
-        data: identity.clone(),
-        ..State::default()
-    };
-    let mut log_text = String::new();
-    if let Some(f) = resumed {
-        let c = &f.checkpoint;
-        c.check_fits(&f.path, &model.graph.params, &model.graph.stats, &identity, ranks)?;
-        engine::restore(&mut model, c)?;
-        checkpoint::restore_ledger(comm, c, rank);
-        st = c.state.clone();
-        log_text = c.metrics_log.clone();
-    }
-    let (shared, partitioned) = net.graph.param_counts();
-    let mut stream = Stream::new(train_loader, steps_per_epoch, cfg.batch_size, train.image_len());
-    stream.drawn = st.epoch * steps_per_epoch as u64 + st.batch;
-    let mut trainer = Trainer::new(model, stream);
-    if ranks > 1 {
-        trainer = trainer.data_parallel(true);
-    }
-    if let Some((mp, ms)) = &net.masks {
-        trainer = trainer.with_masks(mp, ms)?;
-    }
-    let dir = RunDir::open(&cfg.out, lead, log_text)?;
+    Ok((train_loader, test_loader, steps_per_epoch))
+}
+
+/// Write `config.json` and print the banner.
+#[allow(clippy::too_many_arguments)]
+fn announce(
+    cfg: &TrainConfig,
+    dir: &RunDir,
+    mode: Mode,
+    backend: &str,
+    ranks: usize,
+    facts: TrainFacts<'_>,
+    resumed: Option<&checkpoint::Found>,
+    st: &State,
+) -> Result<()> {
+    let kind = cfg.kind();
+    let (total, steps_per_epoch) = (facts.params.total, facts.steps_per_epoch);
+    let (train_samples, test_samples) = (facts.train_samples, facts.test_samples);
     dir.write(
         "config.json",
         &ConfigFile {
             config: cfg,
             kind: kind.name(),
-            device: be.name(),
+            device: backend.to_string(),
             ranks,
             threads: rayon::current_num_threads(),
-            extra: TrainFacts {
-                params: ParamCounts {
-                    shared,
-                    partitioned,
-                    total: shared + partitioned,
-                },
-                ticket: &net.ticket,
-                train_samples: train.len(),
-                test_samples: test.len(),
-                steps_per_epoch,
-                normalisation: Normalisation { mean: &mean, std: &std },
-            },
+            extra: facts,
             resumed_from: resumed.map(|f| f.path.as_path()),
             version: env!("CARGO_PKG_VERSION"),
         },
     )?;
-    let mode = cfg.progress.mode(lead);
     if mode != Mode::Quiet {
         eprintln!(
-            "loft {kind}: {} (base {}, inner x{}) {:.2}M params on {} ({} train / {} test), {}, {ranks} rank(s), {} epochs x {} steps",
+            "loft {kind}: {} (base {}, inner x{}) {:.2}M params on {} ({train_samples} train / {test_samples} test), {backend}, {ranks} rank(s), {} epochs x {steps_per_epoch} steps",
             cfg.arch.name(),
             cfg.arch.base_width,
             cfg.arch.inner_width,
-            (shared + partitioned) as f64 / 1e6,
+            total as f64 / 1e6,
             cfg.dataset.name(),
-            train.len(),
-            test.len(),
-            be.name(),
             cfg.epochs,
-            steps_per_epoch
         );
         if let Some(f) = resumed {
             eprintln!(
@@ -363,29 +415,7 @@ pub fn run<B: Backend>(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm,
             );
         }
     }
-    let mut r = DenseRun {
-        cfg,
-        ctl,
-        kind,
-        trainer,
-        eval: Evaluation::new(&test_loader, cfg.batch_size, test.image_len()),
-        sched: Schedule {
-            base_lr: cfg.lr,
-            kind: cfg.schedule.clone(),
-            warmup_steps: (cfg.warmup_epochs * steps_per_epoch as f64).round() as usize,
-            steps_per_epoch,
-            total_steps: steps_per_epoch * cfg.epochs,
-        },
-        steps_per_epoch,
-        wall_before: st.wall_s,
-        st,
-        dir,
-        mode,
-        ticket: net.ticket.clone(),
-        config_json: serde_json::to_string(cfg).expect("json"),
-        wall,
-    };
-    r.run(comm, &be.name())
+    Ok(())
 }
 
 impl<B: Backend> DenseRun<'_, '_, B> {
@@ -480,7 +510,7 @@ impl<B: Backend> DenseRun<'_, '_, B> {
         }
         bar.finish();
         let train_time = t0.elapsed().as_secs_f64();
-        let (test_loss, test_acc) = self.eval.run(&mut self.trainer.model, comm, 0)?;
+        let (test_loss, test_acc) = self.eval.run(&mut self.trainer.model, None, comm, 0)?;
         self.st.last_acc = test_acc;
         self.st.best_acc = self.st.best_acc.max(test_acc);
         let [loss_sum, correct, seen] = self.st.accum;

@@ -157,6 +157,38 @@ fn uneven_shares_work_and_match_the_simulation() {
 }
 
 #[test]
+fn slices_gathered_in_small_windows_give_the_same_bits_and_bytes() {
+    let Some(_) = mpirun() else { return };
+    // a budget of 1000 elements: every rank's slices cross in many windows, cutting runs
+    let extra = ["--inner-width", "3", "--keep-momentum", "--verify"];
+    let windowed = tmp("windowed-mpi");
+    ok(&run_mpi(
+        3,
+        &small(&windowed, &extra),
+        &[("LOFT_GATHER_BUDGET", "1000")],
+    ));
+    let whole = tmp("windowed-whole");
+    ok(&run_mpi(3, &small(&whole, &extra), &[]));
+    assert_eq!(params(&windowed), params(&whole));
+    let l = ledger(&windowed);
+    assert_eq!(l["per_rank_sync_bytes_sent"], l["per_rank_sync_bytes_closed_form"]);
+    assert_eq!(
+        l["per_rank_sync_bytes_sent"],
+        ledger(&whole)["per_rank_sync_bytes_sent"]
+    );
+    let calls = |l: &serde_json::Value| {
+        l["rank0_ledger"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["purpose"] == "sync" && e["kind"] == "allgather")
+            .map(|e| e["calls"].as_u64().unwrap())
+            .unwrap()
+    };
+    assert!(calls(&l) > 3 * calls(&ledger(&whole)), "{} calls", calls(&l));
+}
+
+#[test]
 fn kept_momentum_travels_with_its_filters() {
     let Some(_) = mpirun() else { return };
     let mpi_dir = tmp("keep-mpi");

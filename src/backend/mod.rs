@@ -25,7 +25,6 @@ pub use device::Device;
 use crate::ops::{BatchNorm, Conv2d, Linear, Pool2d, Sgd};
 use crate::Result;
 use std::borrow::Cow;
-use std::sync::Arc;
 
 /// One contiguous copy of a run table: `len` elements from offset `src` of the source view to
 /// offset `dst` of the destination view. A table of runs gathers a rank's filter slices into a
@@ -239,18 +238,22 @@ pub trait Backend: Send + Sync + 'static {
     fn apply_mask(&self, x: Self::ViewMut<'_>, mask: Self::View<'_>);
 }
 
-/// Work that runs on whichever backend the device choice gives: each computing command
-/// implements it once, generically, and [`run_on`] picks the backend.
-pub trait OnDevice {
-    /// What the work returns.
-    type Output;
-    /// Run on backend `be`.
-    fn run<B: Backend>(self, be: Arc<B>) -> Result<Self::Output>;
-}
-
-/// Run `work` on the backend `device` resolves to. The one place that names a backend type.
-pub fn run_on<W: OnDevice>(device: Device, work: W) -> Result<W::Output> {
-    match device.resolve()? {
-        device::Resolved::Cpu => work.run(Arc::new(cpu::CpuBackend::<f32>::new())),
-    }
+/// Evaluate `$body` with `$be` bound to an `Arc` of the backend `$device` resolves to; an
+/// error when the device is not available. The one place that picks a backend type: `$body`
+/// is compiled once per backend, so everything it calls is generic over [`Backend`].
+///
+/// ```text
+/// let summary = loft::on_device!(cfg.device, be => loft::train::run(&cfg, &ctl, comm, be))?;
+/// ```
+#[macro_export]
+macro_rules! on_device {
+    ($device:expr, $be:ident => $body:expr) => {
+        match $crate::backend::Device::resolve($device) {
+            Err(e) => Err(e),
+            Ok($crate::backend::device::Resolved::Cpu) => {
+                let $be = std::sync::Arc::new($crate::backend::cpu::CpuBackend::<f32>::new());
+                $body
+            }
+        }
+    };
 }

@@ -337,33 +337,13 @@ impl CheckpointOf<'_> {
         let config = root.text("config")?;
         serde_json::from_str::<serde_json::Value>(&config)
             .map_err(|e| Error::format(path, format!("/config is not valid JSON: {e}")))?;
-        let layout = Get { group: &file, path }.subgroup("layout")?;
-        let param_layout = get_layout(&layout, "params", path)?;
-        let stat_layout = get_layout(&layout, "stats", path)?;
-        let params = root.f32s("params")?;
-        let stats = root.f32s("stats")?;
-        let momentum = root.f32s("momentum")?;
-        if params.len() != param_layout.total || momentum.len() != param_layout.total {
-            return Err(Error::format(
-                path,
-                format!(
-                    "/params has {} and /momentum {} values but the layout holds {}",
-                    params.len(),
-                    momentum.len(),
-                    param_layout.total
-                ),
-            ));
-        }
-        if stats.len() != stat_layout.total {
-            return Err(Error::format(
-                path,
-                format!(
-                    "/stats has {} values but its layout holds {}",
-                    stats.len(),
-                    stat_layout.total
-                ),
-            ));
-        }
+        let Buffers {
+            params,
+            param_layout,
+            stats,
+            stat_layout,
+            momentum,
+        } = read_buffers(&file, path)?;
         let rng = root.subgroup("rng")?;
         let rget = Get { group: &rng, path };
         let seed = rget.attr_u64("seed")?;
@@ -428,6 +408,54 @@ impl CheckpointOf<'_> {
         })
     }
 }
+/// The flat buffers of a checkpoint with their layouts.
+struct Buffers {
+    params: Vec<f32>,
+    param_layout: Layout,
+    stats: Vec<f32>,
+    stat_layout: Layout,
+    momentum: Vec<f32>,
+}
+
+/// `/params`, `/stats`, `/momentum` and `/layout`, checked against each other.
+fn read_buffers(file: &hdf5::File, path: &Path) -> Result<Buffers> {
+    let root = Get { group: file, path };
+    let layout = root.subgroup("layout")?;
+    let param_layout = get_layout(&layout, "params", path)?;
+    let stat_layout = get_layout(&layout, "stats", path)?;
+    let params = root.f32s("params")?;
+    let stats = root.f32s("stats")?;
+    let momentum = root.f32s("momentum")?;
+    if params.len() != param_layout.total || momentum.len() != param_layout.total {
+        return Err(Error::format(
+            path,
+            format!(
+                "/params has {} and /momentum {} values but the layout holds {}",
+                params.len(),
+                momentum.len(),
+                param_layout.total
+            ),
+        ));
+    }
+    if stats.len() != stat_layout.total {
+        return Err(Error::format(
+            path,
+            format!(
+                "/stats has {} values but its layout holds {}",
+                stats.len(),
+                stat_layout.total
+            ),
+        ));
+    }
+    Ok(Buffers {
+        params,
+        param_layout,
+        stats,
+        stat_layout,
+        momentum,
+    })
+}
+
 /// The `/partition` group: owner rank of every inner filter of every partitioned block.
 fn read_partition(g: &hdf5::Group, path: &Path) -> Result<Partition> {
     let get = Get { group: g, path };

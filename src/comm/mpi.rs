@@ -20,9 +20,8 @@ pub struct MpiComm {
     rank: usize,
     size: usize,
     ledger: Ledger,
-    /// Scratch: received chunk contributions `(S, chunk)` and the gathered result `(n)`.
+    /// Scratch: received chunk contributions `(S, chunk)`.
     scratch: Vec<f32>,
-    gathered: Vec<f32>,
     counts: Vec<Count>,
     displs: Vec<Count>,
 }
@@ -47,7 +46,6 @@ impl MpiComm {
             size,
             ledger: Ledger::default(),
             scratch: Vec::new(),
-            gathered: Vec::new(),
             counts: Vec::new(),
             displs: Vec::new(),
         })
@@ -111,15 +109,14 @@ impl Comm for MpiComm {
             let parts: Vec<&[f32]> = (0..s).map(|j| &self.scratch[j * own..(j + 1) * own]).collect();
             sum_in_rank_order(&parts, &mut buf[chunk_off..chunk_off + own]);
         }
-        // phase 2: allgather of the reduced chunks
-        grow(&mut self.gathered, n);
+        // phase 2: allgather of the reduced chunks, straight into the buffer (the own chunk
+        // is sent from the scratch, which phase 1 no longer needs)
+        self.scratch[..own].copy_from_slice(&buf[chunk_off..chunk_off + own]);
         self.set_partition(chunks.iter().copied());
         {
-            let mut recv = PartitionMut::new(&mut self.gathered[..n], &self.counts[..], &self.displs[..]);
-            self.world
-                .all_gather_varcount_into(&buf[chunk_off..chunk_off + own], &mut recv);
+            let mut recv = PartitionMut::new(&mut buf[..], &self.counts[..], &self.displs[..]);
+            self.world.all_gather_varcount_into(&self.scratch[..own], &mut recv);
         }
-        buf.copy_from_slice(&self.gathered[..n]);
         let elems = (n - own) + (s - 1) * own;
         self.ledger
             .record(purpose, Kind::Allreduce, F32 * elems as u64, F32 * elems as u64);

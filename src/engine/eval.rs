@@ -39,8 +39,24 @@ impl<'a, 'd> Evaluation<'a, 'd> {
     }
 
     /// (mean test loss, test accuracy %) of `model` over every rank's shard; `round` picks the
-    /// recalibration batches. The model's BN statistics are unchanged afterwards.
-    pub fn run<B: Backend>(&mut self, model: &mut Model<B>, comm: &mut dyn Comm, round: u64) -> Result<(f64, f64)> {
+    /// recalibration batches. The model's BN statistics are unchanged afterwards. An
+    /// evaluation model borrows its activation buffers from `lender` (an idle training model)
+    /// for the length of the evaluation.
+    pub fn run<B: Backend>(
+        &mut self,
+        model: &mut Model<B>,
+        mut lender: Option<&mut Model<B>>,
+        comm: &mut dyn Comm,
+        round: u64,
+    ) -> Result<(f64, f64)> {
+        let loan = model.borrow_buffers(lender.as_deref_mut())?;
+        let result = self.walk(model, comm, round);
+        model.return_buffers(lender, loan);
+        result
+    }
+
+    /// Recalibration and the test set, on buffers already in place.
+    fn walk<B: Backend>(&mut self, model: &mut Model<B>, comm: &mut dyn Comm, round: u64) -> Result<(f64, f64)> {
         let be = model.be.clone();
         let ns = model.graph.stats.total;
         let mut saved = None;

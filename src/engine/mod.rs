@@ -264,6 +264,28 @@ pub fn validate_sgd(batch_size: usize, lr: f64, momentum: f64, weight_decay: f64
     Ok(())
 }
 
+/// The start of every run on a rank: on rank 0 (`lead`), create the run directory and the
+/// checkpoint directory (so a bad path fails before any work); then, on every rank, load
+/// the data (optionally only its first samples) and check that `arch` fits it.
+#[allow(clippy::too_many_arguments)]
+pub fn start(
+    out: &Path,
+    ctl: &RunControl,
+    lead: bool,
+    arch: &ArchSpec,
+    dataset: &DatasetKind,
+    dir: &Path,
+    train_subset: usize,
+    test_subset: usize,
+) -> Result<data::Split> {
+    ctl.saver.validate()?;
+    if lead {
+        crate::rundir::prepare(out)?;
+        ctl.saver.prepare()?;
+    }
+    load_data(arch, dataset, dir, train_subset, test_subset)
+}
+
 /// Load a data set (optionally only its first samples) and check that `arch` fits it.
 pub fn load_data(
     arch: &ArchSpec,

@@ -331,7 +331,6 @@ pub fn run<B: Backend>(
     be: Arc<B>,
 ) -> Result<PretrainSummary> {
     cfg.validate()?;
-    ctl.saver.validate()?;
     let resumed = ctl.resumed(Kind::Pretrain)?;
     let (rank, ranks) = (comm.rank(), comm.size());
     if cfg.simulate > 0 && ranks > 1 {
@@ -341,12 +340,11 @@ pub fn run<B: Backend>(
     }
     let workers = if cfg.simulate > 0 { cfg.simulate } else { ranks };
     let lead = rank == 0;
-    if lead {
-        crate::rundir::prepare(&cfg.out)?;
-        ctl.saver.prepare()?;
-    }
     let wall = Instant::now();
-    let split = engine::load_data(
+    let split = engine::start(
+        &cfg.out,
+        ctl,
+        lead,
         &cfg.arch,
         &cfg.dataset,
         &cfg.data_dir,
@@ -355,7 +353,6 @@ pub fn run<B: Backend>(
     )?;
     let (train, test) = (&split.train, &split.test);
     let identity = DataIdentity::of(train, test);
-    let (mean, std) = (identity.mean.clone(), identity.std.clone());
     let full_graph = Graph::build(&cfg.arch, train.height, train.width, None)?;
     // The local workers: one per rank, or all S when simulating.
     let local: Vec<usize> = if cfg.simulate > 0 {
@@ -363,90 +360,8 @@ pub fn run<B: Backend>(
     } else {
         vec![rank]
     };
-    let p0 = Partition::draw(&full_graph, cfg.seed, 0, workers);
-    // Sub-layouts of every rank (for unpacking their slices); fixed over rounds.
-    let sub_graphs: Vec<Graph> = match cfg.method {
-        Method::Loft => (0..workers)
-            .map(|r| Graph::build(&cfg.arch, train.height, train.width, Some(&p0.widths(&full_graph, r))))
-            .collect::<Result<_>>()?,
-        Method::Dense => Vec::new(),
-    };
-    let mut ws = Vec::new();
-    for &r in &local {
-        let graph = match cfg.method {
-            Method::Loft => sub_graphs[r].clone(),
-            Method::Dense => full_graph.clone(),
-        };
-        let mut model = Model::new(be.clone(), graph, cfg.batch_size)?;
-        if cfg.method == Method::Dense {
-            // the dense worker trains the full model itself, from the initial weights
-            model.init(cfg.seed)?;
-        }
-        let loader = Loader::new(
-            train,
-            cfg.batch_size,
-            mean.clone(),
-            std.clone(),
-            cfg.augment,
-            true,
-            false,
-            cfg.seed,
-            r as u64,
-        );
-        let per_epoch = loader.batches_per_epoch();
-        let mut trainer = Trainer::new(model, Stream::new(loader, per_epoch, cfg.batch_size, train.image_len()));
-        if cfg.method == Method::Dense && ranks > 1 {
-            // gradients every step; the BN statistics once per round, at sync
-            trainer = trainer.data_parallel(false);
-        }
-        ws.push(Worker { rank: r, trainer });
-    }
-    let mut full = None;
-    if cfg.method == Method::Loft {
-        let mut m = Model::for_evaluation(be.clone(), full_graph.clone(), cfg.batch_size, cfg.keep_momentum)?;
-        m.init(cfg.seed)?;
-        full = Some(m);
-    }
-    let (shared_n, counts) = accounting::loft_sync_elements(&full_graph, workers as u64, cfg.keep_momentum);
-    let counts: Vec<usize> = counts.iter().map(|&c| c as usize).collect();
-    let reassembly = match cfg.method {
-        Method::Loft => Some(Reassembly::new(
-            &*be,
-            &full_graph,
-            sub_graphs,
-            &local,
-            counts.clone(),
-            cfg.keep_momentum,
-        )?),
-        Method::Dense => None,
-    };
-    let test_loader = Loader::new(
-        test,
-        cfg.batch_size,
-        mean.clone(),
-        std.clone(),
-        Augment::none(),
-        false,
-        false,
-        cfg.seed,
-        0,
-    )
-    .with_shard(
-        if cfg.simulate > 0 { 0 } else { rank },
-        if cfg.simulate > 0 { 1 } else { ranks },
-    );
-    // training batches for BN recalibration: a stream of their own
-    let recal_loader = Loader::new(
-        train,
-        cfg.batch_size,
-        mean.clone(),
-        std.clone(),
-        cfg.augment,
-        true,
-        false,
-        cfg.seed ^ 0x6263_7265_6361_6c00,
-        if cfg.simulate > 0 { 0 } else { rank as u64 },
-    );
+    let (ws, full, reassembly) = models(cfg, &be, train, &full_graph, &local, workers, &identity)?;
+    let (test_loader, recal_loader) = eval_loaders(cfg, &split, &identity, rank, ranks);
     let eval = Evaluation::new(&test_loader, cfg.batch_size, test.image_len())
         .with_recalibration(&recal_loader, cfg.bn_recalibrate);
     let steps_per_epoch = ws[0].trainer.stream.per_epoch();
@@ -487,46 +402,9 @@ pub fn run<B: Backend>(
     } else {
         p.dir = RunDir::open(&cfg.out, lead, String::new())?;
     }
-    let (sh, pa) = p.full_graph.param_counts();
-    p.dir.write(
-        "config.json",
-        &ConfigFile {
-            config: cfg,
-            kind: Kind::Pretrain.name(),
-            device: be.name(),
-            ranks,
-            threads: rayon::current_num_threads(),
-            extra: PretrainFacts {
-                workers,
-                params: SharedCounts {
-                    shared: sh,
-                    partitioned: pa,
-                },
-                sync_elements: SyncElements {
-                    allreduce: shared_n,
-                    allgather_counts: &counts,
-                },
-            },
-            resumed_from: resumed.map(|f| f.path.as_path()),
-            version: env!("CARGO_PKG_VERSION"),
-        },
-    )?;
-    if p.mode != Mode::Quiet {
-        eprintln!(
-            "loft pretrain: {:?} with {workers} worker(s) on {ranks} rank(s), {} (base {}, inner x{}), {} rounds x {} local steps, batch {}, {}",
-            cfg.method,
-            cfg.arch.name(),
-            cfg.arch.base_width,
-            cfg.arch.inner_width,
-            cfg.rounds,
-            cfg.local_steps,
-            cfg.batch_size,
-            be.name()
-        );
-        if let Some(f) = resumed {
-            eprintln!("resuming from {} after round {}", f.path.display(), p.st.round);
-        }
-    }
+    let (shared_n, counts) = accounting::loft_sync_elements(&p.full_graph, workers as u64, cfg.keep_momentum);
+    let counts: Vec<usize> = counts.iter().map(|&c| c as usize).collect();
+    p.announce(&be.name(), ranks, (shared_n, &counts), resumed)?;
     p.bar = Progress::new(p.mode, "pretrain", cfg.rounds);
     let mut ending = None;
     for t in p.st.round as usize..cfg.rounds {
@@ -542,6 +420,59 @@ pub fn run<B: Backend>(
 }
 
 impl<B: Backend> Pretraining<'_, '_, B> {
+    /// Write `config.json` and print the banner.
+    fn announce(
+        &self,
+        backend: &str,
+        ranks: usize,
+        sync: (u64, &[usize]),
+        resumed: Option<&checkpoint::Found>,
+    ) -> Result<()> {
+        let (cfg, workers) = (self.cfg, self.workers);
+        let (shared_n, counts) = sync;
+        let (sh, pa) = self.full_graph.param_counts();
+        self.dir.write(
+            "config.json",
+            &ConfigFile {
+                config: cfg,
+                kind: Kind::Pretrain.name(),
+                device: backend.to_string(),
+                ranks,
+                threads: rayon::current_num_threads(),
+                extra: PretrainFacts {
+                    workers,
+                    params: SharedCounts {
+                        shared: sh,
+                        partitioned: pa,
+                    },
+                    sync_elements: SyncElements {
+                        allreduce: shared_n,
+                        allgather_counts: counts,
+                    },
+                },
+                resumed_from: resumed.map(|f| f.path.as_path()),
+                version: env!("CARGO_PKG_VERSION"),
+            },
+        )?;
+        if self.mode != Mode::Quiet {
+            eprintln!(
+                "loft pretrain: {:?} with {workers} worker(s) on {ranks} rank(s), {} (base {}, inner x{}), {} rounds x {} local steps, batch {}, {}",
+                cfg.method,
+                cfg.arch.name(),
+                cfg.arch.base_width,
+                cfg.arch.inner_width,
+                cfg.rounds,
+                cfg.local_steps,
+                cfg.batch_size,
+                backend
+            );
+            if let Some(f) = resumed {
+                eprintln!("resuming from {} after round {}", f.path.display(), self.st.round);
+            }
+        }
+        Ok(())
+    }
+
     /// The assembled model: LoFT's full model, or the dense worker's.
     fn assembled(&self) -> &Model<B> {
         self.full.as_ref().unwrap_or(&self.ws[0].trainer.model)
@@ -584,7 +515,9 @@ impl<B: Backend> Pretraining<'_, '_, B> {
         self.compute_s = self.st.compute_s;
         self.sync_s = self.st.sync_s;
         self.wall_before = self.st.wall_s;
-        self.reference = c.reference.as_ref().map(|r| r.to_vec());
+        if comm.rank() == 0 {
+            self.reference = c.reference.as_ref().map(|r| r.to_vec());
+        }
         Ok(c.metrics_log.clone())
     }
 
@@ -628,20 +561,32 @@ impl<B: Backend> Pretraining<'_, '_, B> {
         }
         self.compute_s += compute;
         self.sync_s += sync;
-        // metrics, summed over ranks; the fourth: how many ranks were asked to stop
-        let mut m = [sums[0], sums[1], sums[2], self.ctl.stop.requested() as u8 as f64];
+        // metrics, summed over ranks: loss, correct, samples, how many ranks were asked to
+        // stop, and rank 0's filter distance (whether there is one, D_idx, D_w)
+        let d = self.distance_on_lead(t, comm.rank() == 0)?;
+        let (has, (d_idx, d_w)) = (d.is_some() as u8 as f64, d.unwrap_or_default());
+        let stop = self.ctl.stop.requested() as u8 as f64;
+        let mut m = [sums[0], sums[1], sums[2], stop, has, d_idx, d_w];
         comm.allreduce_sum_f64(Purpose::Metrics, &mut m);
-        let distance = self.record_distance(t)?;
+        let distance = (m[4] > 0.0).then_some((m[5], m[6]));
+        if let Some((index, _)) = distance {
+            self.st.recent_distances.push(index);
+            if self.st.recent_distances.len() > EARLY_STOP_WINDOW {
+                self.st.recent_distances.remove(0);
+            }
+        }
         let early = cfg.early_stop.is_some_and(|eps| {
             self.st.recent_distances.len() == EARLY_STOP_WINDOW && self.st.recent_distances.iter().all(|&d| d <= eps)
         });
         let evaluate = (t + 1).is_multiple_of(cfg.eval_every) || t + 1 == cfg.rounds || early;
         let test = if evaluate {
-            let model = match self.full.as_mut() {
-                Some(full) => full,
-                None => &mut self.ws[0].trainer.model,
+            // LoFT: the assembled model borrows the idle worker's buffers
+            let worker = &mut self.ws[0].trainer.model;
+            let r = match self.full.as_mut() {
+                Some(full) => self.eval.run(full, Some(worker), comm, t as u64),
+                None => self.eval.run(worker, None, comm, t as u64),
             };
-            Some(self.eval.run(model, comm, t as u64)?)
+            Some(r?)
         } else {
             None
         };
@@ -653,8 +598,8 @@ impl<B: Backend> Pretraining<'_, '_, B> {
             train_acc: 100.0 * m[1] / m[2],
             test_loss: test.map(|(l, _)| l),
             test_acc: test.map(|(_, a)| a),
-            distance_idx: distance.as_ref().map(|d| d.index),
-            distance_w: distance.as_ref().map(|d| d.weight),
+            distance_idx: distance.map(|d| d.0),
+            distance_w: distance.map(|d| d.1),
             round_time_s: t0.elapsed().as_secs_f64(),
             compute_s: compute,
             sync_s: sync,
@@ -771,27 +716,32 @@ impl<B: Backend> Pretraining<'_, '_, B> {
         }
     }
 
-    /// The filter distance to the previous recorded point, every `distance_every` rounds
-    /// (replicated: no communication). Updates the reference and the early-stop window.
-    fn record_distance(&mut self, t: usize) -> Result<Option<crate::ticket::Distance>> {
+    /// The filter distance (D_idx, D_w) to the previous recorded point, every
+    /// `distance_every` rounds, on rank 0 (`lead`) only: it alone keeps the reference (it
+    /// writes the checkpoints, which carry it), and the round's metrics allreduce gives the
+    /// values to every rank. None before the first recorded point and on the other ranks.
+    fn distance_on_lead(&mut self, t: usize, lead: bool) -> Result<Option<(f64, f64)>> {
         let cfg = self.cfg;
-        if cfg.distance_every == 0 || !(t + 1).is_multiple_of(cfg.distance_every) {
+        if !lead || cfg.distance_every == 0 || !(t + 1).is_multiple_of(cfg.distance_every) {
             return Ok(None);
         }
-        let m = self.assembled();
-        // kept as the next reference
-        let params = m.be.read_host(&m.params, 0, m.graph.params.total)?.into_owned();
-        let mut distance = None;
-        if let Some(prev) = &self.reference {
-            let d = crate::ticket::distance(&self.full_graph.params, &params, prev, cfg.distance_ratio)?;
-            self.st.recent_distances.push(d.index);
-            if self.st.recent_distances.len() > EARLY_STOP_WINDOW {
-                self.st.recent_distances.remove(0);
-            }
-            distance = Some(d);
+        let m = self.full.as_ref().unwrap_or(&self.ws[0].trainer.model);
+        let params = m.be.read_host(&m.params, 0, m.graph.params.total)?;
+        let d = match &self.reference {
+            Some(prev) => Some(crate::ticket::distance(
+                &self.full_graph.params,
+                &params,
+                prev,
+                cfg.distance_ratio,
+            )?),
+            None => None,
+        };
+        // the next reference, in place
+        match &mut self.reference {
+            Some(r) => r.copy_from_slice(&params),
+            None => self.reference = Some(params.into_owned()),
         }
-        self.reference = Some(params);
-        Ok(distance)
+        Ok(d.map(|d| (d.index, d.weight)))
     }
 
     /// Write the checkpoint of the assembled (replicated) state after partition `p`.
@@ -875,12 +825,7 @@ impl<B: Backend> Pretraining<'_, '_, B> {
                 let m = self.assembled();
                 let params = m.be.read_host(&m.params, 0, m.graph.params.total)?;
                 let stats = m.be.read_host(&m.stats, 0, m.graph.stats.total)?;
-                let bytes: Vec<u8> = params
-                    .iter()
-                    .chain(stats.iter())
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect();
-                self.dir.write_bytes("params.f32", &bytes)?;
+                self.dir.write_f32s("params.f32", &[&params, &stats])?;
             }
         }
         let per_rank_compute_ms = comm.allgather_u64(Purpose::Metrics, (self.compute_s * 1e3) as u64);
@@ -914,6 +859,109 @@ impl<B: Backend> Pretraining<'_, '_, B> {
         }
         Ok(summary)
     }
+}
+
+/// The models of this rank: its workers (`local`), the assembled model and the re-assembly
+/// (LoFT), for `workers` workers in all.
+#[allow(clippy::type_complexity)]
+fn models<'d, B: Backend>(
+    cfg: &PretrainConfig,
+    be: &Arc<B>,
+    train: &'d crate::data::Dataset,
+    full_graph: &Graph,
+    local: &[usize],
+    workers: usize,
+    identity: &DataIdentity,
+) -> Result<(Vec<Worker<'d, B>>, Option<Model<B>>, Option<Reassembly<B>>)> {
+    if cfg.method == Method::Dense {
+        // one worker per rank: data-parallel replicas when there are several
+        let ws = workers_of(cfg, be, train, local, vec![full_graph.clone()], workers > 1, identity)?;
+        return Ok((ws, None, None));
+    }
+    // sub-layouts of every rank (for unpacking their slices); fixed over rounds
+    let p0 = Partition::draw(full_graph, cfg.seed, 0, workers);
+    let sub_graphs = (0..workers)
+        .map(|r| Graph::build(&cfg.arch, train.height, train.width, Some(&p0.widths(full_graph, r))))
+        .collect::<Result<Vec<_>>>()?;
+    let graphs = local.iter().map(|&r| sub_graphs[r].clone()).collect();
+    let ws = workers_of(cfg, be, train, local, graphs, false, identity)?;
+    let mut full = Model::for_evaluation(be.clone(), full_graph.clone(), cfg.batch_size, cfg.keep_momentum)?;
+    full.init(cfg.seed)?;
+    let (_, counts) = accounting::loft_sync_elements(full_graph, workers as u64, cfg.keep_momentum);
+    let counts = counts.iter().map(|&c| c as usize).collect();
+    let re = Reassembly::new(&**be, full_graph, sub_graphs, local, counts, cfg.keep_momentum)?;
+    Ok((ws, Some(full), Some(re)))
+}
+
+/// The loaders of evaluation: this rank's shard of the test set, and its own stream of
+/// training batches for BN recalibration.
+fn eval_loaders<'d>(
+    cfg: &PretrainConfig,
+    split: &'d crate::data::Split,
+    identity: &DataIdentity,
+    rank: usize,
+    ranks: usize,
+) -> (Loader<'d>, Loader<'d>) {
+    let (mean, std) = (identity.mean.clone(), identity.std.clone());
+    let (part, parts) = if cfg.simulate > 0 { (0, 1) } else { (rank, ranks) };
+    let (train, test) = (&split.train, &split.test);
+    let b = cfg.batch_size;
+    let test_loader = Loader::new(
+        test,
+        b,
+        mean.clone(),
+        std.clone(),
+        Augment::none(),
+        false,
+        false,
+        cfg.seed,
+        0,
+    )
+    .with_shard(part, parts);
+    let recal_seed = cfg.seed ^ 0x6263_7265_6361_6c00;
+    let recal_loader = Loader::new(train, b, mean, std, cfg.augment, true, false, recal_seed, part as u64);
+    (test_loader, recal_loader)
+}
+
+/// The workers of this process: worker `local[k]` trains a model of `graphs[k]` on its own
+/// data stream (dense: from the initial weights, as a data-parallel replica when
+/// `data_parallel`; LoFT: extracted every round).
+fn workers_of<'d, B: Backend>(
+    cfg: &PretrainConfig,
+    be: &Arc<B>,
+    train: &'d crate::data::Dataset,
+    local: &[usize],
+    graphs: Vec<Graph>,
+    data_parallel: bool,
+    identity: &DataIdentity,
+) -> Result<Vec<Worker<'d, B>>> {
+    let mut ws = Vec::new();
+    for (&r, graph) in local.iter().zip(graphs) {
+        let mut model = Model::new(be.clone(), graph, cfg.batch_size)?;
+        if cfg.method == Method::Dense {
+            model.init(cfg.seed)?;
+        }
+        let (mean, std) = (identity.mean.clone(), identity.std.clone());
+        let loader = Loader::new(
+            train,
+            cfg.batch_size,
+            mean,
+            std,
+            cfg.augment,
+            true,
+            false,
+            cfg.seed,
+            r as u64,
+        );
+        let per_epoch = loader.batches_per_epoch();
+        let mut trainer = Trainer::new(model, Stream::new(loader, per_epoch, cfg.batch_size, train.image_len()));
+        if data_parallel {
+            // gradients every step; the BN statistics once per round, at sync
+            trainer = trainer.data_parallel(false);
+        }
+        ws.push(Worker { rank: r, trainer });
+    }
+    Ok(ws)
 }
 
 /// Copy rank r's share of the assembled model `full` into its sub-network `m` (parameters,

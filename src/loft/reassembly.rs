@@ -6,13 +6,29 @@
 //! Every copy is a run table ([`crate::model::slices`]) executed by the backend's
 //! `copy_runs`; the host only carries the collectives' payloads. When every worker lives in
 //! this process (one rank, or simulated workers) the slices go straight from each sub-network
-//! into the full model and nothing is gathered.
+//! into the full model and nothing is gathered. Across ranks the packed slices are gathered in
+//! windows of at most [`GATHER_BUDGET`] elements in all, so a rank never holds every rank's
+//! slices at once; the bytes moved are the same as in one allgather(v).
 
-use crate::backend::Backend;
+use crate::backend::{Backend, Run};
 use crate::comm::{Comm, Purpose};
 use crate::model::partition::Partition;
-use crate::model::{slices, Graph, Layout, Model};
+use crate::model::slices::{self, End};
+use crate::model::{Graph, Layout, Model};
 use crate::Result;
+
+/// Elements of every rank's packed slices received per allgather(v) call, at most (16 MiB).
+pub const GATHER_BUDGET: usize = 1 << 22;
+
+/// The gather budget: [`GATHER_BUDGET`], or (test hook) `LOFT_GATHER_BUDGET` elements, so
+/// that small test models are gathered in several windows.
+fn gather_budget() -> usize {
+    std::env::var("LOFT_GATHER_BUDGET")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&v| v > 0)
+        .unwrap_or(GATHER_BUDGET)
+}
 
 /// Buffers and run tables of the re-assembly of one rank.
 pub struct Reassembly<B: Backend> {
@@ -32,10 +48,13 @@ pub struct Reassembly<B: Backend> {
     /// into the full layouts.
     pack_shared: Vec<[B::Runs; 2]>,
     unpack_shared: [B::Runs; 2],
-    /// Packed slices of this rank's sub-network (params, stats), when gathering.
-    pack_own: Option<[B::Runs; 2]>,
+    /// Packing of this rank's slices (params, stats, momentum) into its packed space, when
+    /// gathering; and the elements each rank sends per window.
+    pack_own: Option<[Vec<Run>; 3]>,
+    window: usize,
     /// The shared sum `(shared len)`, a second worker's pack `(shared len)` when several
-    /// workers are local, this rank's packed slices and every rank's `(sum counts)`.
+    /// workers are local, a window of this rank's packed slices `(window)` and of every
+    /// rank's `(<= GATHER_BUDGET)`.
     shared: B::Buf,
     tmp: Option<B::Buf>,
     own: B::Buf,
@@ -80,15 +99,25 @@ impl<B: Backend> Reassembly<B> {
             .collect::<Result<Vec<_>>>()?;
         let unpack = |l: &Layout| be.prepare_runs(&slices::reversed(&slices::pack_shared(l)));
         let unpack_shared = [unpack(&full.params)?, unpack(&full.stats)?];
-        let (pack_own, own_len, gathered_len) = if local_all {
+        let (pack_own, window, gathered_len) = if local_all {
             (None, 0, 0)
         } else {
             let g = &sub_graphs[local[0]];
-            let runs = [
-                prepared(&g.params, slices::pack_partitioned)?,
-                prepared(&g.stats, slices::pack_partitioned)?,
-            ];
-            (Some(runs), counts[local[0]], counts.iter().sum())
+            let (sp, ss) = (slices::partitioned_len(&g.params), slices::partitioned_len(&g.stats));
+            let shift = |t: Vec<Run>, by: usize| t.into_iter().map(|r| Run { dst: r.dst + by, ..r }).collect();
+            let params = slices::pack_partitioned(&g.params);
+            let momentum = if momentum {
+                shift(params.clone(), sp + ss)
+            } else {
+                Vec::new()
+            };
+            let tables = [params, shift(slices::pack_partitioned(&g.stats), sp), momentum];
+            let window = gather_budget()
+                .div_ceil(workers)
+                .min(counts.iter().copied().max().unwrap_or(0))
+                .max(1);
+            let gathered: usize = counts.iter().map(|&c| c.min(window)).sum();
+            (Some(tables), window, gathered)
         };
         Ok(Reassembly {
             shared: be.alloc(shared_len)?,
@@ -97,7 +126,7 @@ impl<B: Backend> Reassembly<B> {
             } else {
                 None
             },
-            own: be.alloc(own_len)?,
+            own: be.alloc(window)?,
             gathered: be.alloc(gathered_len)?,
             sub_graphs,
             shared_params,
@@ -109,6 +138,7 @@ impl<B: Backend> Reassembly<B> {
             pack_shared,
             unpack_shared,
             pack_own,
+            window,
         })
     }
 
@@ -194,93 +224,101 @@ impl<B: Backend> Reassembly<B> {
         }
         if self.local_all {
             for (m, &r) in subs.iter().zip(ranks) {
-                self.insert(be, p, r, full, Source::Sub(m))?;
+                self.insert(be, p, r, full, m)?;
             }
         } else {
-            self.gather(be, subs[0], comm)?;
-            for r in 0..self.workers {
-                self.insert(be, p, r, full, Source::Gathered)?;
-            }
+            self.gather_and_insert(be, p, subs[0], full, comm)?;
         }
         be.sync()
     }
 
-    /// Pack this rank's slices and gather every rank's.
-    fn gather(&mut self, be: &B, m: &Model<B>, comm: &mut dyn Comm) -> Result<()> {
-        let [pp, ps] = self.pack_own.as_ref().expect("pack tables when gathering");
-        let g = &m.graph;
-        let seg = segments(
-            slices::partitioned_len(&g.params),
-            slices::partitioned_len(&g.stats),
-            self.momentum,
-        );
-        be.copy_runs(
-            pp,
-            be.view(&m.params, 0, g.params.total),
-            be.view_mut(&mut self.own, seg[0].0, seg[0].1),
-        );
-        be.copy_runs(
-            ps,
-            be.view(&m.stats, 0, g.stats.total),
-            be.view_mut(&mut self.own, seg[1].0, seg[1].1),
-        );
-        if self.momentum {
-            be.copy_runs(
-                pp,
-                be.view(&m.momentum, 0, g.params.total),
-                be.view_mut(&mut self.own, seg[2].0, seg[2].1),
-            );
+    /// Gather every rank's packed slices, a window at a time, and copy each window's slices
+    /// into `full`.
+    fn gather_and_insert(
+        &mut self,
+        be: &B,
+        p: &Partition,
+        m: &Model<B>,
+        full: &mut Model<B>,
+        comm: &mut dyn Comm,
+    ) -> Result<()> {
+        let me = comm.rank();
+        let pack = self.pack_own.take().expect("pack tables when gathering");
+        // every rank's slices in its packed space -> the full model's buffers
+        let insert: Vec<[Vec<Run>; 3]> = (0..self.workers)
+            .map(|r| self.insert_tables(p, r, &full.graph))
+            .collect();
+        let w = self.window;
+        let calls = self.counts.iter().copied().max().unwrap_or(0).div_ceil(w).max(1);
+        let sub = [&m.params, &m.stats, &m.momentum];
+        let mut result = Ok(());
+        for k in 0..calls {
+            let lo = k * w;
+            let counts: Vec<usize> = self.counts.iter().map(|&c| c.saturating_sub(lo).min(w)).collect();
+            for (seg, table) in pack.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
+                let t = be.prepare_runs(&slices::window(table, End::Dst, lo, lo + w, 0))?;
+                be.copy_runs(
+                    &t,
+                    be.view(sub[seg], 0, be.buf_len(sub[seg])),
+                    be.view_mut(&mut self.own, 0, w),
+                );
+            }
+            let send = be.read_host(&self.own, 0, counts[me])?;
+            let total: usize = counts.iter().sum();
+            let all = &counts;
+            be.with_host_mut(&mut self.gathered, 0, total, |recv| {
+                comm.allgatherv(Purpose::Sync, &send, all, recv)
+            })?;
+            drop(send);
+            let mut base = 0;
+            for (r, tables) in insert.iter().enumerate() {
+                let dst = [&mut full.params, &mut full.stats, &mut full.momentum];
+                for (table, buf) in tables.iter().zip(dst).filter(|(t, _)| !t.is_empty()) {
+                    let t = be.prepare_runs(&slices::window(table, End::Src, lo, lo + w, base))?;
+                    let n = be.buf_len(buf);
+                    be.copy_runs(&t, be.view(&self.gathered, 0, total), be.view_mut(buf, 0, n));
+                }
+                base += counts[r];
+            }
+            result = be.sync();
+            if result.is_err() {
+                break;
+            }
         }
-        let own_len = be.buf_len(&self.own);
-        let send = be.read_host(&self.own, 0, own_len)?;
-        let total = be.buf_len(&self.gathered);
-        be.with_host_mut(&mut self.gathered, 0, total, |recv| {
-            comm.allgatherv(Purpose::Sync, &send, &self.counts, recv)
-        })
+        self.pack_own = Some(pack);
+        result
     }
 
-    /// Copy rank r's partitioned slices into `full`: from its sub-network, or from its part
-    /// of the gathered buffer.
-    fn insert(&self, be: &B, p: &Partition, r: usize, full: &mut Model<B>, src: Source<'_, B>) -> Result<()> {
+    /// Rank r's partitioned slices, from its packed space (parameters, statistics, momentum
+    /// back to back) into the full model's parameters, statistics and momentum.
+    fn insert_tables(&self, p: &Partition, r: usize, fg: &Graph) -> [Vec<Run>; 3] {
         let sg = &self.sub_graphs[r];
-        let fg = &full.graph;
-        let (np, ns) = (fg.params.total, fg.stats.total);
-        let base: usize = self.counts[..r].iter().sum();
         let (sp, ss) = (slices::partitioned_len(&sg.params), slices::partitioned_len(&sg.stats));
-        let at = |off: usize| matches!(src, Source::Gathered).then_some(base + off);
-        let tp = be.prepare_runs(&slices::insert_runs(&fg.params, &sg.params, p, r, at(0)))?;
-        let ts = be.prepare_runs(&slices::insert_runs(&fg.stats, &sg.stats, p, r, at(sp)))?;
-        let tm = if self.momentum {
-            Some(be.prepare_runs(&slices::insert_runs(&fg.params, &sg.params, p, r, at(sp + ss)))?)
+        let momentum = if self.momentum {
+            slices::insert_runs(&fg.params, &sg.params, p, r, Some(sp + ss))
         } else {
-            None
+            Vec::new()
         };
-        match src {
-            Source::Sub(m) => {
-                let (mp, ms) = (m.graph.params.total, m.graph.stats.total);
-                be.copy_runs(&tp, be.view(&m.params, 0, mp), be.view_mut(&mut full.params, 0, np));
-                be.copy_runs(&ts, be.view(&m.stats, 0, ms), be.view_mut(&mut full.stats, 0, ns));
-                if let Some(tm) = &tm {
-                    be.copy_runs(tm, be.view(&m.momentum, 0, mp), be.view_mut(&mut full.momentum, 0, np));
-                }
-            }
-            Source::Gathered => {
-                let g = be.view(&self.gathered, 0, be.buf_len(&self.gathered));
-                be.copy_runs(&tp, g, be.view_mut(&mut full.params, 0, np));
-                be.copy_runs(&ts, g, be.view_mut(&mut full.stats, 0, ns));
-                if let Some(tm) = &tm {
-                    be.copy_runs(tm, g, be.view_mut(&mut full.momentum, 0, np));
-                }
-            }
+        [
+            slices::insert_runs(&fg.params, &sg.params, p, r, Some(0)),
+            slices::insert_runs(&fg.stats, &sg.stats, p, r, Some(sp)),
+            momentum,
+        ]
+    }
+
+    /// Copy rank r's partitioned slices from its sub-network `m` (in this process) into `full`.
+    fn insert(&self, be: &B, p: &Partition, r: usize, full: &mut Model<B>, m: &Model<B>) -> Result<()> {
+        let (sg, fg) = (&self.sub_graphs[r], &full.graph);
+        let (np, ns) = (fg.params.total, fg.stats.total);
+        let (mp, ms) = (m.graph.params.total, m.graph.stats.total);
+        let tp = be.prepare_runs(&slices::insert_runs(&fg.params, &sg.params, p, r, None))?;
+        let ts = be.prepare_runs(&slices::insert_runs(&fg.stats, &sg.stats, p, r, None))?;
+        be.copy_runs(&tp, be.view(&m.params, 0, mp), be.view_mut(&mut full.params, 0, np));
+        be.copy_runs(&ts, be.view(&m.stats, 0, ms), be.view_mut(&mut full.stats, 0, ns));
+        if self.momentum {
+            let tm = be.prepare_runs(&slices::insert_runs(&fg.params, &sg.params, p, r, None))?;
+            be.copy_runs(&tm, be.view(&m.momentum, 0, mp), be.view_mut(&mut full.momentum, 0, np));
         }
         Ok(())
     }
-}
-
-/// Where a rank's slices come from.
-enum Source<'m, B: Backend> {
-    /// Its sub-network, in this process.
-    Sub(&'m Model<B>),
-    /// Its part of the gathered buffer.
-    Gathered,
 }

@@ -10,7 +10,9 @@
 //! A model built with [`Model::new`] trains: every activation keeps its own buffer for the
 //! backward pass. A model built with [`Model::for_evaluation`] only runs forward: tensors
 //! share buffers once nothing reads them any more (a handful instead of one per tensor), and
-//! it has no gradients (and momentum only when asked for).
+//! it has no gradients (and momentum only when asked for). It owns no activation buffers:
+//! for each evaluation it borrows idle ones from a training model ([`Model::borrow_buffers`])
+//! and allocates only what it cannot borrow.
 //!
 //! Nothing here touches tensor elements from the host except `init`, `load`, `set_batch` and
 //! the two loss numbers read back per batch.
@@ -48,9 +50,11 @@ pub struct Model<B: Backend> {
     /// Empty on an evaluation model built without momentum.
     pub momentum: B::Buf,
     pub stats: B::Buf,
-    /// Activation buffers; tensor t lives in `acts[slot[t]]`.
+    /// Activation buffers; tensor t lives in `acts[slot[t]]`, of `capacity * slot_len[slot]`
+    /// elements at least (None while an evaluation model holds no buffers).
     acts: Vec<Option<B::Buf>>,
     slot: Vec<usize>,
+    slot_len: Vec<usize>,
     /// Activation gradients, one per tensor (None for the input, and on an evaluation model).
     dacts: Vec<Option<B::Buf>>,
     saves: Vec<B::Buf>,
@@ -67,6 +71,23 @@ pub struct Model<B: Backend> {
 pub struct OpTimes {
     pub forward: std::collections::BTreeMap<&'static str, f64>,
     pub backward: std::collections::BTreeMap<&'static str, f64>,
+}
+
+/// Where a borrowed activation buffer came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    /// The lender's activation buffer i.
+    Act(usize),
+    /// The lender's activation-gradient buffer i.
+    Grad(usize),
+    /// Allocated for the loan.
+    New,
+}
+
+/// The buffers an evaluation model borrowed, slot by slot (see [`Model::borrow_buffers`]).
+#[must_use = "return the buffers with Model::return_buffers"]
+pub struct Loan {
+    origin: Vec<Option<Origin>>,
 }
 
 /// Bytes of a model's device buffers, by what they hold.
@@ -135,6 +156,63 @@ impl<B: Backend> Model<B> {
         Self::alloc(be, graph, capacity, slot, &sizes, false, momentum)
     }
 
+    /// Give every activation slot that has no buffer one for the next walks: an idle buffer of
+    /// `lender` (a training model between its steps: its activations and their gradients are
+    /// rewritten before they are read again) that is large enough, else a new one. Hand them
+    /// back with [`Model::return_buffers`] before the lender steps again.
+    pub fn borrow_buffers(&mut self, mut lender: Option<&mut Model<B>>) -> Result<Loan> {
+        let mut pool: Vec<(Origin, usize)> = Vec::new();
+        if let Some(l) = lender.as_deref() {
+            let len = |b: &Option<B::Buf>| b.as_ref().map_or(0, |b| l.be.buf_len(b));
+            pool.extend(l.acts.iter().enumerate().map(|(i, b)| (Origin::Act(i), len(b))));
+            pool.extend(l.dacts.iter().enumerate().map(|(i, b)| (Origin::Grad(i), len(b))));
+            pool.retain(|&(_, n)| n > 0);
+        }
+        let mut order: Vec<usize> = (0..self.acts.len()).filter(|&i| self.acts[i].is_none()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(self.slot_len[i]));
+        let mut loan = Loan {
+            origin: vec![None; self.acts.len()],
+        };
+        for i in order {
+            let need = self.capacity * self.slot_len[i];
+            // the smallest idle buffer that fits
+            let fit = pool
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| p.1 >= need)
+                .min_by_key(|(_, p)| p.1)
+                .map(|(k, _)| k);
+            let (origin, buf) = match (fit, lender.as_deref_mut()) {
+                (Some(k), Some(l)) => {
+                    let (origin, _) = pool.swap_remove(k);
+                    let b = match origin {
+                        Origin::Act(j) => l.acts[j].take(),
+                        Origin::Grad(j) => l.dacts[j].take(),
+                        Origin::New => None,
+                    };
+                    (origin, b.expect("an idle buffer"))
+                }
+                _ => (Origin::New, self.be.alloc(need)?),
+            };
+            self.acts[i] = Some(buf);
+            loan.origin[i] = Some(origin);
+        }
+        Ok(loan)
+    }
+
+    /// Return the buffers of [`Model::borrow_buffers`] to their lender (new ones are freed).
+    pub fn return_buffers(&mut self, mut lender: Option<&mut Model<B>>, loan: Loan) {
+        for (i, origin) in loan.origin.into_iter().enumerate() {
+            let Some(origin) = origin else { continue };
+            let buf = self.acts[i].take();
+            match (origin, lender.as_deref_mut()) {
+                (Origin::Act(j), Some(l)) => l.acts[j] = buf,
+                (Origin::Grad(j), Some(l)) => l.dacts[j] = buf,
+                _ => drop(buf),
+            }
+        }
+    }
+
     fn alloc(
         be: Arc<B>,
         graph: Graph,
@@ -147,9 +225,16 @@ impl<B: Backend> Model<B> {
         if capacity == 0 {
             return Err(Error::config("batch capacity must be at least 1"));
         }
+        // an evaluation model borrows its activation buffers per evaluation
         let acts = slot_sizes
             .iter()
-            .map(|&len| be.alloc(capacity * len).map(Some))
+            .map(|&len| {
+                if training {
+                    be.alloc(capacity * len).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
         let saves = graph
             .ops
@@ -171,6 +256,7 @@ impl<B: Backend> Model<B> {
             dacts: (0..graph.tensors.len()).map(|_| None).collect(),
             acts,
             slot,
+            slot_len: slot_sizes.to_vec(),
             saves,
             op_times: None,
             capacity,

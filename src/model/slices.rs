@@ -109,6 +109,34 @@ pub fn pack_partitioned(layout: &Layout) -> Vec<Run> {
     pack(layout, true)
 }
 
+/// Which end of a run a window applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    Src,
+    Dst,
+}
+
+/// The part of a run table whose `end` offsets lie in `[lo, hi)`, with those offsets moved to
+/// start at `base` (runs that straddle the window are cut). Streams a packed buffer through a
+/// bounded one, a window at a time.
+pub fn window(table: &[Run], end: End, lo: usize, hi: usize, base: usize) -> Vec<Run> {
+    let mut out = Vec::new();
+    for r in table {
+        let at = if end == End::Src { r.src } else { r.dst };
+        let (a, b) = (at.max(lo), (at + r.len).min(hi));
+        if a >= b {
+            continue;
+        }
+        let skip = a - at;
+        let (src, dst) = match end {
+            End::Src => (a - lo + base, r.dst + skip),
+            End::Dst => (r.src + skip, a - lo + base),
+        };
+        push(&mut out, src, dst, b - a);
+    }
+    out
+}
+
 /// The same copies in the other direction.
 pub fn reversed(table: &[Run]) -> Vec<Run> {
     table
@@ -199,6 +227,64 @@ mod tests {
         }
         assert_eq!(rebuilt, values);
         assert_eq!(via_packed, values);
+    }
+
+    #[test]
+    fn windows_cut_runs_and_cover_the_table_once() {
+        let table = [
+            Run {
+                src: 0,
+                dst: 100,
+                len: 5,
+            },
+            Run {
+                src: 5,
+                dst: 200,
+                len: 7,
+            },
+            Run {
+                src: 12,
+                dst: 50,
+                len: 3,
+            },
+        ];
+        let src: Vec<f32> = (0..15).map(|i| i as f32).collect();
+        let mut whole = vec![0.0f32; 210];
+        copy_on_host(&table, &src, &mut whole);
+        // stream the source through windows of 4, each copied to the start of a small buffer
+        let mut streamed = vec![0.0f32; 210];
+        for lo in (0..15).step_by(4) {
+            let w = window(&table, End::Src, lo, lo + 4, 0);
+            let chunk: Vec<f32> = src[lo..(lo + 4).min(15)].to_vec();
+            copy_on_host(&w, &chunk, &mut streamed);
+        }
+        assert_eq!(streamed, whole);
+        // the same on the destination side: packing into windows
+        let packed = reversed(&table);
+        let mut out = vec![0.0f32; 15];
+        for lo in (0..15).step_by(6) {
+            let w = window(&packed, End::Dst, lo, lo + 6, 0);
+            let mut chunk = vec![0.0f32; 6];
+            copy_on_host(&w, &whole, &mut chunk);
+            let n = (15 - lo).min(6);
+            out[lo..lo + n].copy_from_slice(&chunk[..n]);
+        }
+        assert_eq!(out, src);
+        assert_eq!(
+            window(&table, End::Src, 3, 6, 10),
+            [
+                Run {
+                    src: 10,
+                    dst: 103,
+                    len: 2
+                },
+                Run {
+                    src: 12,
+                    dst: 200,
+                    len: 1
+                }
+            ]
+        );
     }
 
     #[test]
