@@ -795,17 +795,18 @@ fn resolved<C: serde::Serialize + serde::de::DeserializeOwned>(
     default_every: usize,
     m: Option<&clap::ArgMatches>,
 ) -> Result<(C, RunControl)> {
-    let mut ctl = RunControl::new(std::path::Path::new(""), 0, 1);
-    ctl.resume = ck.found()?;
-    let found = ctl.resumed(kind)?;
-    let cfg = match (found, m) {
+    let found = ck.found()?;
+    if let Some(f) = &found {
+        f.expect_kind(kind)?;
+    }
+    let cfg = match (&found, m) {
         (Some(f), Some(m)) => crate::resume::config(&cfg, f, m)?,
         (Some(f), None) => f.checkpoint.config_as(&f.path)?,
         (None, _) => cfg,
     };
-    let mut control = ck.control(&out(&cfg), default_every)?;
-    control.resume = ctl.resume;
-    Ok((cfg, control))
+    let mut ctl = ck.control(&out(&cfg), default_every)?;
+    ctl.resume = found;
+    Ok((cfg, ctl))
 }
 
 /// Exit status for a run's ending: 0, or [`crate::checkpoint::EXIT_STOPPED`] when a signal
@@ -817,74 +818,76 @@ pub fn exit_code(e: &Ending) -> i32 {
     }
 }
 
-/// Run `loft train` or `loft finetune` on every rank of the job and print how it ended.
-fn report_training(kind: Kind, cfg: &TrainConfig, ctl: &RunControl) -> Result<i32> {
+/// Run `job` on every rank of the job and let rank 0 `print` how it ended; the exit status
+/// follows its `ending`.
+fn on_every_rank<S>(
+    job: impl FnOnce(&mut dyn crate::comm::Comm) -> Result<S>,
+    ending: impl Fn(&S) -> &Ending,
+    print: impl Fn(&S),
+) -> Result<i32> {
     let mut code = 0;
     crate::comm::run_with_comm(|comm| {
         let rank = comm.rank();
-        let s = crate::on_device!(cfg.device, be => crate::train::run(cfg, ctl, comm, be))?;
-        code = exit_code(&s.ending);
+        let s = job(comm)?;
+        code = exit_code(ending(&s));
         if rank == 0 {
-            match &s.ending {
-                Ending::Completed(_) => println!(
-                    "final test accuracy {:.2}% (best {:.2}%) in {:.1}s; run directory {}",
-                    s.final_test_acc,
-                    s.best_test_acc,
-                    s.wall_s,
-                    s.out.display()
-                ),
-                Ending::Stopped(p) => println!("stopped; resume with: loft {kind} --resume {}", p.display()),
-            }
+            print(&s);
         }
         Ok(())
     })?;
     Ok(code)
 }
 
+/// Run `loft train` or `loft finetune` on every rank of the job and print how it ended.
+fn report_training(kind: Kind, cfg: &TrainConfig, ctl: &RunControl) -> Result<i32> {
+    on_every_rank(
+        |comm| crate::on_device!(cfg.device, be => crate::train::run(cfg, ctl, comm, be)),
+        |s| &s.ending,
+        |s| match &s.ending {
+            Ending::Completed(_) => println!(
+                "final test accuracy {:.2}% (best {:.2}%) in {:.1}s; run directory {}",
+                s.final_test_acc,
+                s.best_test_acc,
+                s.wall_s,
+                s.out.display()
+            ),
+            Ending::Stopped(p) => println!("stopped; resume with: loft {kind} --resume {}", p.display()),
+        },
+    )
+}
+
 /// Run `loft pretrain` on every rank of the job and print how it ended.
 fn report_pretraining(cfg: &crate::loft::PretrainConfig, ctl: &RunControl) -> Result<i32> {
-    let mut code = 0;
-    crate::comm::run_with_comm(|comm| {
-        let rank = comm.rank();
-        let s = crate::on_device!(cfg.device, be => crate::loft::run(cfg, ctl, comm, be))?;
-        code = exit_code(&s.ending);
-        if rank == 0 {
-            match &s.ending {
-                Ending::Completed(_) => println!(
-                    "final test accuracy {:.2}% in {:.1}s (compute {:.1}s, sync {:.1}s); run directory {}",
-                    s.final_test_acc,
-                    s.wall_s,
-                    s.compute_s,
-                    s.sync_s,
-                    cfg.out.display()
-                ),
-                Ending::Stopped(p) => println!("stopped; resume with: loft pretrain --resume {}", p.display()),
-            }
-        }
-        Ok(())
-    })?;
-    Ok(code)
+    on_every_rank(
+        |comm| crate::on_device!(cfg.device, be => crate::loft::run(cfg, ctl, comm, be)),
+        |s| &s.ending,
+        |s| match &s.ending {
+            Ending::Completed(_) => println!(
+                "final test accuracy {:.2}% in {:.1}s (compute {:.1}s, sync {:.1}s); run directory {}",
+                s.final_test_acc,
+                s.wall_s,
+                s.compute_s,
+                s.sync_s,
+                cfg.out.display()
+            ),
+            Ending::Stopped(p) => println!("stopped; resume with: loft pretrain --resume {}", p.display()),
+        },
+    )
 }
 
 /// Run `loft run` on every rank of the job and print how it ended.
 fn report_main_job(job: &crate::experiment::MainJob) -> Result<i32> {
     let stop = crate::stop::StopFlag::install()?;
-    let mut code = 0;
-    crate::comm::run_with_comm(|comm| {
-        let rank = comm.rank();
-        let e = crate::on_device!(job.pretrain.device, be => crate::experiment::run(job, &stop, comm, be))?;
-        code = exit_code(&e);
-        if rank == 0 {
-            match &e {
-                Ending::Completed(p) => println!("loft run: done; report {}", p.display()),
-                Ending::Stopped(_) => {
-                    println!("loft run: stopped with a checkpoint; run the same command again to continue")
-                }
+    on_every_rank(
+        |comm| crate::on_device!(job.pretrain.device, be => crate::experiment::run(job, &stop, comm, be)),
+        |e| e,
+        |e| match e {
+            Ending::Completed(p) => println!("loft run: done; report {}", p.display()),
+            Ending::Stopped(_) => {
+                println!("loft run: stopped with a checkpoint; run the same command again to continue")
             }
-        }
-        Ok(())
-    })?;
-    Ok(code)
+        },
+    )
 }
 
 /// Run the parsed command line; `matches` (when given) tells which flags were typed, for

@@ -83,6 +83,18 @@ pub struct TrainSummary {
 }
 
 impl TrainConfig {
+    /// Where the run writes and what it reads.
+    pub fn inputs(&self) -> engine::Inputs<'_> {
+        engine::Inputs {
+            out: &self.out,
+            arch: &self.arch,
+            dataset: &self.dataset,
+            data_dir: &self.data_dir,
+            train_subset: self.train_subset,
+            test_subset: self.test_subset,
+        }
+    }
+
     /// Check every value before any work starts.
     pub fn validate(&self) -> Result<()> {
         if self.epochs == 0 {
@@ -226,18 +238,8 @@ pub fn run<B: Backend>(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm,
     let (rank, ranks) = (comm.rank(), comm.size());
     let lead = rank == 0;
     let wall = Instant::now();
-    let split = engine::start(
-        &cfg.out,
-        ctl,
-        lead,
-        &cfg.arch,
-        &cfg.dataset,
-        &cfg.data_dir,
-        cfg.train_subset,
-        cfg.test_subset,
-    )?;
+    let (split, identity) = engine::start(ctl, lead, cfg.inputs())?;
     let (train, test) = (&split.train, &split.test);
-    let identity = DataIdentity::of(train, test);
     let net = Net::resolve(cfg, resumed, train.height, train.width)?;
     let mut model = Model::new(be.clone(), net.graph.clone(), cfg.batch_size)?;
     model.init(cfg.seed)?;

@@ -39,6 +39,20 @@ pub struct Found {
     pub run_dir: PathBuf,
 }
 
+impl Found {
+    /// Check that the checkpoint was written by a run of `kind`, so that it is resumed by the
+    /// command that wrote it.
+    pub fn expect_kind(&self, kind: super::Kind) -> Result<()> {
+        if self.checkpoint.kind != kind {
+            return Err(Error::format(
+                &self.path,
+                format!("is a {0} checkpoint; resume it with loft {0}", self.checkpoint.kind),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Resolve `--resume PATH`: a checkpoint file, a `checkpoints/` directory or a run directory.
 /// For a directory the newest checkpoint is taken; one that fails its checks is reported and
 /// the next older one is tried.

@@ -17,7 +17,7 @@ pub use eval::Evaluation;
 pub use stream::Stream;
 
 use crate::backend::Backend;
-use crate::checkpoint::{CheckpointOf, Found, Kind, Method, Saver, State, TicketInfo};
+use crate::checkpoint::{CheckpointOf, DataIdentity, Found, Kind, Method, Saver, State, TicketInfo};
 use crate::comm::{Comm, Purpose};
 use crate::data::{self, DatasetKind};
 use crate::model::partition::Partition;
@@ -57,13 +57,10 @@ impl RunControl {
 
     /// The checkpoint being resumed, checked to be of `kind`.
     pub fn resumed(&self, kind: Kind) -> Result<Option<&Found>> {
-        match &self.resume {
-            Some(f) if f.checkpoint.kind != kind => Err(Error::format(
-                &f.path,
-                format!("is a {0} checkpoint; resume it with loft {0}", f.checkpoint.kind),
-            )),
-            r => Ok(r.as_ref()),
+        if let Some(f) = &self.resume {
+            f.expect_kind(kind)?;
         }
+        Ok(self.resume.as_ref())
     }
 }
 
@@ -264,42 +261,41 @@ pub fn validate_sgd(batch_size: usize, lr: f64, momentum: f64, weight_decay: f64
     Ok(())
 }
 
-/// The start of every run on a rank: on rank 0 (`lead`), create the run directory and the
-/// checkpoint directory (so a bad path fails before any work); then, on every rank, load
-/// the data (optionally only its first samples) and check that `arch` fits it.
-#[allow(clippy::too_many_arguments)]
-pub fn start(
-    out: &Path,
-    ctl: &RunControl,
-    lead: bool,
-    arch: &ArchSpec,
-    dataset: &DatasetKind,
-    dir: &Path,
-    train_subset: usize,
-    test_subset: usize,
-) -> Result<data::Split> {
-    ctl.saver.validate()?;
-    if lead {
-        crate::rundir::prepare(out)?;
-        ctl.saver.prepare()?;
-    }
-    load_data(arch, dataset, dir, train_subset, test_subset)
+/// What a run reads and where it writes: its run directory, network and data.
+pub struct Inputs<'a> {
+    pub out: &'a Path,
+    pub arch: &'a ArchSpec,
+    pub dataset: &'a DatasetKind,
+    pub data_dir: &'a Path,
+    /// Only the first N training / test samples (0 = all).
+    pub train_subset: usize,
+    pub test_subset: usize,
 }
 
-/// Load a data set (optionally only its first samples) and check that `arch` fits it.
-pub fn load_data(
-    arch: &ArchSpec,
-    dataset: &DatasetKind,
-    dir: &Path,
-    train_subset: usize,
-    test_subset: usize,
-) -> Result<data::Split> {
-    let mut split = data::load(dataset, dir)?;
-    if train_subset > 0 {
-        split.train.truncate(train_subset);
+/// The start of every run on a rank: on rank 0 (`lead`), create the run directory and the
+/// checkpoint directory (so a bad path fails before any work); then, on every rank, load
+/// the data and check that the network fits it. Returns the data and its identity.
+pub fn start(ctl: &RunControl, lead: bool, inputs: Inputs<'_>) -> Result<(data::Split, DataIdentity)> {
+    ctl.saver.validate()?;
+    if lead {
+        crate::rundir::prepare(inputs.out)?;
+        ctl.saver.prepare()?;
     }
-    if test_subset > 0 {
-        split.test.truncate(test_subset);
+    let split = load_data(&inputs)?;
+    let identity = DataIdentity::of(&split.train, &split.test);
+    Ok((split, identity))
+}
+
+/// Load the data set of `inputs` (optionally only its first samples) and check that the
+/// network fits it.
+pub fn load_data(inputs: &Inputs<'_>) -> Result<data::Split> {
+    let (arch, dataset) = (inputs.arch, inputs.dataset);
+    let mut split = data::load(dataset, inputs.data_dir)?;
+    if inputs.train_subset > 0 {
+        split.train.truncate(inputs.train_subset);
+    }
+    if inputs.test_subset > 0 {
+        split.test.truncate(inputs.test_subset);
     }
     if split.train.is_empty() || split.test.is_empty() {
         return Err(Error::config("the training and test sets must not be empty"));

@@ -204,6 +204,18 @@ impl RankMemory {
 }
 
 impl PretrainConfig {
+    /// Where the run writes and what it reads.
+    pub fn inputs(&self) -> engine::Inputs<'_> {
+        engine::Inputs {
+            out: &self.out,
+            arch: &self.arch,
+            dataset: &self.dataset,
+            data_dir: &self.data_dir,
+            train_subset: self.train_subset,
+            test_subset: self.test_subset,
+        }
+    }
+
     /// Check values before any work.
     pub fn validate(&self) -> Result<()> {
         for (v, what) in [
@@ -341,18 +353,8 @@ pub fn run<B: Backend>(
     let workers = if cfg.simulate > 0 { cfg.simulate } else { ranks };
     let lead = rank == 0;
     let wall = Instant::now();
-    let split = engine::start(
-        &cfg.out,
-        ctl,
-        lead,
-        &cfg.arch,
-        &cfg.dataset,
-        &cfg.data_dir,
-        cfg.train_subset,
-        cfg.test_subset,
-    )?;
+    let (split, identity) = engine::start(ctl, lead, cfg.inputs())?;
     let (train, test) = (&split.train, &split.test);
-    let identity = DataIdentity::of(train, test);
     let full_graph = Graph::build(&cfg.arch, train.height, train.width, None)?;
     // The local workers: one per rank, or all S when simulating.
     let local: Vec<usize> = if cfg.simulate > 0 {
