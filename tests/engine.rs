@@ -389,9 +389,9 @@ fn loft_pretraining_moves_only_batches_losses_payloads_and_checkpoints() {
     assert_eq!(Counting::get(&t.read_host), rounds + 3 + 2);
     // the shared allreduce of every round
     assert_eq!(Counting::get(&t.with_host_mut), rounds);
-    // fixed: shared packing of each local worker (2) and unpacking (2); per round and worker:
-    // extraction (2) and insertion (3, momentum kept)
-    assert_eq!(Counting::get(&t.run_tables), 2 * workers + 2 + rounds * workers * 5);
+    // fixed (one window): shared packing of each local worker and unpacking, parameters,
+    // statistics and momentum (3 each); per round and worker: extraction (2) and insertion (3)
+    assert_eq!(Counting::get(&t.run_tables), 3 * workers + 3 + rounds * workers * 5);
     assert_eq!(Counting::get(&t.syncs), steps + rounds + evals);
 }
 

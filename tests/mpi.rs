@@ -157,35 +157,37 @@ fn uneven_shares_work_and_match_the_simulation() {
 }
 
 #[test]
-fn slices_gathered_in_small_windows_give_the_same_bits_and_bytes() {
+fn collectives_in_small_windows_give_the_same_bits_and_bytes() {
     let Some(_) = mpirun() else { return };
-    // a budget of 1000 elements: every rank's slices cross in many windows, cutting runs
-    let extra = ["--inner-width", "3", "--keep-momentum", "--verify"];
-    let windowed = tmp("windowed-mpi");
-    ok(&run_mpi(
-        3,
-        &small(&windowed, &extra),
-        &[("LOFT_GATHER_BUDGET", "1000")],
-    ));
-    let whole = tmp("windowed-whole");
-    ok(&run_mpi(3, &small(&whole, &extra), &[]));
-    assert_eq!(params(&windowed), params(&whole));
-    let l = ledger(&windowed);
-    assert_eq!(l["per_rank_sync_bytes_sent"], l["per_rank_sync_bytes_closed_form"]);
-    assert_eq!(
-        l["per_rank_sync_bytes_sent"],
-        ledger(&whole)["per_rank_sync_bytes_sent"]
-    );
-    let calls = |l: &serde_json::Value| {
+    // a window of 1000 elements: the shared values, every rank's slices and the gradients
+    // cross in many windows, cutting runs
+    let window = [("LOFT_COMM_WINDOW", "1000")];
+    let calls = |l: &serde_json::Value, kind: &str| {
         l["rank0_ledger"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|e| e["purpose"] == "sync" && e["kind"] == "allgather")
+            .find(|e| e["purpose"] == "sync" && e["kind"] == kind)
             .map(|e| e["calls"].as_u64().unwrap())
             .unwrap()
     };
-    assert!(calls(&l) > 3 * calls(&ledger(&whole)), "{} calls", calls(&l));
+    let extra = ["--inner-width", "3", "--keep-momentum", "--verify"];
+    let windowed = tmp("windowed-mpi");
+    ok(&run_mpi(3, &small(&windowed, &extra), &window));
+    let whole = tmp("windowed-whole");
+    ok(&run_mpi(3, &small(&whole, &extra), &[]));
+    assert_eq!(params(&windowed), params(&whole));
+    let (l, w) = (ledger(&windowed), ledger(&whole));
+    assert_eq!(l["per_rank_sync_bytes_sent"], l["per_rank_sync_bytes_closed_form"]);
+    assert_eq!(l["per_rank_sync_bytes_sent"], w["per_rank_sync_bytes_sent"]);
+    assert!(calls(&l, "allgather") > 3 * calls(&w, "allgather"));
+    assert!(calls(&l, "allreduce") > 3 * calls(&w, "allreduce"));
+    // data-parallel dense: the gradient allreduce in windows, the same bits
+    let dp = ["--method", "dense", "--verify"];
+    let (a, b) = (tmp("windowed-dp"), tmp("windowed-dp-whole"));
+    ok(&run_mpi(2, &small(&a, &dp), &window));
+    ok(&run_mpi(2, &small(&b, &dp), &[]));
+    assert_eq!(params(&a), params(&b));
 }
 
 #[test]

@@ -39,6 +39,22 @@ pub trait Comm {
     fn abort(&self, code: i32) -> !;
 }
 
+/// Elements a collective moves per call at most, summed over ranks (16 MiB of f32):
+/// collectives on larger buffers go in windows, so their scratch stays bounded.
+pub const WINDOW_BUDGET: usize = 1 << 22;
+
+/// The window of a collective over `s` ranks: [`WINDOW_BUDGET`] (or, as a test hook,
+/// `LOFT_COMM_WINDOW` elements) rounded down to a multiple of `s`, at least `s`. A multiple
+/// of `s` keeps every rank's share of an allreduce exactly what it is without windows.
+pub fn window_elements(s: usize) -> usize {
+    let budget = std::env::var("LOFT_COMM_WINDOW")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&v| v > 0)
+        .unwrap_or(WINDOW_BUDGET);
+    (budget / s).max(1) * s
+}
+
 /// Sum `parts` (each `n` elements, in rank order) into `out`: out = p0 + p1 + ... in order.
 /// The one place the reduction order is defined; the MPI allreduce and the single-process
 /// simulation of several ranks both use it.

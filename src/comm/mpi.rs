@@ -63,25 +63,11 @@ impl MpiComm {
     }
 }
 
-fn grow(v: &mut Vec<f32>, n: usize) {
-    if v.len() < n {
-        v.resize(n, 0.0);
-    }
-}
-
-impl Comm for MpiComm {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn size(&self) -> usize {
-        self.size
-    }
-
-    fn allreduce_sum(&mut self, purpose: Purpose, buf: &mut [f32]) {
+impl MpiComm {
+    /// The deterministic allreduce of one window: an all-to-all of chunks (rank j reduces
+    /// chunk j in rank order), then an allgather of the reduced chunks.
+    fn allreduce_window(&mut self, buf: &mut [f32]) {
         let (s, r, n) = (self.size, self.rank, buf.len());
-        if s == 1 {
-            return;
-        }
         let chunks: Vec<usize> = (0..s)
             .map(|j| chunk_len(n as u64, s as u64, j as u64) as usize)
             .collect();
@@ -113,10 +99,37 @@ impl Comm for MpiComm {
         // is sent from the scratch, which phase 1 no longer needs)
         self.scratch[..own].copy_from_slice(&buf[chunk_off..chunk_off + own]);
         self.set_partition(chunks.iter().copied());
-        {
-            let mut recv = PartitionMut::new(&mut buf[..], &self.counts[..], &self.displs[..]);
-            self.world.all_gather_varcount_into(&self.scratch[..own], &mut recv);
+        let mut recv = PartitionMut::new(&mut buf[..], &self.counts[..], &self.displs[..]);
+        self.world.all_gather_varcount_into(&self.scratch[..own], &mut recv);
+    }
+}
+
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+impl Comm for MpiComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn allreduce_sum(&mut self, purpose: Purpose, buf: &mut [f32]) {
+        let (s, n) = (self.size, buf.len());
+        if s == 1 {
+            return;
         }
+        // windows of a multiple of S elements: every rank sends and receives exactly what one
+        // allreduce of the whole buffer would (see accounting::chunk_len), with bounded scratch
+        let w = super::window_elements(s);
+        for lo in (0..n).step_by(w) {
+            self.allreduce_window(&mut buf[lo..(lo + w).min(n)]);
+        }
+        let own = chunk_len(n as u64, s as u64, self.rank as u64) as usize;
         let elems = (n - own) + (s - 1) * own;
         self.ledger
             .record(purpose, Kind::Allreduce, F32 * elems as u64, F32 * elems as u64);

@@ -202,7 +202,8 @@ pub struct Record<'a> {
     pub partition: Option<Partition>,
     pub metrics_log: &'a str,
     pub ticket: Option<TicketInfo>,
-    pub reference: Option<&'a [f32]>,
+    /// Pre-training: the distance reference, full length.
+    pub reference: Option<Vec<f32>>,
 }
 
 /// The checkpoint of `model` (parameters, statistics and its momentum; zeros when the model
@@ -231,7 +232,7 @@ pub fn checkpoint_of<'m, B: Backend>(model: &'m Model<B>, r: Record<'m>) -> Resu
         ledgers: Vec::new(),
         metrics_log: r.metrics_log.to_string(),
         ticket: r.ticket,
-        reference: r.reference.map(|v| Cow::Borrowed(v).into()),
+        reference: r.reference.map(Into::into),
     })
 }
 

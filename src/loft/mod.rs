@@ -325,8 +325,8 @@ struct Pretraining<'c, 'd, B: Backend> {
     dir: RunDir,
     mode: Mode,
     bar: Progress,
-    /// Parameters at the last distance record.
-    reference: Option<Vec<f32>>,
+    /// What the filter distance reads of the parameters at the last record (rank 0 only).
+    reference: Option<crate::ticket::Rows>,
     compute_s: f64,
     sync_s: f64,
     config_json: String,
@@ -518,7 +518,10 @@ impl<B: Backend> Pretraining<'_, '_, B> {
         self.sync_s = self.st.sync_s;
         self.wall_before = self.st.wall_s;
         if comm.rank() == 0 {
-            self.reference = c.reference.as_ref().map(|r| r.to_vec());
+            self.reference = c
+                .reference
+                .as_ref()
+                .map(|r| crate::ticket::Rows::of(&self.full_graph.params, r));
         }
         Ok(c.metrics_log.clone())
     }
@@ -729,19 +732,15 @@ impl<B: Backend> Pretraining<'_, '_, B> {
         }
         let m = self.full.as_ref().unwrap_or(&self.ws[0].trainer.model);
         let params = m.be.read_host(&m.params, 0, m.graph.params.total)?;
+        let layout = &self.full_graph.params;
         let d = match &self.reference {
-            Some(prev) => Some(crate::ticket::distance(
-                &self.full_graph.params,
-                &params,
-                prev,
-                cfg.distance_ratio,
-            )?),
+            Some(prev) => Some(crate::ticket::distance_to(layout, &params, prev, cfg.distance_ratio)?),
             None => None,
         };
         // the next reference, in place
         match &mut self.reference {
-            Some(r) => r.copy_from_slice(&params),
-            None => self.reference = Some(params.into_owned()),
+            Some(r) => r.set(&params),
+            None => self.reference = Some(crate::ticket::Rows::of(layout, &params)),
         }
         Ok(d.map(|d| (d.index, d.weight)))
     }
@@ -761,7 +760,7 @@ impl<B: Backend> Pretraining<'_, '_, B> {
                     partition: (self.cfg.method == Method::Loft).then(|| p.clone()),
                     metrics_log: self.dir.log_text(),
                     ticket: None,
-                    reference: self.reference.as_deref(),
+                    reference: self.reference.as_ref().map(|r| r.to_full(self.full_graph.params.total)),
                 },
             )
         };

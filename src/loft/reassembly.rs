@@ -6,37 +6,32 @@
 //! Every copy is a run table ([`crate::model::slices`]) executed by the backend's
 //! `copy_runs`; the host only carries the collectives' payloads. When every worker lives in
 //! this process (one rank, or simulated workers) the slices go straight from each sub-network
-//! into the full model and nothing is gathered. Across ranks the packed slices are gathered in
-//! windows of at most [`GATHER_BUDGET`] elements in all, so a rank never holds every rank's
-//! slices at once; the bytes moved are the same as in one allgather(v).
+//! into the full model and nothing is gathered. Both collectives stream through windows of
+//! [`crate::comm::window_elements`] (16 MiB over all ranks), so a rank never holds every
+//! rank's slices, nor every shared value, at once; every rank moves exactly the bytes of one
+//! allreduce and one allgather(v) of the whole (the ledger checks it against the closed form).
 
 use crate::backend::{Backend, Run};
 use crate::comm::{Comm, Purpose};
 use crate::model::partition::Partition;
 use crate::model::slices::{self, End};
-use crate::model::{Graph, Layout, Model};
+use crate::model::{Graph, Model};
 use crate::Result;
 
-/// Elements of every rank's packed slices received per allgather(v) call, at most (16 MiB).
-pub const GATHER_BUDGET: usize = 1 << 22;
-
-/// The gather budget: [`GATHER_BUDGET`], or (test hook) `LOFT_GATHER_BUDGET` elements, so
-/// that small test models are gathered in several windows.
-fn gather_budget() -> usize {
-    std::env::var("LOFT_GATHER_BUDGET")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&v| v > 0)
-        .unwrap_or(GATHER_BUDGET)
+/// The run tables of one window of the shared allreduce.
+struct SharedWindow<B: Backend> {
+    /// Elements of the window.
+    len: usize,
+    /// For each local worker: its parameters, statistics and (kept) momentum into the window.
+    pack: Vec<[Option<B::Runs>; 3]>,
+    /// The window into the full model's parameters, statistics and momentum.
+    unpack: [Option<B::Runs>; 3],
 }
 
 /// Buffers and run tables of the re-assembly of one rank.
 pub struct Reassembly<B: Backend> {
     /// Every rank's sub-network graph (for the offsets of its slices); fixed over rounds.
     sub_graphs: Vec<Graph>,
-    /// Elements of the shared parameters and of the shared statistics.
-    shared_params: usize,
-    shared_stats: usize,
     /// Momentum travels with the parameters.
     momentum: bool,
     workers: usize,
@@ -44,30 +39,32 @@ pub struct Reassembly<B: Backend> {
     local_all: bool,
     /// Packed slices of every rank, in rank order (elements).
     counts: Vec<usize>,
-    /// Shared tensors: pack runs of each local worker's layouts (params, stats) and unpack runs
-    /// into the full layouts.
-    pack_shared: Vec<[B::Runs; 2]>,
-    unpack_shared: [B::Runs; 2],
+    /// The shared allreduce, window by window (fixed over rounds).
+    shared_windows: Vec<SharedWindow<B>>,
     /// Packing of this rank's slices (params, stats, momentum) into its packed space, when
     /// gathering; and the elements each rank sends per window.
     pack_own: Option<[Vec<Run>; 3]>,
     window: usize,
-    /// The shared sum `(shared len)`, a second worker's pack `(shared len)` when several
-    /// workers are local, a window of this rank's packed slices `(window)` and of every
-    /// rank's `(<= GATHER_BUDGET)`.
+    /// A window of the shared sum, and of a second worker's shared values when several
+    /// workers are local; a window of this rank's packed slices and of every rank's.
     shared: B::Buf,
     tmp: Option<B::Buf>,
     own: B::Buf,
     gathered: B::Buf,
 }
 
-/// Elements of the packed segments of a buffer trio: parameters, statistics, momentum.
-fn segments(params: usize, stats: usize, momentum: bool) -> [(usize, usize); 3] {
-    [
-        (0, params),
-        (params, stats),
-        (params + stats, if momentum { params } else { 0 }),
-    ]
+/// Tables that pack the shared tensors of a model's parameters, statistics and (when kept)
+/// momentum back to back into one packed space.
+fn shared_tables(g: &Graph, momentum: bool) -> [Vec<Run>; 3] {
+    let (sp, ss) = (g.params.count(false), g.stats.count(false));
+    let shift = |t: Vec<Run>, by: usize| -> Vec<Run> { t.into_iter().map(|r| Run { dst: r.dst + by, ..r }).collect() };
+    let params = slices::pack_shared(&g.params);
+    let m = if momentum {
+        shift(params.clone(), sp + ss)
+    } else {
+        Vec::new()
+    };
+    [params, shift(slices::pack_shared(&g.stats), sp), m]
 }
 
 impl<B: Backend> Reassembly<B> {
@@ -83,22 +80,35 @@ impl<B: Backend> Reassembly<B> {
     ) -> Result<Self> {
         let workers = sub_graphs.len();
         let local_all = local.len() == workers;
-        let shared_params = full.params.count(false);
-        let shared_stats = full.stats.count(false);
-        let shared_len = shared_params + shared_stats + if momentum { shared_params } else { 0 };
-        let prepared = |l: &Layout, f: fn(&Layout) -> Vec<crate::backend::Run>| be.prepare_runs(&f(l));
-        let pack_shared = local
-            .iter()
-            .map(|&r| {
-                let g = &sub_graphs[r];
-                Ok([
-                    prepared(&g.params, slices::pack_shared)?,
-                    prepared(&g.stats, slices::pack_shared)?,
-                ])
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let unpack = |l: &Layout| be.prepare_runs(&slices::reversed(&slices::pack_shared(l)));
-        let unpack_shared = [unpack(&full.params)?, unpack(&full.stats)?];
+        let (sp, ss) = (full.params.count(false), full.stats.count(false));
+        let shared_len = sp + ss + if momentum { sp } else { 0 };
+        // windows of a multiple of S elements: the bytes of one allreduce of the whole
+        let w = crate::comm::window_elements(workers).min(shared_len.max(1));
+        let packs: Vec<[Vec<Run>; 3]> = local.iter().map(|&r| shared_tables(&sub_graphs[r], momentum)).collect();
+        let unpack = shared_tables(full, momentum).map(|t| slices::reversed(&t));
+        let prepare = |t: Vec<Run>| -> Result<Option<B::Runs>> {
+            if t.is_empty() {
+                Ok(None)
+            } else {
+                be.prepare_runs(&t).map(Some)
+            }
+        };
+        let mut shared_windows = Vec::new();
+        for lo in (0..shared_len).step_by(w) {
+            let hi = (lo + w).min(shared_len);
+            let mut pack = Vec::new();
+            for p in &packs {
+                let [a, b, c] = p.each_ref().map(|t| slices::window(t, End::Dst, lo, hi, 0));
+                pack.push([prepare(a)?, prepare(b)?, prepare(c)?]);
+            }
+            let [a, b, c] = unpack.each_ref().map(|t| slices::window(t, End::Src, lo, hi, 0));
+            let unpack = [prepare(a)?, prepare(b)?, prepare(c)?];
+            shared_windows.push(SharedWindow {
+                len: hi - lo,
+                pack,
+                unpack,
+            });
+        }
         let (pack_own, window, gathered_len) = if local_all {
             (None, 0, 0)
         } else {
@@ -106,37 +116,34 @@ impl<B: Backend> Reassembly<B> {
             let (sp, ss) = (slices::partitioned_len(&g.params), slices::partitioned_len(&g.stats));
             let shift = |t: Vec<Run>, by: usize| t.into_iter().map(|r| Run { dst: r.dst + by, ..r }).collect();
             let params = slices::pack_partitioned(&g.params);
-            let momentum = if momentum {
+            let m = if momentum {
                 shift(params.clone(), sp + ss)
             } else {
                 Vec::new()
             };
-            let tables = [params, shift(slices::pack_partitioned(&g.stats), sp), momentum];
-            let window = gather_budget()
-                .div_ceil(workers)
+            let tables = [params, shift(slices::pack_partitioned(&g.stats), sp), m];
+            let window = (crate::comm::window_elements(workers) / workers)
                 .min(counts.iter().copied().max().unwrap_or(0))
                 .max(1);
             let gathered: usize = counts.iter().map(|&c| c.min(window)).sum();
             (Some(tables), window, gathered)
         };
+        let shared_buf = shared_windows.iter().map(|w| w.len).max().unwrap_or(0);
         Ok(Reassembly {
-            shared: be.alloc(shared_len)?,
+            shared: be.alloc(shared_buf)?,
             tmp: if local.len() > 1 {
-                Some(be.alloc(shared_len)?)
+                Some(be.alloc(shared_buf)?)
             } else {
                 None
             },
             own: be.alloc(window)?,
             gathered: be.alloc(gathered_len)?,
             sub_graphs,
-            shared_params,
-            shared_stats,
             momentum,
             workers,
             local_all,
             counts,
-            pack_shared,
-            unpack_shared,
+            shared_windows,
             pack_own,
             window,
         })
@@ -151,12 +158,6 @@ impl<B: Backend> Reassembly<B> {
             .sum::<usize>()
     }
 
-    /// Elements of the shared allreduce.
-    fn shared_len(&self) -> usize {
-        let [.., (at, n)] = segments(self.shared_params, self.shared_stats, self.momentum);
-        at + n
-    }
-
     /// Re-assemble `full` from the local sub-networks `subs` (rank `ranks[k]` for `subs[k]`)
     /// and, through `comm`, the other ranks', for partition `p`.
     pub fn sync(
@@ -169,59 +170,7 @@ impl<B: Backend> Reassembly<B> {
     ) -> Result<()> {
         let be = full.be.clone();
         let be = &*be;
-        let n = self.shared_len();
-        let seg = segments(self.shared_params, self.shared_stats, self.momentum);
-        // shared tensors: the sum over workers in rank order, then the mean
-        for (k, m) in subs.iter().enumerate() {
-            let dst = if k == 0 {
-                &mut self.shared
-            } else {
-                self.tmp.as_mut().expect("second buffer")
-            };
-            let [pp, ps] = &self.pack_shared[k];
-            be.copy_runs(
-                pp,
-                be.view(&m.params, 0, m.graph.params.total),
-                be.view_mut(dst, seg[0].0, seg[0].1),
-            );
-            be.copy_runs(
-                ps,
-                be.view(&m.stats, 0, m.graph.stats.total),
-                be.view_mut(dst, seg[1].0, seg[1].1),
-            );
-            if self.momentum {
-                be.copy_runs(
-                    pp,
-                    be.view(&m.momentum, 0, m.graph.params.total),
-                    be.view_mut(dst, seg[2].0, seg[2].1),
-                );
-            }
-            if k > 0 {
-                let tmp = self.tmp.as_ref().expect("second buffer");
-                be.axpy(1.0, be.view(tmp, 0, n), be.view_mut(&mut self.shared, 0, n));
-            }
-        }
-        be.with_host_mut(&mut self.shared, 0, n, |h| comm.allreduce_sum(Purpose::Sync, h))?;
-        be.scale(be.view_mut(&mut self.shared, 0, n), 1.0 / self.workers as f32);
-        let (np, ns) = (full.graph.params.total, full.graph.stats.total);
-        let [up, us] = &self.unpack_shared;
-        be.copy_runs(
-            up,
-            be.view(&self.shared, seg[0].0, seg[0].1),
-            be.view_mut(&mut full.params, 0, np),
-        );
-        be.copy_runs(
-            us,
-            be.view(&self.shared, seg[1].0, seg[1].1),
-            be.view_mut(&mut full.stats, 0, ns),
-        );
-        if self.momentum {
-            be.copy_runs(
-                up,
-                be.view(&self.shared, seg[2].0, seg[2].1),
-                be.view_mut(&mut full.momentum, 0, np),
-            );
-        }
+        self.shared_mean(be, subs, full, comm)?;
         if self.local_all {
             for (m, &r) in subs.iter().zip(ranks) {
                 self.insert(be, p, r, full, m)?;
@@ -230,6 +179,41 @@ impl<B: Backend> Reassembly<B> {
             self.gather_and_insert(be, p, subs[0], full, comm)?;
         }
         be.sync()
+    }
+
+    /// The shared tensors of `full`: the sum over workers in rank order (local workers, then
+    /// the ranks), then the mean; a window at a time.
+    fn shared_mean(&mut self, be: &B, subs: &[&Model<B>], full: &mut Model<B>, comm: &mut dyn Comm) -> Result<()> {
+        for win in &self.shared_windows {
+            let n = win.len;
+            for (k, m) in subs.iter().enumerate() {
+                let dst = if k == 0 {
+                    &mut self.shared
+                } else {
+                    self.tmp.as_mut().expect("second buffer")
+                };
+                let src = [&m.params, &m.stats, &m.momentum];
+                for (t, b) in win.pack[k].iter().zip(src) {
+                    if let Some(t) = t {
+                        be.copy_runs(t, be.view(b, 0, be.buf_len(b)), be.view_mut(dst, 0, n));
+                    }
+                }
+                if k > 0 {
+                    let tmp = self.tmp.as_ref().expect("second buffer");
+                    be.axpy(1.0, be.view(tmp, 0, n), be.view_mut(&mut self.shared, 0, n));
+                }
+            }
+            be.with_host_mut(&mut self.shared, 0, n, |h| comm.allreduce_sum(Purpose::Sync, h))?;
+            be.scale(be.view_mut(&mut self.shared, 0, n), 1.0 / self.workers as f32);
+            let dst = [&mut full.params, &mut full.stats, &mut full.momentum];
+            for (t, b) in win.unpack.iter().zip(dst) {
+                if let Some(t) = t {
+                    let len = be.buf_len(b);
+                    be.copy_runs(t, be.view(&self.shared, 0, n), be.view_mut(b, 0, len));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Gather every rank's packed slices, a window at a time, and copy each window's slices

@@ -16,7 +16,7 @@ use serde::Serialize;
 pub use crate::checkpoint::Criterion;
 
 /// A prunable block as seen in a parameter layout.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PrunableBlock {
     /// Name prefix, e.g. `s2.b1`.
     pub name: String,
@@ -125,27 +125,43 @@ fn unit_row(b: &PrunableBlock, params: &[f32], j: usize) -> Vec<f64> {
 
 /// D_idx and D_w between parameter buffers `a` and `b` of the same `layout`.
 pub fn distance(layout: &Layout, a: &[f32], b: &[f32], ratio: f64) -> Result<Distance> {
-    validate_ratio(ratio)?;
-    if a.len() != layout.total || b.len() != layout.total {
+    check_len(layout, a)?;
+    check_len(layout, b)?;
+    let blocks = prunable_blocks(layout);
+    between(&blocks, a, &blocks, b, ratio)
+}
+
+/// D_idx and D_w between a parameter buffer `a` of `layout` and the rows `b` kept of another.
+pub fn distance_to(layout: &Layout, a: &[f32], b: &Rows, ratio: f64) -> Result<Distance> {
+    check_len(layout, a)?;
+    between(&prunable_blocks(layout), a, &b.blocks, &b.values, ratio)
+}
+
+fn check_len(layout: &Layout, v: &[f32]) -> Result<()> {
+    if v.len() != layout.total {
         return Err(Error::Shape(format!(
-            "distance: buffers of {} and {} values for a layout of {}",
-            a.len(),
-            b.len(),
+            "distance: a buffer of {} values for a layout of {}",
+            v.len(),
             layout.total
         )));
     }
-    let blocks = prunable_blocks(layout);
-    if blocks.is_empty() {
+    Ok(())
+}
+
+/// The distance of A (its blocks `ba` in `a`) to B (the same blocks `bb` in `b`).
+fn between(ba: &[PrunableBlock], a: &[f32], bb: &[PrunableBlock], b: &[f32], ratio: f64) -> Result<Distance> {
+    validate_ratio(ratio)?;
+    if ba.is_empty() {
         return Err(Error::config("the network has no prunable block"));
     }
-    let ka = kept(&blocks, a, ratio, Criterion::Largest, 0);
-    let kb = kept(&blocks, b, ratio, Criterion::Largest, 0);
-    let mut out = Vec::with_capacity(blocks.len());
-    for (i, blk) in blocks.iter().enumerate() {
+    let ka = kept(ba, a, ratio, Criterion::Largest, 0);
+    let kb = kept(bb, b, ratio, Criterion::Largest, 0);
+    let mut out = Vec::with_capacity(ba.len());
+    for (i, (blk, blk_b)) in ba.iter().zip(bb).enumerate() {
         let common = kb[i].iter().filter(|j| ka[i].binary_search(j).is_ok()).count();
         let (mut diff, mut norm) = (0.0f64, 0.0f64);
         for &j in &kb[i] {
-            let (ua, ub) = (unit_row(blk, a, j), unit_row(blk, b, j));
+            let (ua, ub) = (unit_row(blk, a, j), unit_row(blk_b, b, j));
             diff += ua.iter().zip(&ub).map(|(x, y)| (x - y) * (x - y)).sum::<f64>();
             norm += ub.iter().map(|y| y * y).sum::<f64>();
         }
@@ -163,6 +179,57 @@ pub fn distance(layout: &Layout, a: &[f32], b: &[f32], ratio: f64) -> Result<Dis
         weight: out.iter().map(|d| d.weight).sum::<f64>() / out.len() as f64,
         blocks: out,
     })
+}
+
+/// What the filter distance reads of a parameter buffer: the conv1 weights of the prunable
+/// blocks, back to back (about a quarter of a PreResNet's parameters). Pre-training keeps
+/// this much of its last recorded point.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rows {
+    /// The prunable blocks, with offsets into `values`.
+    blocks: Vec<PrunableBlock>,
+    /// Where each block's conv1 weight sits in the full buffer.
+    full_offsets: Vec<usize>,
+    pub values: Vec<f32>,
+}
+
+impl Rows {
+    /// The rows of `params` (a buffer of `layout`).
+    pub fn of(layout: &Layout, params: &[f32]) -> Rows {
+        let mut blocks = prunable_blocks(layout);
+        let full_offsets: Vec<usize> = blocks.iter().map(|b| b.conv1.offset).collect();
+        let mut at = 0;
+        for b in &mut blocks {
+            b.conv1.offset = at;
+            at += b.conv1.len;
+        }
+        let mut r = Rows {
+            blocks,
+            full_offsets,
+            values: vec![0.0; at],
+        };
+        r.set(params);
+        r
+    }
+
+    /// Take the rows of `params` (a buffer of the same layout), in place.
+    pub fn set(&mut self, params: &[f32]) {
+        for (b, &f) in self.blocks.iter().zip(&self.full_offsets) {
+            let n = b.conv1.len;
+            self.values[b.conv1.offset..b.conv1.offset + n].copy_from_slice(&params[f..f + n]);
+        }
+    }
+
+    /// A full buffer of `total` values holding the rows at their places and zeros elsewhere
+    /// (how checkpoints store the reference).
+    pub fn to_full(&self, total: usize) -> Vec<f32> {
+        let mut v = vec![0.0f32; total];
+        for (b, &f) in self.blocks.iter().zip(&self.full_offsets) {
+            let n = b.conv1.len;
+            v[f..f + n].copy_from_slice(&self.values[b.conv1.offset..b.conv1.offset + n]);
+        }
+        v
+    }
 }
 
 /// `loft distance A B --ratio p [--json]`: the filter distance between two checkpoints.
@@ -212,6 +279,24 @@ mod tests {
         let mut m = Model::new(be, g.clone(), 1).unwrap();
         m.init(seed).unwrap();
         (g, m.params.clone())
+    }
+
+    #[test]
+    fn the_kept_rows_give_the_distance_of_the_whole_buffer() {
+        let (g, a) = model(1);
+        let (_, b) = model(2);
+        let rows = Rows::of(&g.params, &b);
+        assert!(rows.values.len() < b.len() / 2);
+        let whole = distance(&g.params, &a, &b, 0.5).unwrap();
+        let kept = distance_to(&g.params, &a, &rows, 0.5).unwrap();
+        assert_eq!((whole.index, whole.weight), (kept.index, kept.weight));
+        assert!(whole.index > 0.0 && whole.weight > 0.0);
+        // stored full-length with zeros elsewhere, read back: the same rows
+        let back = Rows::of(&g.params, &rows.to_full(g.params.total));
+        assert_eq!(back, rows);
+        let mut moved = rows.clone();
+        moved.set(&a);
+        assert_eq!(distance_to(&g.params, &a, &moved, 0.5).unwrap().index, 0.0);
     }
 
     #[test]
