@@ -138,13 +138,7 @@ impl<B: Backend> Model<B> {
     pub fn new(be: Arc<B>, graph: Graph, capacity: usize) -> Result<Self> {
         let slot: Vec<usize> = (0..graph.tensors.len()).collect();
         let sizes: Vec<usize> = graph.tensors.iter().map(|t| t.len()).collect();
-        let mut m = Self::alloc(be, graph, capacity, slot, &sizes, true, true)?;
-        for t in 0..m.graph.tensors.len() {
-            if t != m.graph.input {
-                m.dacts[t] = Some(m.be.alloc(capacity * m.graph.tensors[t].len())?);
-            }
-        }
-        Ok(m)
+        Self::alloc(be, graph, capacity, slot, &sizes, true, true)
     }
 
     /// An evaluation model: parameters, statistics (and momentum when `momentum`), and
@@ -225,17 +219,21 @@ impl<B: Backend> Model<B> {
         if capacity == 0 {
             return Err(Error::config("batch capacity must be at least 1"));
         }
-        // an evaluation model borrows its activation buffers per evaluation
-        let acts = slot_sizes
-            .iter()
-            .map(|&len| {
-                if training {
-                    be.alloc(capacity * len).map(Some)
-                } else {
-                    Ok(None)
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // a training model: every tensor and its gradient (the input has none), one after the
+        // other; an evaluation model borrows its activation buffers per evaluation
+        let (mut acts, mut dacts) = (Vec::new(), Vec::new());
+        for (t, &len) in slot_sizes.iter().enumerate() {
+            acts.push(if training {
+                Some(be.alloc(capacity * len)?)
+            } else {
+                None
+            });
+            dacts.push(if training && t != graph.input {
+                Some(be.alloc(capacity * len)?)
+            } else {
+                None
+            });
+        }
         let saves = graph
             .ops
             .iter()
@@ -253,7 +251,7 @@ impl<B: Backend> Model<B> {
             labels: be.alloc(capacity)?,
             labels_host: vec![0.0; capacity],
             loss_stats: be.alloc(2)?,
-            dacts: (0..graph.tensors.len()).map(|_| None).collect(),
+            dacts,
             acts,
             slot,
             slot_len: slot_sizes.to_vec(),
