@@ -839,7 +839,7 @@ fn on_every_rank<S>(
 }
 
 /// Run `loft train` or `loft finetune` on every rank of the job and print how it ended.
-fn report_training(kind: Kind, cfg: &TrainConfig, ctl: &RunControl) -> Result<i32> {
+fn report_training(kind: Kind, cfg: &TrainConfig, ctl: RunControl) -> Result<i32> {
     on_every_rank(
         |comm| crate::on_device!(cfg.device, be => crate::train::run(cfg, ctl, comm, be)),
         |s| &s.ending,
@@ -857,7 +857,7 @@ fn report_training(kind: Kind, cfg: &TrainConfig, ctl: &RunControl) -> Result<i3
 }
 
 /// Run `loft pretrain` on every rank of the job and print how it ended.
-fn report_pretraining(cfg: &crate::loft::PretrainConfig, ctl: &RunControl) -> Result<i32> {
+fn report_pretraining(cfg: &crate::loft::PretrainConfig, ctl: RunControl) -> Result<i32> {
     on_every_rank(
         |comm| crate::on_device!(cfg.device, be => crate::loft::run(cfg, ctl, comm, be)),
         |s| &s.ending,
@@ -911,7 +911,7 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
                 sub("train"),
             )?;
             cfg.validate()?;
-            report_training(Kind::Train, &cfg, &ctl)
+            report_training(Kind::Train, &cfg, ctl)
         }
         Command::Finetune(a) => {
             let found = a.checkpoint.found()?;
@@ -925,7 +925,7 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
                 sub("finetune"),
             )?;
             cfg.validate()?;
-            report_training(Kind::Finetune, &cfg, &ctl)
+            report_training(Kind::Finetune, &cfg, ctl)
         }
         Command::Run(a) => report_main_job(&a.job()?),
         Command::Prune(a) => {
@@ -953,7 +953,7 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
                 sub("pretrain"),
             )?;
             cfg.validate()?;
-            report_pretraining(&cfg, &ctl)
+            report_pretraining(&cfg, ctl)
         }
         Command::Comm(a) => crate::comm::report::run(&a.query()?).map(|()| 0),
         Command::Inspect(a) => crate::inspect::run(&a.file, a.json).map(|()| 0),

@@ -20,7 +20,7 @@ use crate::schedule::{Kind as ScheduleKind, Schedule};
 use crate::ticket::prune;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -213,7 +213,9 @@ struct Normalisation<'a> {
 /// A training run in progress on one rank.
 struct DenseRun<'c, 'd, B: Backend> {
     cfg: &'c TrainConfig,
-    ctl: &'c RunControl,
+    ctl: RunControl,
+    /// The checkpoint the run continued from.
+    resumed: Option<PathBuf>,
     kind: Kind,
     trainer: Trainer<'d, B>,
     eval: Evaluation<'c, 'd>,
@@ -231,19 +233,29 @@ struct DenseRun<'c, 'd, B: Backend> {
 /// Train and evaluate on every rank of `comm` on backend `be` (data-parallel when there are
 /// several ranks: each rank trains on its shard with the gradients averaged every step).
 /// Rank 0 writes the run directory as it goes.
-pub fn run<B: Backend>(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm, be: Arc<B>) -> Result<TrainSummary> {
+pub fn run<B: Backend>(
+    cfg: &TrainConfig,
+    mut ctl: RunControl,
+    comm: &mut dyn Comm,
+    be: Arc<B>,
+) -> Result<TrainSummary> {
     cfg.validate()?;
     let kind = cfg.kind();
-    let resumed = ctl.resumed(kind)?;
+    // the checkpoint being resumed: its buffers are dropped once the model holds them
+    let found = ctl.resume.take();
+    if let Some(f) = &found {
+        f.expect_kind(kind)?;
+    }
+    let resumed = found.as_ref();
     let (rank, ranks) = (comm.rank(), comm.size());
     let lead = rank == 0;
     let wall = Instant::now();
-    let (split, identity) = engine::start(ctl, lead, cfg.inputs())?;
+    let (split, identity) = engine::start(&ctl, lead, cfg.inputs())?;
     let (train, test) = (&split.train, &split.test);
-    let net = Net::resolve(cfg, resumed, train.height, train.width)?;
+    let mut net = Net::resolve(cfg, resumed, train.height, train.width)?;
     let mut model = Model::new(be.clone(), net.graph.clone(), cfg.batch_size)?;
     model.init(cfg.seed)?;
-    if let (Some(t), Some(path)) = (&net.start, &cfg.ticket) {
+    if let (Some(t), Some(path)) = (net.start.take(), &cfg.ticket) {
         // fine-tuning may use other data than pre-training (e.g. the full training set)
         t.check_network(path, &model.graph.params, &model.graph.stats)?;
         model.load(&t.params, &t.stats, None)?;
@@ -266,6 +278,7 @@ pub fn run<B: Backend>(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm,
         st = c.state.clone();
         log_text = c.metrics_log.clone();
     }
+    let resumed = found.map(|f| f.path);
     let (shared, partitioned) = net.graph.param_counts();
     let mut stream = Stream::new(train_loader, steps_per_epoch, cfg.batch_size, train.image_len());
     stream.drawn = st.epoch * steps_per_epoch as u64 + st.batch;
@@ -290,10 +303,11 @@ pub fn run<B: Backend>(cfg: &TrainConfig, ctl: &RunControl, comm: &mut dyn Comm,
         normalisation: Normalisation { mean: &mean, std: &std },
     };
     let mode = cfg.progress.mode(lead);
-    announce(cfg, &dir, mode, &be.name(), ranks, facts, resumed, &st)?;
+    announce(cfg, &dir, mode, &be.name(), ranks, facts, resumed.as_deref(), &st)?;
     let mut r = DenseRun {
         cfg,
         ctl,
+        resumed,
         kind,
         trainer,
         eval: Evaluation::new(&test_loader, cfg.batch_size, test.image_len()),
@@ -378,7 +392,7 @@ fn announce(
     backend: &str,
     ranks: usize,
     facts: TrainFacts<'_>,
-    resumed: Option<&checkpoint::Found>,
+    resumed: Option<&Path>,
     st: &State,
 ) -> Result<()> {
     let kind = cfg.kind();
@@ -393,7 +407,7 @@ fn announce(
             ranks,
             threads: rayon::current_num_threads(),
             extra: facts,
-            resumed_from: resumed.map(|f| f.path.as_path()),
+            resumed_from: resumed,
             version: env!("CARGO_PKG_VERSION"),
         },
     )?;
@@ -410,7 +424,7 @@ fn announce(
         if let Some(f) = resumed {
             eprintln!(
                 "resuming from {} (epoch {}, batch {}, step {})",
-                f.path.display(),
+                f.display(),
                 st.epoch,
                 st.batch,
                 st.step
@@ -430,7 +444,7 @@ impl<B: Backend> DenseRun<'_, '_, B> {
         let ending = match ending {
             Some(e) => e,
             // resumed from the final checkpoint of a finished run: nothing left to do
-            None => Ending::Completed(self.ctl.resume.as_ref().map(|f| f.path.clone()).unwrap_or_default()),
+            None => Ending::Completed(self.resumed.clone().unwrap_or_default()),
         };
         if let Ending::Stopped(p) = &ending {
             if self.mode != Mode::Quiet {

@@ -305,7 +305,7 @@ fn dense_training_moves_only_batches_losses_and_checkpoints() {
     let cfg = train_config(&out, 2);
     let be = Arc::new(Counting::new(None));
     let ctl = RunControl::new(&out, 1, 5);
-    let s = loft::train::run(&cfg, &ctl, &mut SingleComm::new(), be.clone()).unwrap();
+    let s = loft::train::run(&cfg, ctl, &mut SingleComm::new(), be.clone()).unwrap();
     assert!(s.final_test_acc >= 0.0);
     let (steps, eval_batches, checkpoints) = (2 * 64 / 16, 2 * 24usize.div_ceil(16), 2);
     let t = &be.seen;
@@ -328,7 +328,7 @@ fn dense_training_moves_only_batches_losses_and_checkpoints() {
     let cpu = Arc::new(CpuBackend::<f32>::new());
     loft::train::run(
         &train_config(&cpu_out, 2),
-        &RunControl::new(&cpu_out, 1, 5),
+        RunControl::new(&cpu_out, 1, 5),
         &mut SingleComm::new(),
         cpu,
     )
@@ -378,7 +378,7 @@ fn loft_pretraining_moves_only_batches_losses_payloads_and_checkpoints() {
     };
     let be = Arc::new(Counting::new(None));
     let ctl = RunControl::new(&out, 10, 5);
-    loft::loft::run(&cfg, &ctl, &mut SingleComm::new(), be.clone()).unwrap();
+    loft::loft::run(&cfg, ctl, &mut SingleComm::new(), be.clone()).unwrap();
     let steps = rounds * local_steps * workers;
     let evals = 1;
     let eval_batches = evals * (recal + 24usize.div_ceil(16));
@@ -401,7 +401,7 @@ fn a_device_failure_at_the_checked_point_ends_the_run_with_one_line() {
     let cfg = train_config(&out, 2);
     let be = Arc::new(Counting::new(Some(3)));
     let ctl = RunControl::new(&out, 1, 5);
-    let e = loft::train::run(&cfg, &ctl, &mut SingleComm::new(), be.clone()).expect_err("the run must fail");
+    let e = loft::train::run(&cfg, ctl, &mut SingleComm::new(), be.clone()).expect_err("the run must fail");
     let msg = e.to_string();
     assert!(msg.contains("illegal address") && !msg.contains('\n'), "{msg}");
     // it stopped at the third step: no further steps, no checkpoint, no summary

@@ -54,14 +54,6 @@ impl RunControl {
             stop: StopFlag::never(),
         }
     }
-
-    /// The checkpoint being resumed, checked to be of `kind`.
-    pub fn resumed(&self, kind: Kind) -> Result<Option<&Found>> {
-        if let Some(f) = &self.resume {
-            f.expect_kind(kind)?;
-        }
-        Ok(self.resume.as_ref())
-    }
 }
 
 /// How a run ended.

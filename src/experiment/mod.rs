@@ -178,7 +178,7 @@ pub fn run<B: Backend>(job: &MainJob, stop: &StopFlag, comm: &mut dyn Comm, be: 
         header(comm, job.progress, phase, phases, &format!("{m:?} pre-training"));
         let ctl = control(&dir, job.record_every, usize::MAX, stop)?;
         same_settings(&ctl, &cfg)?;
-        let s = crate::loft::run(&cfg, &ctl, comm, be.clone())?;
+        let s = crate::loft::run(&cfg, ctl, comm, be.clone())?;
         if let Ending::Stopped(_) = s.ending {
             return Ok(s.ending);
         }
@@ -213,7 +213,7 @@ pub fn run<B: Backend>(job: &MainJob, stop: &StopFlag, comm: &mut dyn Comm, be: 
         header(comm, job.progress, phase, phases, &format!("fine-tuning {name}"));
         let ctl = control(&dir, 1, 1, stop)?;
         same_settings(&ctl, &cfg)?;
-        let s = crate::train::run(&cfg, &ctl, comm, be.clone())?;
+        let s = crate::train::run(&cfg, ctl, comm, be.clone())?;
         if let Ending::Stopped(_) = s.ending {
             return Ok(s.ending);
         }

@@ -311,7 +311,7 @@ struct Worker<'d, B: Backend> {
 /// A pre-training run in progress on one rank.
 struct Pretraining<'c, 'd, B: Backend> {
     cfg: &'c PretrainConfig,
-    ctl: &'c RunControl,
+    ctl: RunControl,
     workers: usize,
     full_graph: Graph,
     /// LoFT: the assembled model (parameters, statistics, kept momentum, forward-only
@@ -338,12 +338,16 @@ struct Pretraining<'c, 'd, B: Backend> {
 /// job.
 pub fn run<B: Backend>(
     cfg: &PretrainConfig,
-    ctl: &RunControl,
+    mut ctl: RunControl,
     comm: &mut dyn Comm,
     be: Arc<B>,
 ) -> Result<PretrainSummary> {
     cfg.validate()?;
-    let resumed = ctl.resumed(Kind::Pretrain)?;
+    // the checkpoint being resumed: its buffers are dropped once the models hold them
+    let found = ctl.resume.take();
+    if let Some(f) = &found {
+        f.expect_kind(Kind::Pretrain)?;
+    }
     let (rank, ranks) = (comm.rank(), comm.size());
     if cfg.simulate > 0 && ranks > 1 {
         return Err(Error::config(
@@ -353,7 +357,7 @@ pub fn run<B: Backend>(
     let workers = if cfg.simulate > 0 { cfg.simulate } else { ranks };
     let lead = rank == 0;
     let wall = Instant::now();
-    let (split, identity) = engine::start(ctl, lead, cfg.inputs())?;
+    let (split, identity) = engine::start(&ctl, lead, cfg.inputs())?;
     let (train, test) = (&split.train, &split.test);
     let full_graph = Graph::build(&cfg.arch, train.height, train.width, None)?;
     // The local workers: one per rank, or all S when simulating.
@@ -398,15 +402,16 @@ pub fn run<B: Backend>(
         wall_before: 0.0,
         full_graph,
     };
-    if let Some(f) = resumed {
+    if let Some(f) = &found {
         let log = p.resume(f, &identity, comm, if cfg.simulate > 0 { 0 } else { rank })?;
         p.dir = RunDir::open(&cfg.out, lead, log)?;
     } else {
         p.dir = RunDir::open(&cfg.out, lead, String::new())?;
     }
+    let resumed = found.map(|f| f.path);
     let (shared_n, counts) = accounting::loft_sync_elements(&p.full_graph, workers as u64, cfg.keep_momentum);
     let counts: Vec<usize> = counts.iter().map(|&c| c as usize).collect();
-    p.announce(&be.name(), ranks, (shared_n, &counts), resumed)?;
+    p.announce(&be.name(), ranks, (shared_n, &counts), resumed.as_deref())?;
     p.bar = Progress::new(p.mode, "pretrain", cfg.rounds);
     let mut ending = None;
     for t in p.st.round as usize..cfg.rounds {
@@ -417,7 +422,7 @@ pub fn run<B: Backend>(
     }
     p.bar.finish();
     // resumed from the final checkpoint of a finished run: nothing was left to do
-    let ending = ending.unwrap_or_else(|| Ending::Completed(resumed.map(|f| f.path.clone()).unwrap_or_default()));
+    let ending = ending.unwrap_or_else(|| Ending::Completed(resumed.unwrap_or_default()));
     p.finish(ending, comm, &be.name())
 }
 
@@ -428,7 +433,7 @@ impl<B: Backend> Pretraining<'_, '_, B> {
         backend: &str,
         ranks: usize,
         sync: (u64, &[usize]),
-        resumed: Option<&checkpoint::Found>,
+        resumed: Option<&std::path::Path>,
     ) -> Result<()> {
         let (cfg, workers) = (self.cfg, self.workers);
         let (shared_n, counts) = sync;
@@ -452,7 +457,7 @@ impl<B: Backend> Pretraining<'_, '_, B> {
                         allgather_counts: counts,
                     },
                 },
-                resumed_from: resumed.map(|f| f.path.as_path()),
+                resumed_from: resumed,
                 version: env!("CARGO_PKG_VERSION"),
             },
         )?;
@@ -469,7 +474,7 @@ impl<B: Backend> Pretraining<'_, '_, B> {
                 backend
             );
             if let Some(f) = resumed {
-                eprintln!("resuming from {} after round {}", f.path.display(), self.st.round);
+                eprintln!("resuming from {} after round {}", f.display(), self.st.round);
             }
         }
         Ok(())
