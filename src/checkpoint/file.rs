@@ -2,7 +2,9 @@
 //! write (hidden temporary file, fsync, rename).
 
 use super::format::{Get, Put};
-use super::{Checkpoint, CheckpointOf, Kind as CheckpointKind, Method, State, TicketInfo, FORMAT_NAME, FORMAT_VERSION};
+use super::{
+    Checkpoint, CheckpointOf, Kind as CheckpointKind, Method, Reference, State, TicketInfo, FORMAT_NAME, FORMAT_VERSION,
+};
 use crate::comm::{Kind, Ledger, Purpose, Tally};
 use crate::model::layout::{Entry, Layout, Role};
 use crate::model::partition::Partition;
@@ -290,7 +292,8 @@ impl CheckpointOf<'_> {
         }
         if let Some(r) = &self.reference {
             let g = file.create_group("distance")?;
-            Put { group: &g }.f32s("reference", r, &[r.len()])?;
+            let runs: Vec<(usize, &[f32])> = r.runs.iter().map(|(at, v)| (*at, &v[..])).collect();
+            Put { group: &g }.f32s_runs("reference", r.len, &runs)?;
         }
         let g = file.create_group("log")?;
         Put { group: &g }.text("metrics", &self.metrics_log)
@@ -376,7 +379,10 @@ impl CheckpointOf<'_> {
             if r.len() != params.len() {
                 return Err(Error::format(path, "/distance/reference does not match /params"));
             }
-            Some(r.into())
+            Some(Reference {
+                len: r.len(),
+                runs: vec![(0, r.into())],
+            })
         } else {
             None
         };

@@ -60,6 +60,41 @@ impl Put<'_> {
         Self::crc(&ds, crc_of(values, f32::to_le_bytes))
     }
 
+    /// A float dataset of `len` values that are zero except for `runs` (offset, values; in
+    /// ascending order, not overlapping), written run by run: the zeros are never built in
+    /// memory. The checksum covers all `len` values.
+    pub fn f32s_runs(&self, name: &str, len: usize, runs: &[(usize, &[f32])]) -> hdf5::Result<()> {
+        let ds = self
+            .group
+            .new_dataset::<f32>()
+            .shape([len])
+            .fill_value(0.0f32)
+            .create(name)?;
+        let zeros = [0u8; 4096];
+        let mut h = crc32fast::Hasher::new();
+        let zero_run = |h: &mut crc32fast::Hasher, mut n: usize| {
+            while n > 0 {
+                let k = n.min(zeros.len() / 4);
+                h.update(&zeros[..4 * k]);
+                n -= k;
+            }
+        };
+        let mut at = 0;
+        for &(off, v) in runs {
+            if off < at || off + v.len() > len {
+                return Err(hdf5::Error::from(format!(
+                    "{name}: runs overlap or overrun {len} values"
+                )));
+            }
+            ds.write_slice(v, off..off + v.len())?;
+            zero_run(&mut h, off - at);
+            h.update(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+            at = off + v.len();
+        }
+        zero_run(&mut h, len - at);
+        Self::crc(&ds, h.finalize())
+    }
+
     /// An unsigned integer dataset of `shape`.
     pub fn u64s(&self, name: &str, values: &[u64], shape: &[usize]) -> hdf5::Result<()> {
         let ds = self.group.new_dataset::<u64>().shape(shape).create(name)?;

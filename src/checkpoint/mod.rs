@@ -235,6 +235,26 @@ impl<'a> From<Cow<'a, [f32]>> for Values<'a> {
     }
 }
 
+/// The filter distance's reference in a pre-training checkpoint: `len` values (the
+/// parameters' layout) that are zero except for `runs` (offset, values): the rows the distance
+/// reads. A checkpoint read from a file holds it dense, as one run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reference<'a> {
+    pub len: usize,
+    pub runs: Vec<(usize, Cow<'a, [f32]>)>,
+}
+
+impl Reference<'_> {
+    /// All `len` values.
+    pub fn to_dense(&self) -> Vec<f32> {
+        let mut v = vec![0.0f32; self.len];
+        for (at, r) in &self.runs {
+            v[*at..*at + r.len()].copy_from_slice(r);
+        }
+        v
+    }
+}
+
 /// A checkpoint as read from a file (owning its buffers).
 pub type Checkpoint = CheckpointOf<'static>;
 
@@ -266,7 +286,7 @@ pub struct CheckpointOf<'a> {
     /// Tickets and their fine-tuning runs: how the ticket was pruned.
     pub ticket: Option<TicketInfo>,
     /// Pre-training with distance records: the parameters at the last record.
-    pub reference: Option<Values<'a>>,
+    pub reference: Option<Reference<'a>>,
 }
 
 impl CheckpointOf<'_> {

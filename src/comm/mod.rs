@@ -39,9 +39,10 @@ pub trait Comm {
     fn abort(&self, code: i32) -> !;
 }
 
-/// Elements a collective moves per call at most, summed over ranks (16 MiB of f32):
-/// collectives on larger buffers go in windows, so their scratch stays bounded.
-pub const WINDOW_BUDGET: usize = 1 << 22;
+/// Elements a collective moves per call at most, summed over ranks (4 MiB of f32, large
+/// enough for full bandwidth on a node or a fabric): collectives on larger buffers go in
+/// windows, so their scratch stays bounded.
+pub const WINDOW_BUDGET: usize = 1 << 20;
 
 /// The window of a collective over `s` ranks: [`WINDOW_BUDGET`] (or, as a test hook,
 /// `LOFT_COMM_WINDOW` elements) rounded down to a multiple of `s`, at least `s`. A multiple

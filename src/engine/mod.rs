@@ -17,7 +17,7 @@ pub use eval::Evaluation;
 pub use stream::Stream;
 
 use crate::backend::Backend;
-use crate::checkpoint::{CheckpointOf, DataIdentity, Found, Kind, Method, Saver, State, TicketInfo};
+use crate::checkpoint::{CheckpointOf, DataIdentity, Found, Kind, Method, Reference, Saver, State, TicketInfo};
 use crate::comm::{Comm, Purpose};
 use crate::data::{self, DatasetKind};
 use crate::model::partition::Partition;
@@ -194,8 +194,8 @@ pub struct Record<'a> {
     pub partition: Option<Partition>,
     pub metrics_log: &'a str,
     pub ticket: Option<TicketInfo>,
-    /// Pre-training: the distance reference, full length.
-    pub reference: Option<Vec<f32>>,
+    /// Pre-training: the filter distance's reference.
+    pub reference: Option<Reference<'a>>,
 }
 
 /// The checkpoint of `model` (parameters, statistics and its momentum; zeros when the model
@@ -224,7 +224,7 @@ pub fn checkpoint_of<'m, B: Backend>(model: &'m Model<B>, r: Record<'m>) -> Resu
         ledgers: Vec::new(),
         metrics_log: r.metrics_log.to_string(),
         ticket: r.ticket,
-        reference: r.reference.map(Into::into),
+        reference: r.reference,
     })
 }
 

@@ -29,6 +29,7 @@ use crate::schedule::{Kind as ScheduleKind, Schedule};
 use crate::{Error, Result};
 use reassembly::Reassembly;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -523,10 +524,11 @@ impl<B: Backend> Pretraining<'_, '_, B> {
         self.sync_s = self.st.sync_s;
         self.wall_before = self.st.wall_s;
         if comm.rank() == 0 {
+            let layout = &self.full_graph.params;
             self.reference = c
                 .reference
                 .as_ref()
-                .map(|r| crate::ticket::Rows::of(&self.full_graph.params, r));
+                .map(|r| crate::ticket::Rows::of(layout, &r.to_dense(), cfg.distance_ratio));
         }
         Ok(c.metrics_log.clone())
     }
@@ -739,13 +741,13 @@ impl<B: Backend> Pretraining<'_, '_, B> {
         let params = m.be.read_host(&m.params, 0, m.graph.params.total)?;
         let layout = &self.full_graph.params;
         let d = match &self.reference {
-            Some(prev) => Some(crate::ticket::distance_to(layout, &params, prev, cfg.distance_ratio)?),
+            Some(prev) => Some(crate::ticket::distance_to(layout, &params, prev)?),
             None => None,
         };
         // the next reference, in place
         match &mut self.reference {
             Some(r) => r.set(&params),
-            None => self.reference = Some(crate::ticket::Rows::of(layout, &params)),
+            None => self.reference = Some(crate::ticket::Rows::of(layout, &params, cfg.distance_ratio)),
         }
         Ok(d.map(|d| (d.index, d.weight)))
     }
@@ -765,7 +767,10 @@ impl<B: Backend> Pretraining<'_, '_, B> {
                     partition: (self.cfg.method == Method::Loft).then(|| p.clone()),
                     metrics_log: self.dir.log_text(),
                     ticket: None,
-                    reference: self.reference.as_ref().map(|r| r.to_full(self.full_graph.params.total)),
+                    reference: self.reference.as_ref().map(|r| crate::checkpoint::Reference {
+                        len: self.full_graph.params.total,
+                        runs: r.runs().into_iter().map(|(at, v)| (at, Cow::Borrowed(v))).collect(),
+                    }),
                 },
             )
         };

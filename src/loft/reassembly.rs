@@ -7,7 +7,7 @@
 //! `copy_runs`; the host only carries the collectives' payloads. When every worker lives in
 //! this process (one rank, or simulated workers) the slices go straight from each sub-network
 //! into the full model and nothing is gathered. Both collectives stream through windows of
-//! [`crate::comm::window_elements`] (16 MiB over all ranks), so a rank never holds every
+//! [`crate::comm::window_elements`] (4 MiB over all ranks), so a rank never holds every
 //! rank's slices, nor every shared value, at once; every rank moves exactly the bytes of one
 //! allreduce and one allgather(v) of the whole (the ledger checks it against the closed form).
 

@@ -115,10 +115,14 @@ pub struct Distance {
     pub blocks: Vec<BlockDistance>,
 }
 
-/// Row `j` of a conv1 weight, scaled to unit norm (zero rows stay zero).
-fn unit_row(b: &PrunableBlock, params: &[f32], j: usize) -> Vec<f64> {
+/// Row `j` of a conv1 weight in a parameter buffer.
+fn row<'p>(b: &PrunableBlock, params: &'p [f32], j: usize) -> &'p [f32] {
     let row_len = b.conv1.len / b.conv1.shape[0];
-    let r = &params[b.conv1.offset + j * row_len..b.conv1.offset + (j + 1) * row_len];
+    &params[b.conv1.offset + j * row_len..b.conv1.offset + (j + 1) * row_len]
+}
+
+/// A row scaled to unit norm (zero rows stay zero).
+fn unit(r: &[f32]) -> Vec<f64> {
     let n = r.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
     r.iter().map(|&x| if n > 0.0 { x as f64 / n } else { 0.0 }).collect()
 }
@@ -127,14 +131,18 @@ fn unit_row(b: &PrunableBlock, params: &[f32], j: usize) -> Vec<f64> {
 pub fn distance(layout: &Layout, a: &[f32], b: &[f32], ratio: f64) -> Result<Distance> {
     check_len(layout, a)?;
     check_len(layout, b)?;
+    validate_ratio(ratio)?;
     let blocks = prunable_blocks(layout);
-    between(&blocks, a, &blocks, b, ratio)
+    let kb = kept(&blocks, b, ratio, Criterion::Largest, 0);
+    between(&blocks, a, &kb, |i, j| row(&blocks[i], b, j), ratio)
 }
 
-/// D_idx and D_w between a parameter buffer `a` of `layout` and the rows `b` kept of another.
-pub fn distance_to(layout: &Layout, a: &[f32], b: &Rows, ratio: f64) -> Result<Distance> {
+/// D_idx and D_w between a parameter buffer `a` of `layout` and the rows kept of another
+/// (at their ratio).
+pub fn distance_to(layout: &Layout, a: &[f32], b: &Rows) -> Result<Distance> {
     check_len(layout, a)?;
-    between(&prunable_blocks(layout), a, &b.blocks, &b.values, ratio)
+    let blocks = prunable_blocks(layout);
+    between(&blocks, a, &b.kept, |i, j| b.row(i, j), b.ratio)
 }
 
 fn check_len(layout: &Layout, v: &[f32]) -> Result<()> {
@@ -148,20 +156,25 @@ fn check_len(layout: &Layout, v: &[f32]) -> Result<()> {
     Ok(())
 }
 
-/// The distance of A (its blocks `ba` in `a`) to B (the same blocks `bb` in `b`).
-fn between(ba: &[PrunableBlock], a: &[f32], bb: &[PrunableBlock], b: &[f32], ratio: f64) -> Result<Distance> {
-    validate_ratio(ratio)?;
-    if ba.is_empty() {
+/// The distance of A (`a`, with its prunable `blocks`) to B, given B's kept filters `kb` and
+/// its rows (`b_row(block, filter)`).
+fn between<'b>(
+    blocks: &[PrunableBlock],
+    a: &[f32],
+    kb: &[Vec<usize>],
+    b_row: impl Fn(usize, usize) -> &'b [f32],
+    ratio: f64,
+) -> Result<Distance> {
+    if blocks.is_empty() {
         return Err(Error::config("the network has no prunable block"));
     }
-    let ka = kept(ba, a, ratio, Criterion::Largest, 0);
-    let kb = kept(bb, b, ratio, Criterion::Largest, 0);
-    let mut out = Vec::with_capacity(ba.len());
-    for (i, (blk, blk_b)) in ba.iter().zip(bb).enumerate() {
+    let ka = kept(blocks, a, ratio, Criterion::Largest, 0);
+    let mut out = Vec::with_capacity(blocks.len());
+    for (i, blk) in blocks.iter().enumerate() {
         let common = kb[i].iter().filter(|j| ka[i].binary_search(j).is_ok()).count();
         let (mut diff, mut norm) = (0.0f64, 0.0f64);
         for &j in &kb[i] {
-            let (ua, ub) = (unit_row(blk, a, j), unit_row(blk_b, b, j));
+            let (ua, ub) = (unit(row(blk, a, j)), unit(b_row(i, j)));
             diff += ua.iter().zip(&ub).map(|(x, y)| (x - y) * (x - y)).sum::<f64>();
             norm += ub.iter().map(|y| y * y).sum::<f64>();
         }
@@ -181,54 +194,76 @@ fn between(ba: &[PrunableBlock], a: &[f32], bb: &[PrunableBlock], b: &[f32], rat
     })
 }
 
-/// What the filter distance reads of a parameter buffer: the conv1 weights of the prunable
-/// blocks, back to back (about a quarter of a PreResNet's parameters). Pre-training keeps
-/// this much of its last recorded point.
+/// What the filter distance at one ratio reads of a parameter buffer: the filters each
+/// prunable block keeps, and their `conv1` rows (for PreResNet-18 at ratio 0.5, an eighth of
+/// the parameters). Pre-training keeps this much of its last recorded point.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rows {
-    /// The prunable blocks, with offsets into `values`.
+    ratio: f64,
+    /// The prunable blocks (offsets into the full buffer).
     blocks: Vec<PrunableBlock>,
-    /// Where each block's conv1 weight sits in the full buffer.
-    full_offsets: Vec<usize>,
-    pub values: Vec<f32>,
+    /// Kept filters of every block, and their rows back to back.
+    kept: Vec<Vec<usize>>,
+    values: Vec<Vec<f32>>,
 }
 
 impl Rows {
-    /// The rows of `params` (a buffer of `layout`).
-    pub fn of(layout: &Layout, params: &[f32]) -> Rows {
-        let mut blocks = prunable_blocks(layout);
-        let full_offsets: Vec<usize> = blocks.iter().map(|b| b.conv1.offset).collect();
-        let mut at = 0;
-        for b in &mut blocks {
-            b.conv1.offset = at;
-            at += b.conv1.len;
-        }
+    /// The rows of `params` (a buffer of `layout`) kept at `ratio`.
+    pub fn of(layout: &Layout, params: &[f32], ratio: f64) -> Rows {
+        let blocks = prunable_blocks(layout);
         let mut r = Rows {
+            ratio,
+            kept: Vec::new(),
+            values: vec![Vec::new(); blocks.len()],
             blocks,
-            full_offsets,
-            values: vec![0.0; at],
         };
         r.set(params);
         r
     }
 
-    /// Take the rows of `params` (a buffer of the same layout), in place.
+    /// Take the rows of `params` (a buffer of the same layout), reusing the storage.
     pub fn set(&mut self, params: &[f32]) {
-        for (b, &f) in self.blocks.iter().zip(&self.full_offsets) {
-            let n = b.conv1.len;
-            self.values[b.conv1.offset..b.conv1.offset + n].copy_from_slice(&params[f..f + n]);
+        self.kept = kept(&self.blocks, params, self.ratio, Criterion::Largest, 0);
+        for ((b, k), v) in self.blocks.iter().zip(&self.kept).zip(&mut self.values) {
+            v.clear();
+            for &j in k {
+                v.extend_from_slice(row(b, params, j));
+            }
         }
     }
 
-    /// A full buffer of `total` values holding the rows at their places and zeros elsewhere
-    /// (how checkpoints store the reference).
-    pub fn to_full(&self, total: usize) -> Vec<f32> {
-        let mut v = vec![0.0f32; total];
-        for (b, &f) in self.blocks.iter().zip(&self.full_offsets) {
-            let n = b.conv1.len;
-            v[f..f + n].copy_from_slice(&self.values[b.conv1.offset..b.conv1.offset + n]);
+    /// Row of filter `j` (a kept one) of block `i`.
+    fn row(&self, i: usize, j: usize) -> &[f32] {
+        let row_len = self.blocks[i].conv1.len / self.blocks[i].conv1.shape[0];
+        let at = self.kept[i].binary_search(&j).expect("a kept filter");
+        &self.values[i][at * row_len..(at + 1) * row_len]
+    }
+
+    /// The rows as runs of a full buffer: (offset, values). The full buffer is zero elsewhere;
+    /// read back with [`Rows::of`] at the same ratio it gives these rows again (the rows kept
+    /// are the largest, and every other row is zero).
+    pub fn runs(&self) -> Vec<(usize, &[f32])> {
+        let mut out = Vec::new();
+        for (i, b) in self.blocks.iter().enumerate() {
+            let row_len = b.conv1.len / b.conv1.shape[0];
+            for (at, &j) in self.kept[i].iter().enumerate() {
+                out.push((
+                    b.conv1.offset + j * row_len,
+                    &self.values[i][at * row_len..(at + 1) * row_len],
+                ));
+            }
         }
-        v
+        out
+    }
+
+    /// Values held.
+    pub fn len(&self) -> usize {
+        self.values.iter().map(|v| v.len()).sum()
+    }
+
+    /// True when no block is prunable.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -285,18 +320,22 @@ mod tests {
     fn the_kept_rows_give_the_distance_of_the_whole_buffer() {
         let (g, a) = model(1);
         let (_, b) = model(2);
-        let rows = Rows::of(&g.params, &b);
-        assert!(rows.values.len() < b.len() / 2);
+        let rows = Rows::of(&g.params, &b, 0.5);
+        assert!(rows.len() < b.len() / 4, "{} of {}", rows.len(), b.len());
         let whole = distance(&g.params, &a, &b, 0.5).unwrap();
-        let kept = distance_to(&g.params, &a, &rows, 0.5).unwrap();
+        let kept = distance_to(&g.params, &a, &rows).unwrap();
         assert_eq!((whole.index, whole.weight), (kept.index, kept.weight));
         assert!(whole.index > 0.0 && whole.weight > 0.0);
-        // stored full-length with zeros elsewhere, read back: the same rows
-        let back = Rows::of(&g.params, &rows.to_full(g.params.total));
-        assert_eq!(back, rows);
+        // stored as runs of a zero buffer and read back: the same rows
+        let mut full = vec![0.0f32; g.params.total];
+        for (at, v) in rows.runs() {
+            full[at..at + v.len()].copy_from_slice(v);
+        }
+        assert_eq!(Rows::of(&g.params, &full, 0.5), rows);
+        assert_eq!(distance(&g.params, &a, &full, 0.5).unwrap().index, whole.index);
         let mut moved = rows.clone();
         moved.set(&a);
-        assert_eq!(distance_to(&g.params, &a, &moved, 0.5).unwrap().index, 0.0);
+        assert_eq!(distance_to(&g.params, &a, &moved).unwrap().index, 0.0);
     }
 
     #[test]
