@@ -18,22 +18,27 @@ pub enum Device {
     Cpu,
     /// A CUDA GPU: the rank's local GPU, or GPU N.
     Cuda(Option<usize>),
+    /// The CUDA backend on the emulated device (its kernels compiled for and run on the
+    /// host): a testing device, slow, for checking the CUDA code where there is no GPU.
+    CudaEmu,
 }
 
 /// The backend a [`Device`] resolves to on this build and machine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resolved {
     Cpu,
+    CudaEmulated,
 }
 
 /// The values `--device` accepts, for help and error messages.
-pub const DEVICE_VALUES: &str = "auto, cpu, cuda or cuda:N";
+pub const DEVICE_VALUES: &str = "auto, cpu, cuda, cuda:N or cuda-emu (testing)";
 
 impl Device {
     /// The backend this choice means here; an error names what is missing.
     pub fn resolve(self) -> Result<Resolved> {
         match self {
             Device::Auto | Device::Cpu => Ok(Resolved::Cpu),
+            Device::CudaEmu => Ok(Resolved::CudaEmulated),
             Device::Cuda(_) => Err(Error::config(format!(
                 "--device {self}: this build of loft has no CUDA backend yet; use --device cpu"
             ))),
@@ -48,6 +53,7 @@ impl fmt::Display for Device {
             Device::Cpu => f.write_str("cpu"),
             Device::Cuda(None) => f.write_str("cuda"),
             Device::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+            Device::CudaEmu => f.write_str("cuda-emu"),
         }
     }
 }
@@ -59,6 +65,7 @@ impl FromStr for Device {
             "auto" => Ok(Device::Auto),
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(None)),
+            "cuda-emu" => Ok(Device::CudaEmu),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(n)) => Ok(Device::Cuda(Some(n))),
                 _ => Err(Error::config(format!(
@@ -93,6 +100,7 @@ mod tests {
             ("cpu", Device::Cpu),
             ("cuda", Device::Cuda(None)),
             ("cuda:3", Device::Cuda(Some(3))),
+            ("cuda-emu", Device::CudaEmu),
         ] {
             assert_eq!(text.parse::<Device>().unwrap(), d);
             assert_eq!(d.to_string(), text);

@@ -18,6 +18,7 @@
 //! borrow the buffer itself and copy nothing.
 
 pub mod cpu;
+pub mod cuda;
 pub mod device;
 
 pub use device::Device;
@@ -252,6 +253,12 @@ macro_rules! on_device {
             Err(e) => Err(e),
             Ok($crate::backend::device::Resolved::Cpu) => {
                 let $be = std::sync::Arc::new($crate::backend::cpu::CpuBackend::<f32>::new());
+                $body
+            }
+            Ok($crate::backend::device::Resolved::CudaEmulated) => {
+                let $be = std::sync::Arc::new($crate::backend::cuda::CudaBackend::new(
+                    $crate::backend::cuda::emulated::EmulatedDriver::new(),
+                ));
                 $body
             }
         }

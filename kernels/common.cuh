@@ -1,0 +1,44 @@
+// common.cuh: what every kernel file includes first; one spelling for NVRTC and the emulation.
+//
+// Kernels are written once and compiled two ways:
+//   - by NVRTC for the GPU (LOFT_EMULATION undefined): the macros below are plain CUDA;
+//   - as C++ for the host emulation (LOFT_EMULATION defined, see emulation/emulation.h):
+//     every block runs its threads as fibers on one host thread, global and shared accesses
+//     are bounds-checked, and __syncthreads() is a real barrier between fibers.
+//
+// Rules for kernel code, so both compilations mean the same thing:
+//   - declare an entry point with LOFT_KERNEL(name, Params) { ... }; the body reads its
+//     parameters from `p`, a struct mirrored field for field by a #[repr(C)] struct in
+//     src/backend/cuda/params.rs (pointers are GPTR(T), 64-bit on both sides);
+//   - shared memory only through SHARED(T, name, count) and DYNAMIC_SHARED(T, name);
+//   - global memory only through GPTR pointers and indexing (p.x[i], p.x + offset);
+//   - every thread of a block reaches every __syncthreads() (no early return before one);
+//   - no warp shuffles or warp-synchronous code: reductions go through shared memory.
+#pragma once
+
+#ifdef LOFT_EMULATION
+#include "emulation/emulation.h"
+#else
+
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+// A pointer into device memory, as it sits in a parameter struct.
+#define GPTR(T) T*
+// A kernel entry point taking its parameter struct by value.
+#define LOFT_KERNEL(name, Params) extern "C" __global__ void name(const Params p)
+// Shared memory: a fixed array, and the launch's dynamic shared memory.
+#define SHARED(T, name, count) __shared__ T name[count]
+#define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+
+#endif
+
+// Threads of the block as one number, and the block's size.
+#define THREAD_INDEX (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z))
+#define BLOCK_THREADS (blockDim.x * blockDim.y * blockDim.z)
+
+// A grid-stride loop over [0, n): every element once, whatever the grid.
+#define GRID_STRIDE(i, n)                                                                        \
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)(n);                     \
+         i += (i64)blockDim.x * gridDim.x)

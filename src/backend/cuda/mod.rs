@@ -1,0 +1,702 @@
+//! The CUDA backend: the ops of [`Backend`] as hand-written kernels (`kernels/*.cu`).
+//!
+//! [`CudaBackend`] is generic over the [`Driver`] that runs the kernels: a real GPU (cudarc,
+//! kernels compiled by NVRTC) or the emulated device (the same kernels compiled as C++ and
+//! run on the host, see [`emulated`]). Everything here, the buffers, the views, the
+//! parameter structs and the launch geometry ([`launch`]), is the same for both.
+//!
+//! Ops queue launches and return nothing; a failed launch is remembered and reported by the
+//! next [`Backend::sync`], the engine's checked point.
+
+pub mod driver;
+pub mod emulated;
+pub mod launch;
+
+use super::{Backend, Run};
+use crate::ops::{BatchNorm, Conv2d, Linear, Pool2d, Sgd};
+use crate::{Error, Result};
+use driver::{DevicePtr, Driver, KernelParams};
+use launch::*;
+use std::borrow::Cow;
+use std::marker::PhantomData;
+use std::sync::Mutex;
+
+const F32: u64 = 4;
+
+/// A device buffer of f32: the driver's allocation and its length in elements.
+pub struct DeviceBuf<M> {
+    _mem: M,
+    ptr: DevicePtr,
+    len: usize,
+}
+
+/// A run table on the device: (src, dst, len) as i64 triples.
+pub struct DeviceRuns<M> {
+    _mem: Option<M>,
+    ptr: DevicePtr,
+    count: usize,
+}
+
+/// A read-only view of `len` elements at device address `ptr`.
+#[derive(Clone, Copy, Debug)]
+pub struct View<'a> {
+    ptr: DevicePtr,
+    len: usize,
+    _borrow: PhantomData<&'a [f32]>,
+}
+
+/// A writable view of `len` elements at device address `ptr`.
+#[derive(Debug)]
+pub struct ViewMut<'a> {
+    ptr: DevicePtr,
+    len: usize,
+    _borrow: PhantomData<&'a mut [f32]>,
+}
+
+/// The CUDA backend on driver `D`.
+pub struct CudaBackend<D: Driver> {
+    driver: D,
+    /// first failed launch since the last sync
+    failure: Mutex<Option<String>>,
+    /// split-K partial sums of the filter gradient, grown to the largest layer once
+    scratch: Mutex<Option<DeviceBuf<D::Mem>>>,
+}
+
+impl<D: Driver> CudaBackend<D> {
+    /// The backend on a driver.
+    pub fn new(driver: D) -> Self {
+        CudaBackend {
+            driver,
+            failure: Mutex::new(None),
+            scratch: Mutex::new(None),
+        }
+    }
+
+    /// The driver.
+    pub fn driver(&self) -> &D {
+        &self.driver
+    }
+
+    /// Remember the first failure; ops report through [`Backend::sync`].
+    fn record(&self, r: Result<()>) {
+        if let Err(e) = r {
+            self.failure.lock().unwrap().get_or_insert_with(|| e.to_string());
+        }
+    }
+
+    fn elementwise<P: KernelParams>(&self, name: &'static str, n: usize, p: P) {
+        self.record(launch_elementwise(&self.driver, name, n, p));
+    }
+
+    /// A scratch buffer of at least `len` elements (the old one when large enough).
+    fn with_scratch<R>(&self, len: usize, f: impl FnOnce(DevicePtr) -> Result<R>) -> Result<R> {
+        let mut s = self.scratch.lock().unwrap();
+        if s.as_ref().is_none_or(|b| b.len < len) {
+            *s = None;
+            *s = Some(self.alloc(len)?);
+        }
+        f(s.as_ref().unwrap().ptr)
+    }
+
+    /// One implicit-GEMM pass of a convolution (see `kernels/conv.cu`).
+    fn conv_pass(&self, name: &'static str, mut p: ConvParams, split: bool) -> Result<()> {
+        if p.m == 0 || p.ncols == 0 {
+            return Ok(());
+        }
+        let (m, n, k) = (p.m as usize, p.ncols as usize, p.k as usize);
+        let splits = if split { conv_splits(m, n, k) } else { 1 };
+        p.k_chunk = conv_chunk(k, splits).max(CONV_TILE_K) as i64;
+        let splits = k.div_ceil(p.k_chunk as usize).max(1);
+        if splits == 1 {
+            p.partial = 0;
+            return self.driver.launch(name, conv(&p), p.bytes());
+        }
+        self.with_scratch(splits * m * n, |partial| {
+            let out = p.out;
+            let q = ConvParams {
+                out: partial,
+                partial: 1,
+                ..p
+            };
+            self.driver.launch(name, conv(&q), q.bytes())?;
+            let r = ReduceParams {
+                partial,
+                out,
+                len: (m * n) as i64,
+                splits: splits as i64,
+                accumulate: p.accumulate,
+                pad: 0,
+            };
+            launch_elementwise(&self.driver, "conv_reduce_forward_f32", m * n, r)
+        })
+    }
+}
+
+/// The convolution's geometry as kernel parameters (operands and GEMM sizes left to fill).
+fn conv_params(s: &Conv2d) -> ConvParams {
+    ConvParams {
+        a_src: 0,
+        b_src: 0,
+        out: 0,
+        n: s.n as i64,
+        c_in: s.c_in as i64,
+        h: s.h as i64,
+        w: s.w as i64,
+        c_out: s.c_out as i64,
+        kh: s.kh as i64,
+        kw: s.kw as i64,
+        stride: s.stride as i64,
+        pad: s.pad as i64,
+        ho: s.h_out() as i64,
+        wo: s.w_out() as i64,
+        m: 0,
+        ncols: 0,
+        k: 0,
+        k_chunk: 0,
+        accumulate: 0,
+        partial: 0,
+    }
+}
+
+fn pool_params(s: &Pool2d, x: DevicePtr, dy: DevicePtr, y: DevicePtr, accumulate: bool) -> PoolParams {
+    PoolParams {
+        x,
+        dy,
+        y,
+        n: s.n as i64,
+        c: s.c as i64,
+        h: s.h as i64,
+        w: s.w as i64,
+        k: s.k as i64,
+        stride: s.stride as i64,
+        pad: s.pad as i64,
+        ho: s.h_out() as i64,
+        wo: s.w_out() as i64,
+        accumulate: accumulate as u32,
+        pad_: 0,
+    }
+}
+
+fn norm_params(s: &BatchNorm) -> NormParams {
+    NormParams {
+        x: 0,
+        dy: 0,
+        gamma: 0,
+        beta: 0,
+        running_mean: 0,
+        running_var: 0,
+        y: 0,
+        save_mean: 0,
+        save_invstd: 0,
+        dgamma: 0,
+        dbeta: 0,
+        n: s.n as i64,
+        c: s.c as i64,
+        hw: s.hw as i64,
+        eps: s.eps,
+        momentum: s.momentum,
+        accumulate: 0,
+        pad: 0,
+    }
+}
+
+fn as_bytes(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte pattern is a valid u8; the length is exact.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+fn as_bytes_mut(v: &mut [f32]) -> &mut [u8] {
+    // SAFETY: as in `as_bytes`; every byte pattern is a valid f32, so writes through the
+    // byte view leave valid floats.
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+impl<D: Driver> Backend for CudaBackend<D> {
+    type Buf = DeviceBuf<D::Mem>;
+    type Runs = DeviceRuns<D::Mem>;
+    type View<'a> = View<'a>;
+    type ViewMut<'a> = ViewMut<'a>;
+
+    fn name(&self) -> String {
+        self.driver.name()
+    }
+    fn workspace_bytes(&self) -> usize {
+        self.scratch.lock().unwrap().as_ref().map_or(0, |b| b.len * 4)
+    }
+    fn alloc(&self, len: usize) -> Result<Self::Buf> {
+        let mem = self.driver.alloc(len * 4)?;
+        let ptr = self.driver.ptr(&mem);
+        Ok(DeviceBuf { _mem: mem, ptr, len })
+    }
+    fn buf_len(&self, b: &Self::Buf) -> usize {
+        b.len
+    }
+    fn upload(&self, host: &[f32], dst: &mut Self::Buf) -> Result<()> {
+        if host.len() > dst.len {
+            return Err(Error::Shape(format!(
+                "upload of {} values into a buffer of {}",
+                host.len(),
+                dst.len
+            )));
+        }
+        self.driver.upload(as_bytes(host), dst.ptr)
+    }
+    fn upload_f64(&self, host: &[f64], dst: &mut Self::Buf) -> Result<()> {
+        let v: Vec<f32> = host.iter().map(|&x| x as f32).collect();
+        self.upload(&v, dst)
+    }
+    fn download(&self, src: &Self::Buf) -> Result<Vec<f32>> {
+        Ok(self.read_host(src, 0, src.len)?.into_owned())
+    }
+    fn download_f64(&self, src: &Self::Buf) -> Result<Vec<f64>> {
+        Ok(self.download(src)?.into_iter().map(f64::from).collect())
+    }
+    fn download_into(&self, src: &Self::Buf, dst: &mut [f64]) -> Result<()> {
+        let v = self.read_host(src, 0, dst.len())?;
+        for (d, s) in dst.iter_mut().zip(v.iter()) {
+            *d = f64::from(*s);
+        }
+        Ok(())
+    }
+    fn read_host<'a>(&self, b: &'a Self::Buf, off: usize, len: usize) -> Result<Cow<'a, [f32]>> {
+        assert!(
+            off + len <= b.len,
+            "read_host of [{off}, {}) from a buffer of {}",
+            off + len,
+            b.len
+        );
+        let mut v = vec![0f32; len];
+        self.driver.download(b.ptr + F32 * off as u64, as_bytes_mut(&mut v))?;
+        Ok(Cow::Owned(v))
+    }
+    fn with_host_mut<R>(
+        &self,
+        b: &mut Self::Buf,
+        off: usize,
+        len: usize,
+        f: impl FnOnce(&mut [f32]) -> R,
+    ) -> Result<R> {
+        let mut v = self.read_host(b, off, len)?.into_owned();
+        let r = f(&mut v);
+        self.driver.upload(as_bytes(&v), b.ptr + F32 * off as u64)?;
+        Ok(r)
+    }
+    fn sync(&self) -> Result<()> {
+        let queued = self.driver.sync();
+        match self.failure.lock().unwrap().take() {
+            Some(e) => Err(Error::Backend(e)),
+            None => queued,
+        }
+    }
+    fn view<'a>(&self, b: &'a Self::Buf, off: usize, len: usize) -> View<'a> {
+        assert!(
+            off + len <= b.len,
+            "view [{off}, {}) of a buffer of {}",
+            off + len,
+            b.len
+        );
+        View {
+            ptr: b.ptr + F32 * off as u64,
+            len,
+            _borrow: PhantomData,
+        }
+    }
+    fn view_mut<'a>(&self, b: &'a mut Self::Buf, off: usize, len: usize) -> ViewMut<'a> {
+        assert!(
+            off + len <= b.len,
+            "view [{off}, {}) of a buffer of {}",
+            off + len,
+            b.len
+        );
+        ViewMut {
+            ptr: b.ptr + F32 * off as u64,
+            len,
+            _borrow: PhantomData,
+        }
+    }
+    fn split_mut<'a>(&self, v: ViewMut<'a>, at: usize) -> (ViewMut<'a>, ViewMut<'a>)
+    where
+        Self: 'a,
+    {
+        assert!(at <= v.len, "split at {at} of a view of {}", v.len);
+        let tail = ViewMut {
+            ptr: v.ptr + F32 * at as u64,
+            len: v.len - at,
+            _borrow: PhantomData,
+        };
+        (ViewMut { len: at, ..v }, tail)
+    }
+    fn fill(&self, x: ViewMut<'_>, value: f32) {
+        let p = FillParams {
+            x: x.ptr,
+            n: x.len as i64,
+            value,
+            pad: 0,
+        };
+        self.elementwise("fill_forward_f32", x.len, p);
+    }
+    fn copy(&self, src: View<'_>, dst: ViewMut<'_>, accumulate: bool) {
+        let n = src.len.min(dst.len);
+        let p = CopyParams {
+            src: src.ptr,
+            dst: dst.ptr,
+            n: n as i64,
+            accumulate: accumulate as u32,
+            pad: 0,
+        };
+        self.elementwise("copy_forward_f32", n, p);
+    }
+    fn scale(&self, x: ViewMut<'_>, a: f32) {
+        let p = ScaleParams {
+            x: x.ptr,
+            n: x.len as i64,
+            a,
+            pad: 0,
+        };
+        self.elementwise("scale_forward_f32", x.len, p);
+    }
+    fn axpy(&self, a: f32, x: View<'_>, y: ViewMut<'_>) {
+        let n = x.len.min(y.len);
+        self.elementwise(
+            "axpy_forward_f32",
+            n,
+            AxpyParams {
+                x: x.ptr,
+                y: y.ptr,
+                n: n as i64,
+                a,
+                pad: 0,
+            },
+        );
+    }
+    fn prepare_runs(&self, runs: &[Run]) -> Result<Self::Runs> {
+        if runs.is_empty() {
+            return Ok(DeviceRuns {
+                _mem: None,
+                ptr: 0,
+                count: 0,
+            });
+        }
+        let table: Vec<i64> = runs
+            .iter()
+            .flat_map(|r| [r.src as i64, r.dst as i64, r.len as i64])
+            .collect();
+        // SAFETY: i64 has no padding; the byte view covers exactly the table.
+        let bytes = unsafe { std::slice::from_raw_parts(table.as_ptr().cast::<u8>(), table.len() * 8) };
+        let mem = self.driver.alloc(bytes.len())?;
+        let ptr = self.driver.ptr(&mem);
+        self.driver.upload(bytes, ptr)?;
+        Ok(DeviceRuns {
+            _mem: Some(mem),
+            ptr,
+            count: runs.len(),
+        })
+    }
+    fn copy_runs(&self, runs: &Self::Runs, src: View<'_>, dst: ViewMut<'_>) {
+        let p = RunsParams {
+            runs: runs.ptr,
+            src: src.ptr,
+            dst: dst.ptr,
+            count: runs.count as i64,
+        };
+        self.record(launch_runs(&self.driver, p));
+    }
+
+    fn conv2d_forward(&self, s: &Conv2d, x: View<'_>, w: View<'_>, y: ViewMut<'_>) {
+        let p = ConvParams {
+            a_src: w.ptr,
+            b_src: x.ptr,
+            out: y.ptr,
+            m: s.c_out as i64,
+            ncols: (s.n * s.h_out() * s.w_out()) as i64,
+            k: s.k() as i64,
+            ..conv_params(s)
+        };
+        self.record(self.conv_pass("conv_forward_f32", p, false));
+    }
+    fn conv2d_backward_data(&self, s: &Conv2d, dy: View<'_>, w: View<'_>, dx: ViewMut<'_>, accumulate: bool) {
+        let p = ConvParams {
+            a_src: w.ptr,
+            b_src: dy.ptr,
+            out: dx.ptr,
+            m: s.c_in as i64,
+            ncols: (s.n * s.h * s.w) as i64,
+            k: (s.c_out * s.kh * s.kw) as i64,
+            accumulate: accumulate as u32,
+            ..conv_params(s)
+        };
+        self.record(self.conv_pass("conv_backward_data_f32", p, false));
+    }
+    fn conv2d_backward_filter(&self, s: &Conv2d, x: View<'_>, dy: View<'_>, dw: ViewMut<'_>, accumulate: bool) {
+        let p = ConvParams {
+            a_src: dy.ptr,
+            b_src: x.ptr,
+            out: dw.ptr,
+            m: s.c_out as i64,
+            ncols: s.k() as i64,
+            k: (s.n * s.h_out() * s.w_out()) as i64,
+            accumulate: accumulate as u32,
+            ..conv_params(s)
+        };
+        self.record(self.conv_pass("conv_backward_filter_f32", p, true));
+    }
+
+    fn batchnorm_forward_train(
+        &self,
+        s: &BatchNorm,
+        x: View<'_>,
+        gamma: View<'_>,
+        beta: View<'_>,
+        running_mean: ViewMut<'_>,
+        running_var: ViewMut<'_>,
+        y: ViewMut<'_>,
+        save_mean: ViewMut<'_>,
+        save_invstd: ViewMut<'_>,
+    ) {
+        let p = NormParams {
+            x: x.ptr,
+            gamma: gamma.ptr,
+            beta: beta.ptr,
+            running_mean: running_mean.ptr,
+            running_var: running_var.ptr,
+            y: y.ptr,
+            save_mean: save_mean.ptr,
+            save_invstd: save_invstd.ptr,
+            ..norm_params(s)
+        };
+        if s.c > 0 {
+            let g = driver::Launch::linear(s.c as u32, NORM_THREADS);
+            self.record(self.driver.launch("batchnorm_train_forward_f32", g, p.bytes()));
+        }
+    }
+    fn batchnorm_forward_eval(
+        &self,
+        s: &BatchNorm,
+        x: View<'_>,
+        gamma: View<'_>,
+        beta: View<'_>,
+        running_mean: View<'_>,
+        running_var: View<'_>,
+        y: ViewMut<'_>,
+    ) {
+        let p = NormParams {
+            x: x.ptr,
+            gamma: gamma.ptr,
+            beta: beta.ptr,
+            running_mean: running_mean.ptr,
+            running_var: running_var.ptr,
+            y: y.ptr,
+            ..norm_params(s)
+        };
+        self.elementwise("batchnorm_eval_forward_f32", s.len(), p);
+    }
+    fn batchnorm_backward(
+        &self,
+        s: &BatchNorm,
+        x: View<'_>,
+        dy: View<'_>,
+        gamma: View<'_>,
+        save_mean: View<'_>,
+        save_invstd: View<'_>,
+        dx: ViewMut<'_>,
+        dgamma: ViewMut<'_>,
+        dbeta: ViewMut<'_>,
+        accumulate_dx: bool,
+    ) {
+        let p = NormParams {
+            x: x.ptr,
+            dy: dy.ptr,
+            gamma: gamma.ptr,
+            save_mean: save_mean.ptr,
+            save_invstd: save_invstd.ptr,
+            y: dx.ptr,
+            dgamma: dgamma.ptr,
+            dbeta: dbeta.ptr,
+            accumulate: accumulate_dx as u32,
+            ..norm_params(s)
+        };
+        if s.c > 0 {
+            let g = driver::Launch::linear(s.c as u32, NORM_THREADS);
+            self.record(self.driver.launch("batchnorm_backward_f32", g, p.bytes()));
+        }
+    }
+
+    fn relu_forward(&self, x: View<'_>, y: ViewMut<'_>) {
+        let n = x.len.min(y.len);
+        self.elementwise(
+            "relu_forward_f32",
+            n,
+            ReluParams {
+                x: x.ptr,
+                y: y.ptr,
+                n: n as i64,
+            },
+        );
+    }
+    fn relu_backward(&self, y: View<'_>, dy: View<'_>, dx: ViewMut<'_>, accumulate: bool) {
+        let n = dx.len;
+        let p = ReluBackwardParams {
+            y: y.ptr,
+            dy: dy.ptr,
+            dx: dx.ptr,
+            n: n as i64,
+            accumulate: accumulate as u32,
+            pad: 0,
+        };
+        self.elementwise("relu_backward_f32", n, p);
+    }
+    fn add_forward(&self, a: View<'_>, b: View<'_>, y: ViewMut<'_>) {
+        let n = y.len;
+        self.elementwise(
+            "add_forward_f32",
+            n,
+            AddParams {
+                a: a.ptr,
+                b: b.ptr,
+                y: y.ptr,
+                n: n as i64,
+            },
+        );
+    }
+
+    fn maxpool_forward(&self, s: &Pool2d, x: View<'_>, y: ViewMut<'_>) {
+        let p = pool_params(s, x.ptr, 0, y.ptr, false);
+        self.elementwise("maxpool_forward_f32", s.n * s.c * s.h_out() * s.w_out(), p);
+    }
+    fn maxpool_backward(&self, s: &Pool2d, x: View<'_>, _y: View<'_>, dy: View<'_>, dx: ViewMut<'_>, accumulate: bool) {
+        let p = pool_params(s, x.ptr, dy.ptr, dx.ptr, accumulate);
+        self.elementwise("maxpool_backward_f32", s.n * s.c * s.h * s.w, p);
+    }
+    fn avgpool_forward(&self, n: usize, c: usize, hw: usize, x: View<'_>, y: ViewMut<'_>) {
+        let s = Pool2d {
+            n,
+            c,
+            h: hw,
+            w: 1,
+            k: 1,
+            stride: 1,
+            pad: 0,
+        };
+        self.elementwise("avgpool_forward_f32", n * c, pool_params(&s, x.ptr, 0, y.ptr, false));
+    }
+    fn avgpool_backward(&self, n: usize, c: usize, hw: usize, dy: View<'_>, dx: ViewMut<'_>, accumulate: bool) {
+        let s = Pool2d {
+            n,
+            c,
+            h: hw,
+            w: 1,
+            k: 1,
+            stride: 1,
+            pad: 0,
+        };
+        self.elementwise(
+            "avgpool_backward_f32",
+            n * c * hw,
+            pool_params(&s, 0, dy.ptr, dx.ptr, accumulate),
+        );
+    }
+
+    fn linear_forward(&self, s: &Linear, x: View<'_>, w: View<'_>, b: View<'_>, y: ViewMut<'_>) {
+        let conv = linear_as_conv(s);
+        let y_ptr = y.ptr;
+        self.conv2d_forward(&conv, x, w, y);
+        let p = BiasParams {
+            b: b.ptr,
+            y: y_ptr,
+            db: 0,
+            n: s.n as i64,
+            d: s.d_out as i64,
+        };
+        self.elementwise("bias_forward_f32", s.n * s.d_out, p);
+    }
+    fn linear_backward(
+        &self,
+        s: &Linear,
+        x: View<'_>,
+        w: View<'_>,
+        dy: View<'_>,
+        dx: Option<ViewMut<'_>>,
+        dw: ViewMut<'_>,
+        db: ViewMut<'_>,
+        accumulate_dx: bool,
+    ) {
+        let conv = linear_as_conv(s);
+        if let Some(dx) = dx {
+            self.conv2d_backward_data(&conv, dy, w, dx, accumulate_dx);
+        }
+        self.conv2d_backward_filter(&conv, x, dy, dw, false);
+        let p = BiasParams {
+            b: 0,
+            y: dy.ptr,
+            db: db.ptr,
+            n: s.n as i64,
+            d: s.d_out as i64,
+        };
+        self.elementwise("bias_backward_f32", s.d_out, p);
+    }
+
+    fn softmax_xent(
+        &self,
+        n: usize,
+        classes: usize,
+        logits: View<'_>,
+        labels: View<'_>,
+        dlogits: Option<ViewMut<'_>>,
+        stats: ViewMut<'_>,
+    ) {
+        let p = XentParams {
+            logits: logits.ptr,
+            labels: labels.ptr,
+            dlogits: dlogits.as_ref().map_or(0, |d| d.ptr),
+            stats: stats.ptr,
+            n: n as i64,
+            classes: classes as i64,
+            with_grad: dlogits.is_some() as u32,
+            pad: 0,
+        };
+        let g = driver::Launch::linear(1, XENT_THREADS);
+        self.record(self.driver.launch("softmax_xent_forward_f32", g, p.bytes()));
+    }
+
+    fn sgd_step(&self, hp: &Sgd, params: ViewMut<'_>, grads: ViewMut<'_>, momentum: ViewMut<'_>) {
+        let n = params.len;
+        let p = SgdParams {
+            params: params.ptr,
+            grads: grads.ptr,
+            momentum: momentum.ptr,
+            n: n as i64,
+            lr: hp.lr,
+            mu: hp.momentum,
+            wd: hp.weight_decay,
+            pad: 0,
+        };
+        self.elementwise("sgd_forward_f32", n, p);
+    }
+    fn apply_mask(&self, x: ViewMut<'_>, mask: View<'_>) {
+        let n = x.len;
+        self.elementwise(
+            "mask_forward_f32",
+            n,
+            MaskParams {
+                x: x.ptr,
+                mask: mask.ptr,
+                n: n as i64,
+            },
+        );
+    }
+}
+
+/// A linear layer as a 1x1 convolution over 1x1 images: x `(n, d_in)` is `(n, d_in, 1, 1)`.
+fn linear_as_conv(s: &Linear) -> Conv2d {
+    Conv2d {
+        n: s.n,
+        c_in: s.d_in,
+        h: 1,
+        w: 1,
+        c_out: s.d_out,
+        kh: 1,
+        kw: 1,
+        stride: 1,
+        pad: 0,
+    }
+}
