@@ -7,11 +7,16 @@
 //! the launch. Global accesses are checked against the live allocations and shared accesses
 //! against their arrays (`kernels/emulation/`); a launch over the device's limits is refused.
 //! The launch geometry and parameter structs are the GPU's own (see [`super::launch`]).
+//!
+//! The kernels and the runtime are normally the ones build.rs compiled into this binary;
+//! [`EmulatedDriver::from_library`] loads them from a shared library instead (the tests
+//! build deliberately faulty kernels that way, to show the emulation catches them).
 
 use super::driver::{DevicePtr, Driver, Launch};
 use crate::{Error, Result};
 use std::ffi::{c_char, c_void};
-use std::sync::Mutex;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 type Entry = unsafe extern "C" fn(*const c_void, u64);
 include!(concat!(env!("OUT_DIR"), "/emulated_kernels.rs"));
@@ -41,6 +46,66 @@ extern "C" {
     ) -> i32;
 }
 
+type AllocFn = unsafe extern "C" fn(u64) -> *mut c_void;
+type FreeFn = unsafe extern "C" fn(*mut c_void);
+type FindFn = unsafe extern "C" fn(u64, *mut u64, *mut u64) -> i32;
+type LaunchFn = unsafe extern "C" fn(Entry, *const LaunchSpec, *const c_void, u64, *mut c_char, u64) -> i32;
+
+/// The emulation's runtime entry points and kernels: linked into this binary, or loaded from
+/// a shared library that stays loaded while anything holds this.
+struct Runtime {
+    alloc: AllocFn,
+    free: FreeFn,
+    find: FindFn,
+    launch: LaunchFn,
+    kernels: Vec<(String, Entry)>,
+    _library: Option<libloading::Library>,
+}
+
+impl Runtime {
+    fn linked() -> Runtime {
+        Runtime {
+            alloc: loft_emu_alloc,
+            free: loft_emu_free,
+            find: loft_emu_find,
+            launch: loft_emu_launch,
+            kernels: ENTRIES.iter().map(|(n, e)| (n.to_string(), *e)).collect(),
+            _library: None,
+        }
+    }
+
+    /// The runtime and the named kernels of a shared library built from
+    /// `kernels/emulation/runtime.cpp` and kernel sources compiled with `LOFT_EMULATION`.
+    fn load(path: &Path, kernels: &[&str]) -> Result<Runtime> {
+        let bad = |e: libloading::Error| Error::Backend(format!("{}: {e}", path.display()));
+        // SAFETY: loading runs the library's initialisers; the library is one built from this
+        // project's emulation sources, whose initialisers only set up C++ statics.
+        let lib = unsafe { libloading::Library::new(path) }.map_err(bad)?;
+        // SAFETY: each symbol is looked up with the C signature runtime.cpp and the
+        // LOFT_KERNEL macro give it, and the function pointers are kept only as long as
+        // the library (held in the same struct).
+        unsafe {
+            let alloc = *lib.get::<AllocFn>(b"loft_emu_alloc").map_err(bad)?;
+            let free = *lib.get::<FreeFn>(b"loft_emu_free").map_err(bad)?;
+            let find = *lib.get::<FindFn>(b"loft_emu_find").map_err(bad)?;
+            let launch = *lib.get::<LaunchFn>(b"loft_emu_launch").map_err(bad)?;
+            let mut found = Vec::new();
+            for k in kernels {
+                let entry = *lib.get::<Entry>(format!("loft_emu_{k}").as_bytes()).map_err(bad)?;
+                found.push((k.to_string(), entry));
+            }
+            Ok(Runtime {
+                alloc,
+                free,
+                find,
+                launch,
+                kernels: found,
+                _library: Some(lib),
+            })
+        }
+    }
+}
+
 /// Shared memory per block the emulated device allows: the 48 KiB a CUDA block gets without
 /// opting in to more.
 pub const MAX_SHARED: u32 = 48 * 1024;
@@ -49,6 +114,7 @@ pub const MAX_SHARED: u32 = 48 * 1024;
 pub struct EmulatedMem {
     ptr: *mut c_void,
     bytes: usize,
+    runtime: Arc<Runtime>,
 }
 
 // SAFETY: the allocation is plain host memory owned by this value; the runtime's registry of
@@ -59,8 +125,8 @@ unsafe impl Sync for EmulatedMem {}
 
 impl Drop for EmulatedMem {
     fn drop(&mut self) {
-        // SAFETY: `ptr` came from loft_emu_alloc and is freed exactly once, here.
-        unsafe { loft_emu_free(self.ptr) };
+        // SAFETY: `ptr` came from this runtime's alloc and is freed exactly once, here.
+        unsafe { (self.runtime.free)(self.ptr) };
     }
 }
 
@@ -68,16 +134,9 @@ impl Drop for EmulatedMem {
 /// reverse by default).
 pub struct EmulatedDriver {
     orders: Vec<u32>,
+    runtime: Arc<Runtime>,
     /// first failure since the last sync
     failure: Mutex<Option<String>>,
-}
-
-/// The live allocation holding `addr`, as (base, bytes).
-fn allocation_of(addr: u64) -> Option<(u64, usize)> {
-    let (mut base, mut bytes) = (0u64, 0u64);
-    // SAFETY: the runtime only reads its registry (under its lock) and writes the two outputs.
-    let found = unsafe { loft_emu_find(addr, &mut base, &mut bytes) };
-    (found != 0).then_some((base, bytes as usize))
 }
 
 impl Default for EmulatedDriver {
@@ -91,13 +150,31 @@ impl EmulatedDriver {
     pub fn new() -> Self {
         EmulatedDriver {
             orders: vec![0, 1],
+            runtime: Arc::new(Runtime::linked()),
             failure: Mutex::new(None),
         }
     }
 
-    /// Names of the kernels compiled into the emulated device.
+    /// The emulated device of a shared library (runtime and `kernels`), e.g. kernels a test
+    /// compiled itself; see `tests/emulation.rs`.
+    pub fn from_library(path: &Path, kernels: &[&str]) -> Result<Self> {
+        Ok(EmulatedDriver {
+            runtime: Arc::new(Runtime::load(path, kernels)?),
+            ..EmulatedDriver::new()
+        })
+    }
+
+    /// Names of the kernels compiled into this binary's emulated device.
     pub fn kernels() -> impl Iterator<Item = &'static str> {
         ENTRIES.iter().map(|(n, _)| *n)
+    }
+
+    /// The live allocation holding `addr`, as (base, bytes).
+    fn allocation_of(&self, addr: u64) -> Option<(u64, usize)> {
+        let (mut base, mut bytes) = (0u64, 0u64);
+        // SAFETY: the runtime only reads its registry (under its lock) and writes the outputs.
+        let found = unsafe { (self.runtime.find)(addr, &mut base, &mut bytes) };
+        (found != 0).then_some((base, bytes as usize))
     }
 
     /// The allocations a parameter struct points into (every aligned 64-bit word that is an
@@ -106,7 +183,7 @@ impl EmulatedDriver {
         let mut found: Vec<(u64, usize)> = Vec::new();
         for word in params.chunks_exact(8) {
             let a = u64::from_ne_bytes(word.try_into().unwrap());
-            if let Some(alloc) = allocation_of(a) {
+            if let Some(alloc) = self.allocation_of(a) {
                 if !found.contains(&alloc) {
                     found.push(alloc);
                 }
@@ -129,7 +206,7 @@ impl EmulatedDriver {
         // and `err` outlive the call, which is synchronous; the kernel's pointers were checked
         // by the runtime against live allocations before every access.
         let rc = unsafe {
-            loft_emu_launch(
+            (self.runtime.launch)(
                 entry,
                 &spec,
                 params.as_ptr().cast(),
@@ -150,10 +227,12 @@ impl EmulatedDriver {
         )))
     }
 
-    fn launch_checked(&self, name: &'static str, geometry: Launch, params: &[u8]) -> Result<()> {
-        let entry = ENTRIES
+    fn launch_checked(&self, name: &str, geometry: Launch, params: &[u8]) -> Result<()> {
+        let entry = self
+            .runtime
+            .kernels
             .iter()
-            .find(|(n, _)| *n == name)
+            .find(|(n, _)| n == name)
             .map(|(_, e)| *e)
             .ok_or_else(|| Error::Backend(format!("kernel {name} is not compiled into the emulated device")))?;
         let touched = self.touched(params);
@@ -205,7 +284,7 @@ impl EmulatedDriver {
 
     /// Check that [addr, addr + bytes) lies in one live allocation.
     fn check_range(&self, addr: u64, bytes: usize, what: &str) -> Result<()> {
-        match allocation_of(addr) {
+        match self.allocation_of(addr) {
             Some((base, len)) if addr + bytes as u64 <= base + len as u64 => Ok(()),
             _ => Err(Error::Backend(format!(
                 "{what} of {bytes} bytes at {addr:#x} is outside every allocation"
@@ -224,14 +303,18 @@ impl Driver for EmulatedDriver {
         MAX_SHARED
     }
     fn alloc(&self, bytes: usize) -> Result<EmulatedMem> {
-        // SAFETY: loft_emu_alloc returns zeroed, registered memory of `bytes` bytes or null.
-        let ptr = unsafe { loft_emu_alloc(bytes as u64) };
+        // SAFETY: the runtime's alloc returns zeroed, registered memory of `bytes` bytes or null.
+        let ptr = unsafe { (self.runtime.alloc)(bytes as u64) };
         if ptr.is_null() {
             return Err(Error::Backend(format!(
                 "emulated device: out of memory allocating {bytes} bytes"
             )));
         }
-        Ok(EmulatedMem { ptr, bytes })
+        Ok(EmulatedMem {
+            ptr,
+            bytes,
+            runtime: self.runtime.clone(),
+        })
     }
     fn ptr(&self, m: &EmulatedMem) -> DevicePtr {
         m.ptr as u64
