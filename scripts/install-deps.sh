@@ -70,3 +70,22 @@ else
     fi
     exit 1
 fi
+
+# NVRTC (CUDA 13.0, no GPU needed) for compiling the CUDA kernels: the pip wheel, into a
+# folder of the repository (no system CUDA). loft finds it there (or through LOFT_NVRTC_DIR).
+NVRTC_VERSION=13.0.88
+NVRTC_DIR=".deps/nvrtc"
+if [[ -f "$NVRTC_DIR/nvidia/cu13/lib/libnvrtc.so.13" && -f "$NVRTC_DIR/.version-$NVRTC_VERSION" ]]; then
+    echo "install-deps: NVRTC $NVRTC_VERSION present in $NVRTC_DIR"
+else
+    if ! command -v python3 >/dev/null 2>&1 || ! python3 -m pip --version >/dev/null 2>&1; then
+        echo "install-deps: python3 with pip is needed to install NVRTC (pip install nvidia-cuda-nvrtc)" >&2
+        exit 1
+    fi
+    echo "install-deps: installing nvidia-cuda-nvrtc==$NVRTC_VERSION into $NVRTC_DIR ..."
+    rm -rf "$NVRTC_DIR"
+    PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$NVRTC_DIR" \
+        "nvidia-cuda-nvrtc==$NVRTC_VERSION"
+    touch "$NVRTC_DIR/.version-$NVRTC_VERSION"
+    echo "install-deps: NVRTC $NVRTC_VERSION installed in $NVRTC_DIR"
+fi

@@ -11,6 +11,7 @@
 pub mod driver;
 pub mod emulated;
 pub mod launch;
+pub mod nvrtc;
 
 use super::{Backend, Run};
 use crate::ops::{BatchNorm, Conv2d, Linear, Pool2d, Sgd};
