@@ -27,6 +27,8 @@ pub enum Device {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Resolved {
     Cpu,
+    /// A GPU: the given one, or the rank's local one.
+    Cuda(Option<usize>),
     CudaEmulated,
 }
 
@@ -34,14 +36,34 @@ pub enum Resolved {
 pub const DEVICE_VALUES: &str = "auto, cpu, cuda, cuda:N or cuda-emu (testing)";
 
 impl Device {
-    /// The backend this choice means here; an error names what is missing.
+    /// The backend this choice means here; an error names what is missing. `auto` takes a
+    /// GPU when the driver sees one, else the CPU (and says why, once per node).
     pub fn resolve(self) -> Result<Resolved> {
         match self {
-            Device::Auto | Device::Cpu => Ok(Resolved::Cpu),
+            Device::Cpu => Ok(Resolved::Cpu),
             Device::CudaEmu => Ok(Resolved::CudaEmulated),
-            Device::Cuda(_) => Err(Error::config(format!(
-                "--device {self}: this build of loft has no CUDA backend yet; use --device cpu"
-            ))),
+            Device::Cuda(n) => match crate::backend::cuda::gpu::probe() {
+                Ok(_) => Ok(Resolved::Cuda(n)),
+                Err(e) => Err(Error::config(format!(
+                    "--device {self}: {}",
+                    e.to_string().trim_start_matches("backend: ")
+                ))),
+            },
+            Device::Auto => match crate::backend::cuda::gpu::probe() {
+                Ok(_) => Ok(Resolved::Cuda(None)),
+                Err(e) => {
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    if crate::backend::cuda::gpu::local_rank() == 0 {
+                        SAID.call_once(|| {
+                            eprintln!(
+                                "--device auto: {}; using the CPU",
+                                e.to_string().trim_start_matches("backend: ")
+                            )
+                        });
+                    }
+                    Ok(Resolved::Cpu)
+                }
+            },
         }
     }
 }
@@ -112,11 +134,15 @@ mod tests {
             let e = bad.parse::<Device>().unwrap_err().to_string();
             assert!(e.contains("unknown device") && e.contains(bad), "{e}");
         }
-        assert_eq!(Device::Auto.resolve().unwrap(), Resolved::Cpu);
-        assert!(Device::Cuda(Some(1))
-            .resolve()
-            .unwrap_err()
-            .to_string()
-            .contains("CUDA"));
+        // on a machine without a GPU (CI): auto is the CPU, cuda an error that says why
+        if crate::backend::cuda::gpu::probe().is_err() {
+            assert_eq!(Device::Auto.resolve().unwrap(), Resolved::Cpu);
+            let e = Device::Cuda(Some(1)).resolve().unwrap_err().to_string();
+            assert!(
+                e.starts_with("--device cuda:1: ") && (e.contains("driver") || e.contains("GPU")),
+                "{e}"
+            );
+        }
+        assert_eq!(Device::CudaEmu.resolve().unwrap(), Resolved::CudaEmulated);
     }
 }

@@ -255,6 +255,13 @@ macro_rules! on_device {
                 let $be = std::sync::Arc::new($crate::backend::cpu::CpuBackend::<f32>::new());
                 $body
             }
+            Ok($crate::backend::device::Resolved::Cuda(n)) => match $crate::backend::cuda::gpu::GpuDriver::new(n) {
+                Err(e) => Err(e),
+                Ok(d) => {
+                    let $be = std::sync::Arc::new($crate::backend::cuda::CudaBackend::new(d));
+                    $body
+                }
+            },
             Ok($crate::backend::device::Resolved::CudaEmulated) => {
                 let $be = std::sync::Arc::new($crate::backend::cuda::CudaBackend::new(
                     $crate::backend::cuda::emulated::EmulatedDriver::new(),

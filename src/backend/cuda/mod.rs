@@ -10,6 +10,7 @@
 
 pub mod driver;
 pub mod emulated;
+pub mod gpu;
 pub mod launch;
 pub mod nvrtc;
 
