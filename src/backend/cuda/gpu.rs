@@ -40,7 +40,7 @@ pub fn probe() -> Result<usize> {
     // SAFETY: only tries to load libcuda; no driver call is made when it is absent.
     if !unsafe { sys::is_culib_present() } {
         return Err(Error::Backend(
-            "no NVIDIA driver on this machine (libcuda.so.1 not found)".into(),
+            "no NVIDIA CUDA driver on this machine (libcuda.so.1 not found)".into(),
         ));
     }
     cu::init().map_err(|e| driver_error("the NVIDIA driver does not start", e))?;
