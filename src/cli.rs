@@ -47,6 +47,20 @@ pub enum Command {
     /// The main job: dense and LoFT pre-training (S = ranks), tickets at every ratio,
     /// fine-tuning, and a report with tables and plots.
     Run(Box<RunArgs>),
+    /// Compile every CUDA kernel with NVRTC (no GPU needed) and print registers, shared
+    /// memory and spills per kernel and architecture.
+    Kernels(KernelsArgs),
+}
+
+/// `loft kernels`.
+#[derive(Args, Debug)]
+pub struct KernelsArgs {
+    /// GPU architectures to compile for, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "sm_80,sm_90")]
+    pub arch: Vec<String>,
+    /// Print JSON instead of a Markdown table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `loft run`.
@@ -956,6 +970,33 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
             report_pretraining(&cfg, ctl)
         }
         Command::Comm(a) => crate::comm::report::run(&a.query()?).map(|()| 0),
+        Command::Kernels(a) => {
+            for arch in &a.arch {
+                let digits = arch.strip_prefix("sm_").unwrap_or("");
+                if digits.len() < 2 || !digits.chars().all(|c| c.is_ascii_digit()) {
+                    return Err(Error::config(format!(
+                        "--arch {arch}: expected sm_XY, e.g. sm_80 or sm_90"
+                    )));
+                }
+            }
+            let archs: Vec<&str> = a.arch.iter().map(String::as_str).collect();
+            let rows = crate::backend::cuda::table::collect(&archs)?;
+            if a.json {
+                let v: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|k| {
+                        serde_json::json!({"kernel": k.name, "arch": k.arch, "registers": k.registers,
+                            "shared_bytes": k.shared_bytes, "stack_bytes": k.stack_bytes,
+                            "spill_store_bytes": k.spill_store_bytes, "spill_load_bytes": k.spill_load_bytes,
+                            "flop_per_byte": crate::backend::cuda::table::intensity(&k.name)})
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            } else {
+                print!("{}", crate::backend::cuda::table::markdown(&rows));
+            }
+            Ok(0)
+        }
         Command::Inspect(a) => crate::inspect::run(&a.file, a.json).map(|()| 0),
         Command::Distance(a) => crate::ticket::run_distance(&a.a, &a.b, a.ratio, a.json).map(|()| 0),
         Command::Bench(a) => {

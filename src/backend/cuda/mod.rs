@@ -13,6 +13,7 @@ pub mod emulated;
 pub mod gpu;
 pub mod launch;
 pub mod nvrtc;
+pub mod table;
 
 use super::{Backend, Run};
 use crate::ops::{BatchNorm, Conv2d, Linear, Pool2d, Sgd};
