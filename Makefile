@@ -15,7 +15,7 @@ BENCH_ARGS ?=
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: help deps build run test ci bench doctor fmt lint clean
+.PHONY: help deps build run test ci bench doctor fmt lint clean kernels gpu-bundle test-gpu bench-gpu
 
 help: ## List targets (default)
 	@echo "loft make targets:"
@@ -47,6 +47,20 @@ ci: deps lint test ## What CI runs: formatting and clippy checks, then the test 
 bench: ## Print the benchmark Markdown table to stdout (paste into BENCHMARKS.md)
 	@$(MAKE) --no-print-directory build >&2
 	@$(BIN) bench $(BENCH_ARGS)
+
+kernels: build ## Compile every CUDA kernel with NVRTC (no GPU needed): registers, shared memory, spills
+	$(BIN) kernels
+
+gpu-bundle: ## Pack the binary, the GPU tests and their libraries into bundle/ for a GPU machine
+	bash scripts/gpu-bundle.sh
+
+test-gpu: ## On a GPU machine: kernel tests for real (no skips), compute-sanitizer, a LoFT run on --device cuda
+	@if command -v cargo >/dev/null; then bash scripts/gpu-bundle.sh; fi
+	bash scripts/gpu-check.sh test
+
+bench-gpu: ## On a GPU machine: loft's kernels against cuDNN (PyTorch) on the same shapes
+	@if command -v cargo >/dev/null; then bash scripts/gpu-bundle.sh; fi
+	bash scripts/gpu-check.sh bench
 
 doctor: ## Show what this machine has (toolchain, MPI, HDF5, data, GPU)
 	@bash scripts/doctor.sh

@@ -151,6 +151,10 @@ pub struct BenchOptions {
     pub device: Device,
     /// Skip the per-layer table (quick runs).
     pub quick: bool,
+    /// Architecture of the per-layer table.
+    pub arch: String,
+    /// Where to write the per-layer table as JSON, if anywhere.
+    pub json: Option<std::path::PathBuf>,
 }
 
 /// Run every benchmark and print the Markdown tables.
@@ -178,17 +182,20 @@ pub fn run<B: Backend>(be: Arc<B>, opts: &BenchOptions) -> Result<()> {
 
     let n = opts.batch;
     if !opts.quick {
-        let spec = ArchSpec::named("preresnet18")?;
+        let spec = ArchSpec::named(&opts.arch)?;
         let g = Graph::build(&spec, 32, 32, None)?;
-        println!("### Convolutions of CIFAR PreResNet-18 (base 64, inner width 2), batch {n}\n");
+        println!("### Convolutions of CIFAR {} (base 64, inner width 2), batch {n}\n", opts.arch);
         println!(
             "GFLOP/s of each pass; `% sgemm` is the slowest pass against the {threads}-thread SGEMM rate ({gt:.1}).\n"
         );
         println!("| layer (first of its shape) | count | c_in -> c_out | k / stride | in HxW | forward | backward data | backward filter | % sgemm |");
         println!("|---|---:|---|---|---|---:|---:|---:|---:|");
+        let mut rows = Vec::new();
         for (s, count, name) in distinct_convs(&g, n) {
             eprintln!("conv {name} ...");
             let (f, bd, bf) = time_conv(&*be, &s)?;
+            rows.push(serde_json::json!({"layer": name, "count": count, "conv": s,
+                "seconds": {"forward": f, "backward_data": bd, "backward_filter": bf}}));
             let fl = s.flops() / 1e9;
             let (gf, gd, gw) = (fl / f, fl / bd, fl / bf);
             let worst = gf.min(gd).min(gw);
@@ -205,6 +212,10 @@ pub fn run<B: Backend>(be: Arc<B>, opts: &BenchOptions) -> Result<()> {
             );
         }
         println!();
+        if let Some(path) = &opts.json {
+            let doc = serde_json::json!({"backend": be.name(), "arch": opts.arch, "batch": n, "convs": rows});
+            crate::rundir::write_json(path, &doc)?;
+        }
     }
     println!("### Full training step (forward, loss, backward, SGD), batch {n}, 32x32x3 input\n");
     println!("| model | params | GFLOP/step | step (s) | images/s | GFLOP/s | model + scratch memory | peak RSS |");

@@ -597,6 +597,13 @@ pub struct BenchArgs {
     /// Skip the per-layer convolution table.
     #[arg(long)]
     pub quick: bool,
+    /// Architecture of the per-layer convolution table (CIFAR input, inner width 2).
+    #[arg(long, default_value = "preresnet18")]
+    pub arch: String,
+    /// Also write the convolution table as JSON (shapes and seconds per pass) to this file,
+    /// for scripts/bench_cudnn.py to time the same shapes.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
     /// Internal: print one training-step row for this base width (run as a child process).
     #[arg(long, hide = true)]
     pub step_only: Option<usize>,
@@ -607,8 +614,9 @@ pub struct BenchArgs {
 /// The `--device` flag, shared by every command that computes.
 #[derive(Args, Debug, Clone, Copy)]
 pub struct DeviceArg {
-    /// Compute device: auto (a GPU when this build and machine have one, else the CPU), cpu,
-    /// cuda (the rank's local GPU) or cuda:N.
+    /// Compute device: auto (a GPU when the NVIDIA driver sees one, else the CPU), cpu, cuda
+    /// (the rank's local GPU), cuda:N, or cuda-emu (the CUDA kernels emulated on the host; a
+    /// slow testing device).
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub device: Device,
 }
@@ -1007,6 +1015,8 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
                 batch: a.batch,
                 quick: a.quick,
                 device: a.device.device,
+                arch: a.arch.clone(),
+                json: a.json.clone(),
             };
             crate::on_device!(a.device.device, be => match a.step_only {
                 Some(base) => crate::bench::step_row(be, base, a.batch),

@@ -1,14 +1,17 @@
 //! Every CUDA kernel, run on the emulated device through the CUDA backend's launch code,
-//! against the CPU backend on awkward shapes.
+//! against the CPU backend on awkward shapes; and on a real GPU too when there is one
+//! (`LOFT_REQUIRE_GPU=1`, as `make test-gpu` sets, turns a missing GPU into a failure).
 //!
 //! Tolerances: element-wise ops, pooling and the run copy are the same f32 expressions in the
-//! same order, so they must agree bit for bit. Convolutions and the linear layer sum in a
+//! same order, so under emulation they must agree bit for bit (on a GPU, where NVRTC fuses
+//! multiply-adds, within 1e-6). Convolutions and the linear layer sum in a
 //! different order than the CPU's GEMM: max |emu - cpu| <= 1e-5 * sqrt(K) * max(1, max |cpu|)
 //! (K the reduction length). Batch norm and the loss reduce in f64 like the CPU, in a tree
 //! instead of a row: 2e-6 relative.
 
 use loft::backend::cpu::CpuBackend;
 use loft::backend::cuda::emulated::EmulatedDriver;
+use loft::backend::cuda::gpu::{self, GpuDriver};
 use loft::backend::cuda::CudaBackend;
 use loft::backend::{Backend, Run};
 use loft::ops::{BatchNorm, Conv2d, Linear, Pool2d, Sgd};
@@ -20,6 +23,34 @@ fn cpu() -> CpuBackend<f32> {
 
 fn emu() -> CudaBackend<EmulatedDriver> {
     CudaBackend::new(EmulatedDriver::new())
+}
+
+/// The real GPU, when this machine has one (required with LOFT_REQUIRE_GPU).
+fn real_gpu() -> Option<CudaBackend<GpuDriver>> {
+    match gpu::probe() {
+        Ok(_) => Some(CudaBackend::new(GpuDriver::new(None).unwrap())),
+        Err(e) if std::env::var_os("LOFT_REQUIRE_GPU").is_some() => panic!("LOFT_REQUIRE_GPU is set: {e}"),
+        Err(_) => None,
+    }
+}
+
+/// Run a generic check on the emulated device (exact) and on a GPU if there is one.
+macro_rules! on_every_device {
+    ($check:ident) => {{
+        $check(&emu(), true);
+        if let Some(g) = real_gpu() {
+            $check(&g, false);
+        }
+    }};
+}
+
+/// Bit-identical where `exact`, else within 1e-6 (relative to the largest value).
+fn assert_same(what: &str, cpu: &[f32], dev: &[f32], exact: bool) {
+    if exact {
+        assert_bits(what, cpu, dev)
+    } else {
+        assert_close(what, cpu, dev, 1e-6)
+    }
 }
 
 fn rand_vec(rng: &mut Rng, n: usize) -> Vec<f32> {
@@ -129,6 +160,10 @@ fn conv(n: usize, c_in: usize, h: usize, w: usize, c_out: usize, k: usize, strid
 
 #[test]
 fn convolutions_match_the_cpu_on_awkward_shapes() {
+    on_every_device!(check_convolutions);
+}
+
+fn check_convolutions<B: Backend>(e: &B, _exact: bool) {
     let shapes = [
         conv(1, 3, 7, 9, 5, 3, 1, 1),      // batch 1, odd sizes, 3 channels (a stem)
         conv(2, 3, 11, 9, 6, 7, 2, 3),     // 7x7 stride 2 (the ImageNet stem)
@@ -139,7 +174,7 @@ fn convolutions_match_the_cpu_on_awkward_shapes() {
         conv(5, 8, 13, 13, 3, 3, 1, 1),    // N over several tiles, odd
         conv(1, 1024, 4, 4, 512, 3, 1, 1), // widest layer of PreResNet-34x2 (CIFAR), batch 1
     ];
-    let (c, e) = (cpu(), emu());
+    let c = cpu();
     for (i, s) in shapes.iter().enumerate() {
         let mut rng = Rng::new(100 + i as u64);
         let x = rand_vec(&mut rng, s.x_len());
@@ -148,7 +183,7 @@ fn convolutions_match_the_cpu_on_awkward_shapes() {
         let dx0 = rand_vec(&mut rng, s.x_len());
         let dw0 = rand_vec(&mut rng, s.w_len());
         let want = conv_passes(&c, s, &x, &w, &dy, &dx0, &dw0);
-        let got = conv_passes(&e, s, &x, &w, &dy, &dx0, &dw0);
+        let got = conv_passes(e, s, &x, &w, &dy, &dx0, &dw0);
         let ks = [
             s.k(),
             s.c_out * s.kh * s.kw,
@@ -227,7 +262,11 @@ fn norm_all<B: Backend>(
 
 #[test]
 fn batch_norm_matches_the_cpu() {
-    let (c, e) = (cpu(), emu());
+    on_every_device!(check_batch_norm);
+}
+
+fn check_batch_norm<B: Backend>(e: &B, _exact: bool) {
+    let c = cpu();
     for (i, (n, ch, hw)) in [(1, 3, 1), (2, 5, 7), (3, 70, 9), (4, 2, 300)].into_iter().enumerate() {
         let s = BatchNorm {
             n,
@@ -243,7 +282,7 @@ fn batch_norm_matches_the_cpu() {
         let dy = rand_vec(&mut rng, s.len());
         let dx0 = rand_vec(&mut rng, s.len());
         let want = norm_all(&c, &s, &x, &gamma, &beta, &dy, &dx0);
-        let got = norm_all(&e, &s, &x, &gamma, &beta, &dy, &dx0);
+        let got = norm_all(e, &s, &x, &gamma, &beta, &dy, &dx0);
         for (j, name) in [
             "y",
             "running mean",
@@ -304,7 +343,11 @@ fn pools<B: Backend>(be: &B, s: &Pool2d, x: &[f32], dy: &[f32], dx0: &[f32]) -> 
 
 #[test]
 fn pooling_matches_the_cpu_bit_for_bit() {
-    let (c, e) = (cpu(), emu());
+    on_every_device!(check_pooling);
+}
+
+fn check_pooling<B: Backend>(e: &B, exact: bool) {
+    let c = cpu();
     let shapes = [
         Pool2d {
             n: 2,
@@ -341,12 +384,12 @@ fn pooling_matches_the_cpu_bit_for_bit() {
         let dy = rand_vec(&mut rng, s.n * s.c * s.h * s.w);
         let dx0 = rand_vec(&mut rng, s.n * s.c * s.h * s.w);
         let want = pools(&c, s, &x, &dy, &dx0);
-        let got = pools(&e, s, &x, &dy, &dx0);
+        let got = pools(e, s, &x, &dy, &dx0);
         for (j, name) in ["max y", "max dx (accumulated)", "max dx", "avg y", "avg dx"]
             .iter()
             .enumerate()
         {
-            assert_bits(&format!("pool {s:?} {name}"), &want[j], &got[j]);
+            assert_same(&format!("pool {s:?} {name}"), &want[j], &got[j], exact);
         }
     }
 }
@@ -400,7 +443,11 @@ fn elementwise_all<B: Backend>(be: &B, a: &[f32], b: &[f32], mask: &[f32], runs:
 
 #[test]
 fn elementwise_sgd_mask_and_run_copies_match_the_cpu_bit_for_bit() {
-    let (c, e) = (cpu(), emu());
+    on_every_device!(check_elementwise);
+}
+
+fn check_elementwise<B: Backend>(e: &B, exact: bool) {
+    let c = cpu();
     // sizes around the grid: one element, a block and one, over the largest grid
     for (i, n) in [1usize, 257, 5000, 256 * 4096 + 3].into_iter().enumerate() {
         let mut rng = Rng::new(400 + i as u64);
@@ -416,7 +463,7 @@ fn elementwise_sgd_mask_and_run_copies_match_the_cpu_bit_for_bit() {
             })
             .collect();
         let want = elementwise_all(&c, &a, &b, &mask, &runs);
-        let got = elementwise_all(&e, &a, &b, &mask, &runs);
+        let got = elementwise_all(e, &a, &b, &mask, &runs);
         let names = [
             "fill",
             "copy (accumulated)",
@@ -431,7 +478,7 @@ fn elementwise_sgd_mask_and_run_copies_match_the_cpu_bit_for_bit() {
             "run copy",
         ];
         for (j, name) in names.iter().enumerate() {
-            assert_bits(&format!("{name} (n = {n})"), &want[j], &got[j]);
+            assert_same(&format!("{name} (n = {n})"), &want[j], &got[j], exact);
         }
     }
 }
@@ -494,7 +541,11 @@ fn linear_and_loss<B: Backend>(
 
 #[test]
 fn linear_layer_and_loss_match_the_cpu() {
-    let (c, e) = (cpu(), emu());
+    on_every_device!(check_linear_and_loss);
+}
+
+fn check_linear_and_loss<B: Backend>(e: &B, _exact: bool) {
+    let c = cpu();
     for (i, (n, d_in, d_out)) in [(1, 5, 3), (7, 64, 10), (300, 130, 100)].into_iter().enumerate() {
         let s = Linear { n, d_in, d_out };
         let mut rng = Rng::new(500 + i as u64);
@@ -504,7 +555,7 @@ fn linear_layer_and_loss_match_the_cpu() {
         let labels: Vec<f32> = (0..n).map(|j| ((j * 7 + i) % d_out) as f32).collect();
         let dx0 = rand_vec(&mut rng, n * d_in);
         let want = linear_and_loss(&c, &s, &x, &w, &bias, &labels, &dx0);
-        let got = linear_and_loss(&e, &s, &x, &w, &bias, &labels, &dx0);
+        let got = linear_and_loss(e, &s, &x, &w, &bias, &labels, &dx0);
         let tol = 1e-5 * ((d_in.max(n)) as f64).sqrt();
         for (j, name) in [
             "y",
