@@ -184,7 +184,10 @@ pub fn run<B: Backend>(be: Arc<B>, opts: &BenchOptions) -> Result<()> {
     if !opts.quick {
         let spec = ArchSpec::named(&opts.arch)?;
         let g = Graph::build(&spec, 32, 32, None)?;
-        println!("### Convolutions of CIFAR {} (base 64, inner width 2), batch {n}\n", opts.arch);
+        println!(
+            "### Convolutions of CIFAR {} (base 64, inner width 2), batch {n}\n",
+            opts.arch
+        );
         println!(
             "GFLOP/s of each pass; `% sgemm` is the slowest pass against the {threads}-thread SGEMM rate ({gt:.1}).\n"
         );
