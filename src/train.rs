@@ -421,6 +421,9 @@ fn announce(
             cfg.dataset.name(),
             cfg.epochs,
         );
+        if let Some(note) = crate::backend::device::auto_note() {
+            eprintln!("{note}");
+        }
         if let Some(f) = resumed {
             eprintln!(
                 "resuming from {} (epoch {}, batch {}, step {})",

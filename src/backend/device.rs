@@ -32,12 +32,21 @@ pub enum Resolved {
     CudaEmulated,
 }
 
+/// Why `--device auto` took the CPU, once it has (the run banner says it).
+static AUTO_NOTE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Why `--device auto` fell back to the CPU in this process, if it did.
+pub fn auto_note() -> Option<&'static str> {
+    AUTO_NOTE.get().map(String::as_str)
+}
+
 /// The values `--device` accepts, for help and error messages.
 pub const DEVICE_VALUES: &str = "auto, cpu, cuda, cuda:N or cuda-emu (testing)";
 
 impl Device {
     /// The backend this choice means here; an error names what is missing. `auto` takes a
-    /// GPU when the driver sees one, else the CPU (and says why, once per node).
+    /// GPU when the driver sees one, else the CPU ([`auto_note`] says why; the run banner
+    /// prints it).
     pub fn resolve(self) -> Result<Resolved> {
         match self {
             Device::Cpu => Ok(Resolved::Cpu),
@@ -52,15 +61,8 @@ impl Device {
             Device::Auto => match crate::backend::cuda::gpu::probe() {
                 Ok(_) => Ok(Resolved::Cuda(None)),
                 Err(e) => {
-                    static SAID: std::sync::Once = std::sync::Once::new();
-                    if crate::backend::cuda::gpu::local_rank() == 0 {
-                        SAID.call_once(|| {
-                            eprintln!(
-                                "--device auto: {}; using the CPU",
-                                e.to_string().trim_start_matches("backend: ")
-                            )
-                        });
-                    }
+                    let why = e.to_string().trim_start_matches("backend: ").to_string();
+                    let _ = AUTO_NOTE.set(format!("--device auto: {why}; using the CPU"));
                     Ok(Resolved::Cpu)
                 }
             },

@@ -474,6 +474,9 @@ impl<B: Backend> Pretraining<'_, '_, B> {
                 cfg.batch_size,
                 backend
             );
+            if let Some(note) = crate::backend::device::auto_note() {
+                eprintln!("{note}");
+            }
             if let Some(f) = resumed {
                 eprintln!("resuming from {} after round {}", f.display(), self.st.round);
             }
