@@ -50,6 +50,46 @@ pub enum Command {
     /// Compile every CUDA kernel with NVRTC (no GPU needed) and print registers, shared
     /// memory and spills per kernel and architecture.
     Kernels(KernelsArgs),
+    /// Evaluate a checkpoint or ticket: loss, top-1 / top-5 and per-class accuracy, confusion
+    /// matrix (sharded over the ranks under mpirun).
+    Evaluate(EvaluateArgs),
+    /// Write a checkpoint or ticket as safetensors under PyTorch state_dict names, with the
+    /// architecture in the metadata (docs/pytorch.md builds the network from it).
+    Export(ExportArgs),
+}
+
+/// `loft evaluate`.
+#[derive(Args, Debug)]
+pub struct EvaluateArgs {
+    /// The checkpoint or ticket (.h5).
+    pub file: PathBuf,
+    /// Which half of the data set.
+    #[arg(long, value_enum, default_value_t = crate::evaluate::Split::Test)]
+    pub split: crate::evaluate::Split,
+    /// Directory of the data files [default: where the checkpoint's run read them].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Samples per batch.
+    #[arg(long, default_value_t = 256)]
+    pub batch_size: usize,
+    /// Print JSON instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also draw the confusion matrix into this PNG file.
+    #[arg(long)]
+    pub confusion: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+/// `loft export`.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// The checkpoint or ticket (.h5).
+    pub file: PathBuf,
+    /// The safetensors file to write.
+    #[arg(long, default_value = "model.safetensors")]
+    pub out: PathBuf,
 }
 
 /// `loft kernels`.
@@ -978,6 +1018,38 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
             report_pretraining(&cfg, ctl)
         }
         Command::Comm(a) => crate::comm::report::run(&a.query()?).map(|()| 0),
+        Command::Evaluate(a) => {
+            let req = crate::evaluate::Request {
+                checkpoint: a.file.clone(),
+                split: a.split,
+                data_dir: a.data_dir.clone(),
+                batch: a.batch_size,
+            };
+            let mut result = None;
+            crate::comm::run_with_comm(|comm| {
+                let e = crate::on_device!(a.device.device, be => crate::evaluate::run(&req, comm, be))?;
+                if comm.rank() == 0 {
+                    result = Some(e);
+                }
+                Ok(())
+            })?;
+            if let Some(e) = result {
+                if let Some(png) = &a.confusion {
+                    crate::evaluate::confusion_png(&e, png)?;
+                }
+                if a.json {
+                    println!("{}", serde_json::to_string_pretty(&e).expect("json"));
+                } else {
+                    print!("{}", crate::evaluate::table(&e));
+                }
+            }
+            Ok(0)
+        }
+        Command::Export(a) => {
+            crate::export::run(&a.file, &a.out)?;
+            println!("exported {} -> {}", a.file.display(), a.out.display());
+            Ok(0)
+        }
         Command::Kernels(a) => {
             for arch in &a.arch {
                 let digits = arch.strip_prefix("sm_").unwrap_or("");

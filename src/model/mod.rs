@@ -592,6 +592,15 @@ impl<B: Backend> Model<B> {
         self.loss(n, false)
     }
 
+    /// The logits `(n, classes)` of the last forward, on the host (evaluation's per-sample
+    /// outputs: top-5 accuracy and the confusion matrix).
+    pub fn logits_host(&self, n: usize) -> Result<Vec<f32>> {
+        let classes = self.graph.spec.classes;
+        let lt = self.graph.logits;
+        let logits = self.acts[self.slot[lt]].as_ref().expect("logits after a forward");
+        Ok(self.be.read_host(logits, 0, n * classes)?.into_owned())
+    }
+
     /// Host copy of the parameters.
     pub fn params_host(&self) -> Result<Vec<f32>> {
         self.be.download(&self.params)

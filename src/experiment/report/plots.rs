@@ -226,3 +226,63 @@ pub fn draw(r: &Report, dir: &Path) -> Result<()> {
         .map_err(err)?;
     root.present().map_err(err)
 }
+
+/// The class of the cell whose centre is at `v` (rows counted from the top when `flip`), or
+/// nothing between centres; classes are thinned out to about 20 labels.
+fn centre(v: f64, k: usize, flip: bool) -> String {
+    let i = v.floor();
+    if (v - i - 0.5).abs() > 0.26 || i < 0.0 || i as usize >= k {
+        return String::new();
+    }
+    let class = if flip { k - 1 - i as usize } else { i as usize };
+    if class.is_multiple_of(k.div_ceil(20)) {
+        class.to_string()
+    } else {
+        String::new()
+    }
+}
+
+/// A confusion matrix as a heat map: rows the true class, columns the predicted one, each
+/// cell shaded by its share of the row (the diagonal is per-class accuracy).
+pub fn confusion(matrix: &[Vec<u64>], title: &str, path: &Path) -> Result<()> {
+    font()?;
+    let k = matrix.len().max(1);
+    let side = (40 + 24 * k).clamp(420, 1600) as u32;
+    let root = BitMapBackend::new(path, (side + 80, side + 60)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("Confusion matrix, {title}"), ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0f64..k as f64, 0f64..k as f64)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc("predicted class")
+        .y_desc("true class")
+        // a tick at every half cell; the cell centres carry the class
+        .x_labels(2 * k + 1)
+        .y_labels(2 * k + 1)
+        .x_label_formatter(&|v| centre(*v, k, false))
+        .y_label_formatter(&|v| centre(*v, k, true))
+        .draw()
+        .map_err(err)?;
+    let cells = matrix.iter().enumerate().flat_map(|(t, row)| {
+        let total = row.iter().sum::<u64>().max(1) as f64;
+        row.iter().enumerate().map(move |(p, &n)| {
+            let share = n as f64 / total;
+            let shade = (255.0 * (1.0 - share)) as u8;
+            // row t drawn from the top
+            let y0 = (k - 1 - t) as f64;
+            Rectangle::new(
+                [(p as f64, y0), (p as f64 + 1.0, y0 + 1.0)],
+                RGBColor(shade, shade, 255).filled(),
+            )
+        })
+    });
+    chart.draw_series(cells).map_err(err)?;
+    root.present()
+        .map_err(|e| Error::Backend(format!("{}: {e}", path.display())))
+}
