@@ -15,7 +15,7 @@ BENCH_ARGS ?=
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: help deps build run test ci bench doctor fmt lint clean kernels gpu-bundle test-gpu bench-gpu
+.PHONY: help deps build run test ci bench doctor fmt lint clean kernels gpu-bundle test-gpu bench-gpu pytorch-check
 
 help: ## List targets (default)
 	@echo "loft make targets:"
@@ -61,6 +61,14 @@ test-gpu: ## On a GPU machine: kernel tests for real (no skips), compute-sanitiz
 bench-gpu: ## On a GPU machine: loft's kernels against cuDNN (PyTorch) on the same shapes
 	@if command -v cargo >/dev/null; then bash scripts/gpu-bundle.sh; fi
 	bash scripts/gpu-check.sh bench
+
+pytorch-check: build ## docs/pytorch.md's module on CKPT=<checkpoint> against loft evaluate (PyTorch venv on demand)
+	@test -n "$(CKPT)" || { echo "usage: make pytorch-check CKPT=path/to/checkpoint.h5 [DATA_DIR=...]"; exit 2; }
+	@mkdir -p $(RUN_DIR)
+	$(BIN) export $(CKPT) --out $(RUN_DIR)/pytorch-check.safetensors
+	$(BIN) evaluate $(CKPT) --json > $(RUN_DIR)/pytorch-check.json
+	$$(bash scripts/torch-venv.sh) scripts/pytorch_check.py $(RUN_DIR)/pytorch-check.safetensors \
+	    $(RUN_DIR)/pytorch-check.json $(or $(DATA_DIR),/usr/share/datasets/fashion-mnist)
 
 doctor: ## Show what this machine has (toolchain, MPI, HDF5, data, GPU)
 	@bash scripts/doctor.sh
