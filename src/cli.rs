@@ -525,8 +525,9 @@ pub struct DataArgs {
     /// Data set.
     #[arg(long, value_enum, default_value_t = data::Name::FashionMnist)]
     pub dataset: data::Name,
-    /// Directory of the data files [default: /usr/share/datasets/fashion-mnist,
-    /// data/cifar-10-batches-bin or data/cifar-100-binary].
+    /// Directory of the data files [default: /usr/share/datasets/fashion-mnist;
+    /// data/cifar-10-batches-bin or data/cifar-10-batches-py; data/cifar-100-binary or
+    /// data/cifar-100-python].
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Train on the first N training samples only (0 = all).

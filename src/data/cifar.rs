@@ -3,8 +3,9 @@
 //! Each file is a sequence of fixed-size records: the label byte(s) followed by 3072 pixel
 //! bytes (a 32x32 red plane, then green, then blue), which is already our (c, h, w) layout.
 //! CIFAR-10 records carry one label byte; CIFAR-100 records a coarse and a fine label byte.
+//! A folder in torchvision's layout (pickled dicts) is detected and read by [`cifar_pickle`].
 
-use super::{read_data_file, Dataset, Split};
+use super::{cifar_pickle, read_data_file, Dataset, Split};
 use crate::error::{Error, Result};
 use std::path::Path;
 
@@ -100,27 +101,82 @@ impl Format {
     }
 }
 
-/// Load CIFAR-10 from `dir` (data_batch_1.bin .. data_batch_5.bin and test_batch.bin).
-pub fn load_cifar10(dir: &Path) -> Result<Split> {
-    let train = CIFAR10.load(
-        dir,
-        &[
-            "data_batch_1.bin",
-            "data_batch_2.bin",
-            "data_batch_3.bin",
-            "data_batch_4.bin",
-            "data_batch_5.bin",
-        ],
-    )?;
-    let test = CIFAR10.load(dir, &["test_batch.bin"])?;
-    Ok(Split { train, test })
+/// Which of the two CIFAR layouts a folder holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// The "binary version": `*.bin` files of fixed-size records.
+    Binary,
+    /// torchvision's "python version": pickled dicts.
+    Pickle,
 }
 
-/// Load CIFAR-100 with its 100 fine labels from `dir` (train.bin and test.bin).
+/// The layout of `dir`, told by its first training file; neither is an error that names
+/// both layouts (and the binary file it looked for first).
+fn layout(dir: &Path, binary: &str, pickle: &str, format: &Format, folders: (&str, &str)) -> Result<Layout> {
+    if dir.join(binary).exists() {
+        Ok(Layout::Binary)
+    } else if dir.join(pickle).exists() {
+        Ok(Layout::Pickle)
+    } else {
+        Err(Error::format(
+            dir.join(binary),
+            format!(
+                "missing file; {dir} holds neither CIFAR layout: the binary version ({binary}, ...: {}) \
+                 nor torchvision's python version ({pickle}, ...: {}); {}",
+                folders.0,
+                folders.1,
+                format.hint,
+                dir = dir.display()
+            ),
+        ))
+    }
+}
+
+/// Load CIFAR-10 from `dir`: the binary version (data_batch_1.bin .. data_batch_5.bin and
+/// test_batch.bin) or torchvision's (data_batch_1 .. data_batch_5 and test_batch).
+pub fn load_cifar10(dir: &Path) -> Result<Split> {
+    const TRAIN: [&str; 5] = [
+        "data_batch_1",
+        "data_batch_2",
+        "data_batch_3",
+        "data_batch_4",
+        "data_batch_5",
+    ];
+    let folders = ("cifar-10-batches-bin", "cifar-10-batches-py");
+    match layout(dir, "data_batch_1.bin", "data_batch_1", &CIFAR10, folders)? {
+        Layout::Binary => {
+            let files: Vec<String> = TRAIN.iter().map(|f| format!("{f}.bin")).collect();
+            let files: Vec<&str> = files.iter().map(String::as_str).collect();
+            let train = CIFAR10.load(dir, &files)?;
+            let test = CIFAR10.load(dir, &["test_batch.bin"])?;
+            Ok(Split { train, test })
+        }
+        Layout::Pickle => Ok(Split {
+            train: cifar_pickle::load(dir, &TRAIN, "cifar10", "labels", 10)?,
+            test: cifar_pickle::load(dir, &["test_batch"], "cifar10", "labels", 10)?,
+        }),
+    }
+}
+
+/// Load CIFAR-100 with its 100 fine labels from `dir`: the binary version (train.bin and
+/// test.bin) or torchvision's (train and test).
 pub fn load_cifar100(dir: &Path) -> Result<Split> {
-    let train = CIFAR100.load(dir, &["train.bin"])?;
-    let test = CIFAR100.load(dir, &["test.bin"])?;
-    Ok(Split { train, test })
+    match layout(
+        dir,
+        "train.bin",
+        "train",
+        &CIFAR100,
+        ("cifar-100-binary", "cifar-100-python"),
+    )? {
+        Layout::Binary => Ok(Split {
+            train: CIFAR100.load(dir, &["train.bin"])?,
+            test: CIFAR100.load(dir, &["test.bin"])?,
+        }),
+        Layout::Pickle => Ok(Split {
+            train: cifar_pickle::load(dir, &["train"], "cifar100", "fine_labels", 100)?,
+            test: cifar_pickle::load(dir, &["test"], "cifar100", "fine_labels", 100)?,
+        }),
+    }
 }
 
 /// Write a CIFAR binary file: record i is `labels[i]` followed by 3072 bytes of `pixels`.

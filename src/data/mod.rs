@@ -6,6 +6,7 @@
 //! [`Loader`] turns a data set into normalised, augmented `f32` mini-batches.
 
 pub mod cifar;
+pub mod cifar_pickle;
 pub mod idx;
 pub mod loader;
 pub mod synthetic;
@@ -123,9 +124,9 @@ pub enum DatasetKind {
 pub enum Name {
     /// Fashion-MNIST IDX files.
     FashionMnist,
-    /// CIFAR-10, binary version.
+    /// CIFAR-10: the binary version or torchvision's (cifar-10-batches-py).
     Cifar10,
-    /// CIFAR-100, binary version.
+    /// CIFAR-100: the binary version or torchvision's (cifar-100-python).
     Cifar100,
     /// Generated data (no files).
     Synthetic,
@@ -164,12 +165,13 @@ impl DatasetKind {
         }
     }
 
-    /// Where the files are looked for when no `--data-dir` is given (empty for synthetic).
+    /// Where the files are looked for when no `--data-dir` is given (empty for synthetic); for
+    /// CIFAR the binary version's folder, else torchvision's when only that one exists.
     pub fn default_dir(&self) -> PathBuf {
         match self {
             DatasetKind::FashionMnist => PathBuf::from("/usr/share/datasets/fashion-mnist"),
-            DatasetKind::Cifar10 => PathBuf::from("data/cifar-10-batches-bin"),
-            DatasetKind::Cifar100 => PathBuf::from("data/cifar-100-binary"),
+            DatasetKind::Cifar10 => first_present(&["data/cifar-10-batches-bin", "data/cifar-10-batches-py"]),
+            DatasetKind::Cifar100 => first_present(&["data/cifar-100-binary", "data/cifar-100-python"]),
             DatasetKind::Synthetic(_) => PathBuf::new(),
         }
     }
@@ -199,6 +201,11 @@ impl DatasetKind {
             DatasetKind::Synthetic(_) => Augment::none(),
         }
     }
+}
+
+/// The first of `dirs` that exists, else the first.
+fn first_present(dirs: &[&str]) -> PathBuf {
+    PathBuf::from(dirs.iter().find(|d| Path::new(d).is_dir()).unwrap_or(&dirs[0]))
 }
 
 /// Load both halves. `dir` is where the files are (ignored for synthetic data).
