@@ -90,19 +90,21 @@ else
     echo "install-deps: NVRTC $NVRTC_VERSION installed in $NVRTC_DIR"
 fi
 
-# safetensors for Python (the export test reads loft's files with it; numpy and h5py come
-# from Debian): into a folder of the repository, for Debian's python3 (PYTHONPATH).
-SAFETENSORS_VERSION=0.8.0
+# Python packages the tests use with Debian's python3 (numpy and h5py come from Debian):
+# safetensors (the export test reads loft's files with it) and Pillow (the ImageNet test
+# writes its JPEGs with it), into a folder of the repository (PYTHONPATH).
+PY_PACKAGES=(safetensors==0.8.0 pillow==12.0.0)
 PY_DIR=".deps/python"
-if [[ -f "$PY_DIR/.version-$SAFETENSORS_VERSION" ]]; then
-    echo "install-deps: safetensors $SAFETENSORS_VERSION present in $PY_DIR"
+PY_STAMP="$PY_DIR/.installed-$(echo "${PY_PACKAGES[*]}" | tr ' =' '_-')"
+if [[ -f "$PY_STAMP" ]]; then
+    echo "install-deps: ${PY_PACKAGES[*]} present in $PY_DIR"
 else
-    echo "install-deps: installing safetensors==$SAFETENSORS_VERSION into $PY_DIR ..."
+    echo "install-deps: installing ${PY_PACKAGES[*]} into $PY_DIR ..."
     rm -rf "$PY_DIR"
     PIP_ROOT_USER_ACTION=ignore /usr/bin/python3 -m pip install --quiet --disable-pip-version-check --no-deps \
-        --target "$PY_DIR" "safetensors==$SAFETENSORS_VERSION" ||
+        --target "$PY_DIR" "${PY_PACKAGES[@]}" ||
         PIP_ROOT_USER_ACTION=ignore python3 -m pip install --quiet --disable-pip-version-check --no-deps \
-            --python-version 3.11 --only-binary=:all: --target "$PY_DIR" "safetensors==$SAFETENSORS_VERSION"
-    touch "$PY_DIR/.version-$SAFETENSORS_VERSION"
-    echo "install-deps: safetensors $SAFETENSORS_VERSION installed in $PY_DIR"
+            --python-version 3.11 --only-binary=:all: --target "$PY_DIR" "${PY_PACKAGES[@]}"
+    touch "$PY_STAMP"
+    echo "install-deps: ${PY_PACKAGES[*]} installed in $PY_DIR"
 fi

@@ -155,8 +155,7 @@ impl RunArgs {
     /// The resolved main job.
     pub fn job(&self) -> Result<crate::experiment::MainJob> {
         let (dataset, data_dir) = self.data.resolve()?;
-        let (c, _, _, classes) = dataset.shape();
-        let arch = self.model.spec(c, classes)?;
+        let arch = self.model.spec_for(&dataset)?;
         let pretrain = crate::loft::PretrainConfig {
             method: crate::loft::Method::Loft,
             arch: arch.clone(),
@@ -465,9 +464,10 @@ pub struct CommArgs {
 impl CommArgs {
     /// The question `loft comm` answers.
     pub fn query(&self) -> Result<crate::comm::report::Query> {
-        let default_size = if self.model.stem == Stem::Imagenet { 224 } else { 32 };
+        let stem = self.model.stem_for(None);
+        let default_size = if stem == Stem::Imagenet { 224 } else { 32 };
         Ok(crate::comm::report::Query {
-            spec: self.model.spec(self.in_channels, 10)?,
+            spec: self.model.spec(self.in_channels, 10, stem)?,
             input_size: self.input_size.unwrap_or(default_size),
             workers: self.workers,
             rounds: self.rounds,
@@ -493,9 +493,10 @@ pub struct ModelArgs {
     /// Inner width factor w of the residual blocks (C -> wC -> C).
     #[arg(long, default_value_t = 2)]
     pub inner_width: usize,
-    /// Input stem: cifar (3x3 conv) or imagenet (7x7 stride-2 conv + max pool).
-    #[arg(long, value_enum, default_value_t = Stem::Cifar)]
-    pub stem: Stem,
+    /// Input stem: cifar (3x3 conv) or imagenet (7x7 stride-2 conv + max pool) [default:
+    /// imagenet with --dataset imagenet, else cifar].
+    #[arg(long, value_enum)]
+    pub stem: Option<Stem>,
     /// Number of classes [default: the data set's].
     #[arg(long)]
     pub classes: Option<usize>,
@@ -505,12 +506,27 @@ pub struct ModelArgs {
 }
 
 impl ModelArgs {
+    /// The stem asked for, else the data set's.
+    pub fn stem_for(&self, dataset: Option<&DatasetKind>) -> Stem {
+        self.stem.unwrap_or(match dataset {
+            Some(DatasetKind::Imagenet) => Stem::Imagenet,
+            _ => Stem::Cifar,
+        })
+    }
+
+    /// The architecture for `dataset`'s inputs and classes (`--classes` and `--stem`
+    /// override them).
+    pub fn spec_for(&self, dataset: &DatasetKind) -> Result<ArchSpec> {
+        let (c, _, _, classes) = dataset.shape();
+        self.spec(c, classes, self.stem_for(Some(dataset)))
+    }
+
     /// The architecture for inputs with `in_channels` channels and `default_classes` classes.
-    pub fn spec(&self, in_channels: usize, default_classes: usize) -> Result<ArchSpec> {
+    pub fn spec(&self, in_channels: usize, default_classes: usize, default_stem: Stem) -> Result<ArchSpec> {
         let mut s = ArchSpec::named(&self.arch)?;
         s.base_width = self.base_width;
         s.inner_width = self.inner_width;
-        s.stem = self.stem;
+        s.stem = self.stem.unwrap_or(default_stem);
         s.in_channels = in_channels;
         s.classes = self.classes.unwrap_or(default_classes);
         s.partitioned_stages = self.partitioned_stages.clone();
@@ -670,8 +686,7 @@ impl TrainArgs {
     /// The resolved training configuration.
     pub fn config(&self) -> Result<TrainConfig> {
         let (dataset, data_dir) = self.data.resolve()?;
-        let (c, _, _, classes) = dataset.shape();
-        let arch = self.model.spec(c, classes)?;
+        let arch = self.model.spec_for(&dataset)?;
         let milestones = self
             .milestones
             .iter()
@@ -785,7 +800,8 @@ impl FinetuneArgs {
 impl InfoArgs {
     /// The graph to describe.
     pub fn graph(&self) -> Result<Graph> {
-        let stem = self.model.stem;
+        let kind = self.dataset.map(DatasetKind::of);
+        let stem = self.model.stem_for(kind.as_ref());
         let default_size = if stem == Stem::Imagenet { 224 } else { 32 };
         let (c, h, w, classes) = match &self.dataset {
             Some(d) => DatasetKind::of(*d).shape(),
@@ -798,7 +814,7 @@ impl InfoArgs {
             Some(s) => (s, s),
             None => (h, w),
         };
-        let spec = self.model.spec(c, classes)?;
+        let spec = self.model.spec(c, classes, stem)?;
         Graph::build(&spec, h, w, None)
     }
 }
@@ -808,8 +824,7 @@ impl PretrainArgs {
     pub fn config(&self) -> Result<crate::loft::PretrainConfig> {
         let method = self.method;
         let (dataset, data_dir) = self.data.resolve()?;
-        let (c, _, _, classes) = dataset.shape();
-        let arch = self.model.spec(c, classes)?;
+        let arch = self.model.spec_for(&dataset)?;
         let schedule = Schedule::kind_of(self.optim.schedule, &[], 0.1)?;
         let cfg = crate::loft::PretrainConfig {
             method,

@@ -131,7 +131,7 @@ pub fn run<B: Backend>(req: &Request, comm: &mut dyn Comm, be: Arc<B>) -> Result
     let (mut x, mut y) = (vec![0f32; req.batch * set.image_len()], vec![0u32; req.batch]);
     let order = loader.order(0);
     for b in 0..loader.batches_per_epoch() {
-        let n = loader.fill(&order, 0, b, &mut x, &mut y);
+        let n = loader.fill(&order, 0, b, &mut x, &mut y)?;
         model.set_batch(n, &x, &y)?;
         let (loss, correct) = model.eval_step(n)?;
         let logits = model.logits_host(n)?;

@@ -97,6 +97,7 @@ impl Format {
             classes: *self.label_classes.last().unwrap_or(&0),
             pixels,
             labels,
+            folder: None,
         })
     }
 }

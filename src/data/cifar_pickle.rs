@@ -110,5 +110,6 @@ pub fn load(dir: &Path, files: &[&str], name: &str, label_key: &str, classes: us
         classes,
         pixels,
         labels,
+        folder: None,
     })
 }

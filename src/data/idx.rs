@@ -227,6 +227,7 @@ fn load_half(dir: &Path, images: &str, labels: &str) -> Result<Dataset> {
         classes: CLASSES,
         pixels,
         labels: raw.into_iter().map(u32::from).collect(),
+        folder: None,
     })
 }
 

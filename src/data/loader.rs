@@ -5,9 +5,13 @@
 //! from (seed, [`Purpose::Augment`], [epoch, rank, sample index]), so the values of a sample
 //! do not depend on the batch size, the batch it lands in or the number of threads.
 
+use super::imagenet::{self, Folder};
 use super::Dataset;
+use crate::error::{Error, Result};
 use crate::rng::{Purpose, Rng};
 use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 /// Random augmentation of training images.
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -39,6 +43,9 @@ pub struct Loader<'a> {
     batch_size: usize,
     /// Normalised value of every pixel value, per channel: `table[c * 256 + p]`.
     table: Vec<f32>,
+    /// The per-channel mean and std (images decoded from files are normalised from them).
+    mean: Vec<f32>,
+    std: Vec<f32>,
     augment: Augment,
     shuffle: bool,
     drop_last: bool,
@@ -46,6 +53,86 @@ pub struct Loader<'a> {
     rank: u64,
     part: usize,
     parts: usize,
+    /// Image folders: the next batch, decoded in the background.
+    prefetch: Prefetch,
+}
+
+/// Everything decoding a sample of an image folder needs, owned by the thread doing it.
+#[derive(Clone)]
+struct Decoder {
+    folder: Arc<Folder>,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+    /// Training: random resized crop (and flip); else the centre crop.
+    augment: bool,
+    flip: bool,
+    seed: u64,
+    rank: u64,
+}
+
+impl Decoder {
+    /// Decode, crop, resample and normalise sample `i` of `epoch` into `out` (3 x 224 x 224).
+    /// The crop and the flip come from the sample's own stream, as for in-memory sets.
+    fn sample(&self, i: usize, epoch: u64, out: &mut [f32]) -> Result<()> {
+        let (rgb, w, h) = imagenet::decode(&self.folder.files[i].0)?;
+        let (win, flip) = if self.augment {
+            let mut rng = Rng::stream(self.seed, Purpose::Augment, &[epoch, self.rank, i as u64]);
+            let win = imagenet::random_window(w, h, &mut rng);
+            (win, self.flip && rng.next_u64() >> 63 == 1)
+        } else {
+            (imagenet::centre_window(w, h), false)
+        };
+        imagenet::render(&rgb, w, h, win, flip, &self.mean, &self.std, out);
+        Ok(())
+    }
+
+    /// A whole batch, in parallel.
+    fn batch(&self, samples: &[usize], epoch: u64, out: &mut [f32]) -> Result<()> {
+        let len = out.len() / samples.len().max(1);
+        out.par_chunks_mut(len)
+            .zip(samples.par_iter())
+            .map(|(o, &i)| self.sample(i, epoch, o))
+            .collect()
+    }
+}
+
+/// A batch being decoded in the background: its samples, its epoch, and the thread that
+/// returns its values.
+type Pending = (Vec<usize>, u64, JoinHandle<Result<Vec<f32>>>);
+
+/// The batch being decoded in the background, if any.
+#[derive(Default)]
+struct Prefetch {
+    pending: Mutex<Option<Pending>>,
+}
+
+impl Prefetch {
+    /// Start decoding `samples` of `epoch` in the background (replacing any earlier batch).
+    fn start(&self, l: &Loader<'_>, samples: Vec<usize>, epoch: u64) {
+        let d = l.decoder();
+        let len = l.data.image_len();
+        let list = samples.clone();
+        let handle = std::thread::spawn(move || {
+            let mut out = vec![0f32; list.len() * len];
+            d.batch(&list, epoch, &mut out).map(|()| out)
+        });
+        *self.pending.lock().unwrap() = Some((samples, epoch, handle));
+    }
+
+    /// The batch from the background when it is the one asked for, else decoded now.
+    fn take_or_decode(&self, l: &Loader<'_>, samples: &[usize], epoch: u64, out: &mut [f32]) -> Result<()> {
+        let pending = self.pending.lock().unwrap().take();
+        if let Some((s, e, handle)) = pending {
+            if s == samples && e == epoch {
+                let decoded = handle
+                    .join()
+                    .map_err(|_| Error::Backend("the image decoding thread failed".into()))??;
+                out.copy_from_slice(&decoded);
+                return Ok(());
+            }
+        }
+        l.decoder().batch(samples, epoch, out)
+    }
 }
 
 impl<'a> Loader<'a> {
@@ -75,15 +162,20 @@ impl<'a> Loader<'a> {
             std.len(),
             data.channels
         );
+        let std: Vec<f32> = std
+            .iter()
+            .map(|&s| if s > 0.0 && s.is_finite() { s } else { 1.0 })
+            .collect();
         let mut table = Vec::with_capacity(data.channels * 256);
         for (&m, &s) in mean.iter().zip(&std) {
-            let s = if s > 0.0 && s.is_finite() { s } else { 1.0 };
             table.extend((0..256).map(|p| (p as f32 / 255.0 - m) / s));
         }
         Loader {
             data,
             batch_size,
             table,
+            mean,
+            std,
             augment,
             shuffle,
             drop_last,
@@ -91,6 +183,7 @@ impl<'a> Loader<'a> {
             rank,
             part: 0,
             parts: 1,
+            prefetch: Prefetch::default(),
         }
     }
 
@@ -151,20 +244,16 @@ impl<'a> Loader<'a> {
     /// Fill batch `b` of epoch `epoch` given that epoch's `order`: x gets (n, c, h, w) f32
     /// normalised ((pixel/255 - mean[c]) / std[c]) with augmentation, y gets labels; returns n
     /// (the last batch may be short when !drop_last; with drop_last a short batch gives 0).
-    /// x.len() >= n*c*h*w, y.len() >= n.
+    /// x.len() >= n*c*h*w, y.len() >= n. Images decoded from files fail with the file named;
+    /// for them the next batch is decoded in the background while the caller computes.
     ///
     /// # Panics
     /// If `x` or `y` is too short or `order` holds an index outside the data set.
-    pub fn fill(&self, order: &[usize], epoch: u64, b: usize, x: &mut [f32], y: &mut [u32]) -> usize {
-        let start = b.saturating_mul(self.batch_size);
-        if start >= order.len() {
-            return 0;
-        }
-        let end = order.len().min(start + self.batch_size);
-        let n = end - start;
-        if self.drop_last && n < self.batch_size {
-            return 0;
-        }
+    pub fn fill(&self, order: &[usize], epoch: u64, b: usize, x: &mut [f32], y: &mut [u32]) -> Result<usize> {
+        let Some(range) = self.batch_range(order.len(), b) else {
+            return Ok(0);
+        };
+        let n = range.len();
         let len = self.data.image_len();
         assert!(
             x.len() >= n * len && y.len() >= n,
@@ -172,22 +261,53 @@ impl<'a> Loader<'a> {
             x.len(),
             y.len()
         );
-        let order = &order[start..end];
+        let batch = &order[range];
+        for (l, &i) in y.iter_mut().zip(batch) {
+            *l = self.data.labels[i];
+        }
         if len == 0 {
-            for (l, &i) in y.iter_mut().zip(order) {
-                *l = self.data.labels[i];
+            return Ok(n);
+        }
+        if self.data.folder.is_some() {
+            self.prefetch.take_or_decode(self, batch, epoch, &mut x[..n * len])?;
+            // the next batch of this epoch, in the background
+            if let Some(next) = self.batch_range(order.len(), b + 1) {
+                self.prefetch.start(self, order[next].to_vec(), epoch);
             }
-            return n;
+            return Ok(n);
         }
         x[..n * len]
             .par_chunks_mut(len)
-            .zip(y[..n].par_iter_mut())
-            .zip(order.par_iter())
-            .for_each(|((out, label), &i)| {
-                *label = self.data.labels[i];
-                self.write_sample(i, epoch, out);
-            });
-        n
+            .zip(batch.par_iter())
+            .for_each(|(out, &i)| self.write_sample(i, epoch, out));
+        Ok(n)
+    }
+
+    /// Positions in an epoch's order of batch `b`; None past the end (or a short last batch
+    /// with drop_last).
+    fn batch_range(&self, samples: usize, b: usize) -> Option<std::ops::Range<usize>> {
+        let start = b.saturating_mul(self.batch_size);
+        if start >= samples {
+            return None;
+        }
+        let end = samples.min(start + self.batch_size);
+        if self.drop_last && end - start < self.batch_size {
+            return None;
+        }
+        Some(start..end)
+    }
+
+    /// What decoding a sample of an image folder needs, owned (for the background thread).
+    fn decoder(&self) -> Decoder {
+        Decoder {
+            folder: self.data.folder.clone().expect("an image folder"),
+            mean: self.mean.clone(),
+            std: self.std.clone(),
+            augment: !self.augment.is_none(),
+            flip: self.augment.flip,
+            seed: self.seed,
+            rank: self.rank,
+        }
     }
 
     /// Normalise and augment sample `i` into `out` (image_len values).
@@ -255,6 +375,7 @@ mod tests {
             classes: 3,
             pixels: (0..n * len).map(|i| (i * 7 % 253 + 1) as u8).collect(),
             labels: (0..n).map(|i| (i % 3) as u32).collect(),
+            folder: None,
         }
     }
 
@@ -272,7 +393,7 @@ mod tests {
         let mut x = vec![0.0; l.batch_size * len];
         let mut y = vec![0; l.batch_size];
         for b in 0..l.batches_per_epoch() {
-            let n = l.fill(&order, e, b, &mut x, &mut y);
+            let n = l.fill(&order, e, b, &mut x, &mut y).unwrap();
             xs.extend_from_slice(&x[..n * len]);
             ys.extend_from_slice(&y[..n]);
         }
@@ -336,7 +457,7 @@ mod tests {
         );
         let mut x = vec![0.0; 8];
         let mut y = vec![9; 2];
-        assert_eq!(l.fill(&l.order(0), 0, 0, &mut x, &mut y), 2);
+        assert_eq!(l.fill(&l.order(0), 0, 0, &mut x, &mut y).unwrap(), 2);
         let want = [
             (0.0 - 0.5) / 0.25,
             (0.2 - 0.5) / 0.25,
@@ -464,18 +585,18 @@ mod tests {
         let order = l.order(0);
         let mut x = vec![f32::NAN; 16];
         let mut y = vec![99; 4];
-        assert_eq!(l.fill(&order, 0, 2, &mut x, &mut y), 2);
+        assert_eq!(l.fill(&order, 0, 2, &mut x, &mut y).unwrap(), 2);
         assert_eq!(y[..2], [8 % 3, 9 % 3]);
         assert_eq!(y[2..], [99, 99]);
         assert!(x[8..].iter().all(|v| v.is_nan()));
-        assert_eq!(l.fill(&order, 0, 3, &mut x, &mut y), 0);
+        assert_eq!(l.fill(&order, 0, 3, &mut x, &mut y).unwrap(), 0);
 
         let l = plain(&d, 4, Augment::none(), true, true);
         assert_eq!(l.batches_per_epoch(), 2);
         assert_eq!(l.samples_per_epoch(), 8);
         let order = l.order(0);
-        assert_eq!(l.fill(&order, 0, 1, &mut x, &mut y), 4);
-        assert_eq!(l.fill(&order, 0, 2, &mut x, &mut y), 0);
+        assert_eq!(l.fill(&order, 0, 1, &mut x, &mut y).unwrap(), 4);
+        assert_eq!(l.fill(&order, 0, 2, &mut x, &mut y).unwrap(), 0);
     }
 
     #[test]
@@ -485,7 +606,7 @@ mod tests {
         let l = Loader::new(&d, 1, vec![0.2], vec![0.0], Augment::none(), false, false, 0, 0);
         let mut x = vec![1.0; 2];
         let mut y = vec![0; 1];
-        l.fill(&l.order(0), 0, 0, &mut x, &mut y);
+        l.fill(&l.order(0), 0, 0, &mut x, &mut y).unwrap();
         assert!(x.iter().all(|v| v.abs() < 1e-6), "{x:?}");
     }
 }

@@ -8,6 +8,7 @@
 pub mod cifar;
 pub mod cifar_pickle;
 pub mod idx;
+pub mod imagenet;
 pub mod loader;
 pub mod synthetic;
 
@@ -33,6 +34,9 @@ pub struct Dataset {
     pub pixels: Vec<u8>,
     /// One label per image, each `< classes`.
     pub labels: Vec<u32>,
+    /// Images decoded from files when a batch needs them (ImageNet); `pixels` is then
+    /// empty, and `height` x `width` is the size of the decoded, cropped sample.
+    pub folder: Option<std::sync::Arc<imagenet::Folder>>,
 }
 
 impl Dataset {
@@ -55,6 +59,10 @@ impl Dataset {
     ///
     /// The std is the population standard deviation. An empty set gives mean 0 and std 1.
     pub fn channel_stats(&self) -> (Vec<f32>, Vec<f32>) {
+        if self.folder.is_some() {
+            // images decoded on demand: ImageNet's published statistics
+            return (imagenet::MEAN.to_vec(), imagenet::STD.to_vec());
+        }
         let c = self.channels;
         let plane = self.height * self.width;
         let n = self.len();
@@ -88,8 +96,17 @@ impl Dataset {
         (mean, std)
     }
 
-    /// Keep only the first n samples (n >= len is a no-op).
+    /// Keep only the first n samples (n >= len is a no-op). An image folder, listed class by
+    /// class, keeps n samples evenly spaced over the list instead, so every class stays.
     pub fn truncate(&mut self, n: usize) {
+        if let Some(folder) = self.folder.as_mut().filter(|_| n < self.labels.len()) {
+            let len = self.labels.len();
+            let keep: Vec<usize> = (0..n).map(|i| i * len / n).collect();
+            let f = std::sync::Arc::make_mut(folder);
+            f.files = keep.iter().map(|&i| f.files[i].clone()).collect();
+            self.labels = keep.iter().map(|&i| self.labels[i]).collect();
+            return;
+        }
         if n < self.len() {
             self.labels.truncate(n);
             self.pixels.truncate(n * self.image_len());
@@ -115,6 +132,9 @@ pub enum DatasetKind {
     Cifar10,
     /// CIFAR-100: 32x32 colour images, 100 fine classes (binary version).
     Cifar100,
+    /// ImageNet in its folder layout (train/<class>/*.JPEG, val/<class>/*.JPEG), decoded on
+    /// demand to 3x224x224; 1000 classes.
+    Imagenet,
     /// A generated, learnable set (no files).
     Synthetic(synthetic::SyntheticSpec),
 }
@@ -128,12 +148,14 @@ pub enum Name {
     Cifar10,
     /// CIFAR-100: the binary version or torchvision's (cifar-100-python).
     Cifar100,
+    /// ImageNet folders: DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG.
+    Imagenet,
     /// Generated data (no files).
     Synthetic,
 }
 
 /// The CLI names accepted by [`DatasetKind::parse`].
-const KIND_NAMES: &str = "fashion-mnist, cifar10, cifar100, synthetic";
+const KIND_NAMES: &str = "fashion-mnist, cifar10, cifar100, imagenet, synthetic";
 
 impl DatasetKind {
     /// Parse a CLI name ("fashion-mnist", "cifar10", "cifar100", "synthetic"). Unknown name ->
@@ -151,6 +173,7 @@ impl DatasetKind {
             Name::FashionMnist => DatasetKind::FashionMnist,
             Name::Cifar10 => DatasetKind::Cifar10,
             Name::Cifar100 => DatasetKind::Cifar100,
+            Name::Imagenet => DatasetKind::Imagenet,
             Name::Synthetic => DatasetKind::Synthetic(synthetic::SyntheticSpec::default()),
         }
     }
@@ -161,6 +184,7 @@ impl DatasetKind {
             DatasetKind::FashionMnist => "fashion-mnist",
             DatasetKind::Cifar10 => "cifar10",
             DatasetKind::Cifar100 => "cifar100",
+            DatasetKind::Imagenet => "imagenet",
             DatasetKind::Synthetic(_) => "synthetic",
         }
     }
@@ -172,6 +196,7 @@ impl DatasetKind {
             DatasetKind::FashionMnist => PathBuf::from("/usr/share/datasets/fashion-mnist"),
             DatasetKind::Cifar10 => first_present(&["data/cifar-10-batches-bin", "data/cifar-10-batches-py"]),
             DatasetKind::Cifar100 => first_present(&["data/cifar-100-binary", "data/cifar-100-python"]),
+            DatasetKind::Imagenet => PathBuf::from("data/imagenet"),
             DatasetKind::Synthetic(_) => PathBuf::new(),
         }
     }
@@ -182,6 +207,7 @@ impl DatasetKind {
             DatasetKind::FashionMnist => (1, 28, 28, 10),
             DatasetKind::Cifar10 => (3, 32, 32, 10),
             DatasetKind::Cifar100 => (3, 32, 32, 100),
+            DatasetKind::Imagenet => (3, imagenet::SIZE, imagenet::SIZE, 1000),
             DatasetKind::Synthetic(s) => (s.channels, s.height, s.width, s.classes),
         }
     }
@@ -196,6 +222,11 @@ impl DatasetKind {
             },
             DatasetKind::Cifar10 | DatasetKind::Cifar100 => Augment {
                 crop_pad: 4,
+                flip: true,
+            },
+            // for decoded images: the random resized crop, and the flip
+            DatasetKind::Imagenet => Augment {
+                crop_pad: 0,
                 flip: true,
             },
             DatasetKind::Synthetic(_) => Augment::none(),
@@ -214,6 +245,7 @@ pub fn load(kind: &DatasetKind, dir: &Path) -> Result<Split> {
         DatasetKind::FashionMnist => idx::load_fashion_mnist(dir),
         DatasetKind::Cifar10 => cifar::load_cifar10(dir),
         DatasetKind::Cifar100 => cifar::load_cifar100(dir),
+        DatasetKind::Imagenet => imagenet::load(dir),
         DatasetKind::Synthetic(spec) => {
             spec.validate()?;
             Ok(synthetic::generate(spec))
@@ -258,6 +290,7 @@ mod tests {
             classes: 3,
             pixels: vec![0, 255, 51, 51, 255, 255, 51, 102],
             labels: vec![0, 2],
+            folder: None,
         }
     }
 

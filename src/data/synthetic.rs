@@ -169,6 +169,7 @@ fn half(spec: &SyntheticSpec, protos: &[f64], stream: u64, n: usize) -> Dataset 
         classes: spec.classes,
         pixels,
         labels,
+        folder: None,
     }
 }
 
@@ -184,6 +185,7 @@ pub fn generate(spec: &SyntheticSpec) -> Split {
             classes: spec.classes,
             pixels: Vec::new(),
             labels: if spec.classes == 0 { Vec::new() } else { vec![0; n] },
+            folder: None,
         };
         return Split {
             train: empty(spec.train),

@@ -66,7 +66,7 @@ impl<'a, 'd> Evaluation<'a, 'd> {
             saved = Some(keep);
             let order = loader.order(round);
             for b in 0..batches.min(loader.batches_per_epoch()) {
-                let n = loader.fill(&order, round, b, &mut self.x, &mut self.y);
+                let n = loader.fill(&order, round, b, &mut self.x, &mut self.y)?;
                 model.set_batch(n, &self.x, &self.y)?;
                 model.forward(n, true);
             }
@@ -77,7 +77,7 @@ impl<'a, 'd> Evaluation<'a, 'd> {
         let (mut loss, mut correct, mut seen) = (0.0, 0.0, 0.0);
         let order = self.test.order(0);
         for b in 0..self.test.batches_per_epoch() {
-            let n = self.test.fill(&order, 0, b, &mut self.x, &mut self.y);
+            let n = self.test.fill(&order, 0, b, &mut self.x, &mut self.y)?;
             model.set_batch(n, &self.x, &self.y)?;
             let (l, c) = model.eval_step(n)?;
             loss += l;

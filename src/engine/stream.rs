@@ -54,7 +54,7 @@ impl<'d> Stream<'d> {
         }
         let n = self
             .loader
-            .fill(&self.order, epoch, b as usize, &mut self.x, &mut self.y);
+            .fill(&self.order, epoch, b as usize, &mut self.x, &mut self.y)?;
         self.drawn += 1;
         model.set_batch(n, &self.x, &self.y)?;
         Ok(n)
