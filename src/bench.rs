@@ -262,3 +262,43 @@ pub fn step_row<B: Backend>(be: Arc<B>, base: usize, n: usize) -> Result<()> {
     );
     Ok(())
 }
+
+/// Images per second of the ImageNet training loader alone (decode, random resized crop,
+/// flip, normalise) over one epoch of `dir`'s training images in batches of `batch`, on the
+/// current thread pool; prints one Markdown row.
+pub fn loader(dir: &std::path::Path, batch: usize) -> Result<()> {
+    use crate::data::{self, DatasetKind, Loader};
+    let split = data::load(&DatasetKind::Imagenet, dir)?;
+    let (mean, std) = split.train.channel_stats();
+    let l = Loader::new(
+        &split.train,
+        batch,
+        mean,
+        std,
+        DatasetKind::Imagenet.default_augment(),
+        true,
+        false,
+        1,
+        0,
+    );
+    let (mut x, mut y) = (vec![0f32; batch * split.train.image_len()], vec![0u32; batch]);
+    let order = l.order(0);
+    // warm the file cache, then time a whole epoch
+    for (path, _) in split.train.folder.as_ref().expect("an image folder").files.iter() {
+        let _ = std::fs::read(path);
+    }
+    let t = std::time::Instant::now();
+    let mut images = 0;
+    for b in 0..l.batches_per_epoch() {
+        images += l.fill(&order, 0, b, &mut x, &mut y)?;
+    }
+    let s = t.elapsed().as_secs_f64();
+    let threads = rayon::current_num_threads();
+    println!("| loader threads | images | seconds | images/s | images/s per thread |\n|---:|---:|---:|---:|---:|");
+    println!(
+        "| {threads} | {images} | {s:.2} | {:.1} | {:.1} |",
+        images as f64 / s,
+        images as f64 / s / threads as f64
+    );
+    Ok(())
+}

@@ -657,6 +657,10 @@ pub struct BenchArgs {
     /// Architecture of the per-layer convolution table (CIFAR input, inner width 2).
     #[arg(long, default_value = "preresnet18")]
     pub arch: String,
+    /// Only measure the ImageNet loader (decode, random resized crop, flip, normalise) on the
+    /// training images of this folder (DIR/train/<class>/*.JPEG), in images per second.
+    #[arg(long)]
+    pub loader: Option<PathBuf>,
     /// Also write the convolution table as JSON (shapes and seconds per pass) to this file,
     /// for scripts/bench_cudnn.py to time the same shapes.
     #[arg(long)]
@@ -1106,6 +1110,9 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
                 arch: a.arch.clone(),
                 json: a.json.clone(),
             };
+            if let Some(dir) = &a.loader {
+                return crate::bench::loader(dir, a.batch).map(|()| 0);
+            }
             crate::on_device!(a.device.device, be => match a.step_only {
                 Some(base) => crate::bench::step_row(be, base, a.batch),
                 None => crate::bench::run(be, &opts),
