@@ -222,3 +222,56 @@ fn an_undecodable_image_is_a_one_line_error_naming_it() {
         .unwrap();
     one_line_error(&o, "DIR/train/<class>/*.JPEG");
 }
+
+#[test]
+fn a_run_on_image_folders_resumes_from_a_checkpoint_exactly() {
+    let root = tmp("resume");
+    if !generate(&root) {
+        return;
+    }
+    let loft = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_loft")).args(args).output().unwrap();
+    let train = |out: &Path, extra: &[&str]| {
+        let mut a = vec![
+            "--threads",
+            "1",
+            "train",
+            "--dataset",
+            "imagenet",
+            "--data-dir",
+            root.to_str().unwrap(),
+            "--base-width",
+            "2",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--progress",
+            "none",
+            "--checkpoint-every",
+            "1",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        a.extend_from_slice(extra);
+        loft(&a)
+    };
+    let whole = root.join("whole");
+    ok(&train(&whole, &[]));
+    let first = loft::checkpoint::list(&whole.join("checkpoints")).unwrap()[0].1.clone();
+    let resumed = root.join("resumed");
+    ok(&loft(&[
+        "--threads",
+        "1",
+        "train",
+        "--resume",
+        first.to_str().unwrap(),
+        "--progress",
+        "none",
+        "--out",
+        resumed.to_str().unwrap(),
+    ]));
+    assert_eq!(
+        common::metrics_without_timings(&resumed),
+        common::metrics_without_timings(&whole)
+    );
+}
