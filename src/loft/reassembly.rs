@@ -306,3 +306,155 @@ impl<B: Backend> Reassembly<B> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Re-assembly against values computed by hand from the layouts: every shared tensor is
+    //! the mean of the workers' copies, every partitioned filter slice is its owner's copy,
+    //! placed at the filter's index along the partitioned axis.
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::comm::single::SingleComm;
+    use crate::model::{ArchSpec, Entry, Role};
+    use std::sync::Arc;
+
+    /// Distinct values for worker r: easy to tell apart, and exactly representable.
+    fn values(n: usize, r: usize, salt: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7 + salt) % 97) as f32 * 0.25 + 100.0 * r as f32)
+            .collect()
+    }
+
+    /// Element `idx` (multi-index) of a row-major tensor.
+    fn flat(shape: &[usize], idx: &[usize]) -> usize {
+        shape.iter().zip(idx).fold(0, |acc, (&d, &i)| acc * d + i)
+    }
+
+    /// The expected full buffer: shared entries averaged over the workers, partitioned ones
+    /// assembled from their owners. `subs[r]` is worker r's buffer with layout `sub[r]`.
+    fn by_hand(full: &[Entry], sub: &[Vec<Entry>], subs: &[Vec<f32>], p: &Partition, total: usize) -> Vec<f32> {
+        let mut out = vec![f32::NAN; total];
+        let workers = subs.len();
+        for (k, e) in full.iter().enumerate() {
+            let n: usize = e.shape.iter().product();
+            match e.role {
+                Role::Shared => {
+                    for i in 0..n {
+                        let sum: f64 = (0..workers).map(|r| subs[r][sub[r][k].offset + i] as f64).sum();
+                        out[e.offset + i] = (sum / workers as f64) as f32;
+                    }
+                }
+                Role::Partitioned { block, axis } => {
+                    // walk every element of the full tensor; find who owns its index on `axis`
+                    let mut idx = vec![0usize; e.shape.len()];
+                    for i in 0..n {
+                        let mut rest = i;
+                        for d in (0..e.shape.len()).rev() {
+                            idx[d] = rest % e.shape[d];
+                            rest /= e.shape[d];
+                        }
+                        let j = idx[axis];
+                        let (r, pos) = (0..workers)
+                            .find_map(|r| {
+                                p.indices(r, block)
+                                    .unwrap()
+                                    .iter()
+                                    .position(|&x| x == j)
+                                    .map(|pos| (r, pos))
+                            })
+                            .expect("an owner");
+                        let mut sidx = idx.clone();
+                        sidx[axis] = pos;
+                        let s = &sub[r][k];
+                        out[e.offset + i] = subs[r][s.offset + flat(&s.shape, &sidx)];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn check(workers: usize) {
+        let be = Arc::new(CpuBackend::<f32>::new());
+        let mut spec = ArchSpec::named("preresnet18").unwrap();
+        spec.base_width = 2;
+        spec.classes = 3;
+        spec.partitioned_stages = vec![1, 2, 3, 4];
+        let full_graph = Graph::build(&spec, 8, 8, None).unwrap();
+        let p = Partition::draw(&full_graph, 5, 3, workers);
+        let sub_graphs: Vec<Graph> = (0..workers)
+            .map(|r| Graph::build(&spec, 8, 8, Some(&p.widths(&full_graph, r))).unwrap())
+            .collect();
+        let mut subs = Vec::new();
+        let (mut sub_params, mut sub_stats) = (Vec::new(), Vec::new());
+        for (r, g) in sub_graphs.iter().enumerate() {
+            let mut m = Model::for_evaluation(be.clone(), g.clone(), 1, false).unwrap();
+            let (pv, sv) = (values(g.params.total, r, 1), values(g.stats.total, r, 2));
+            m.load(&pv, &sv, None).unwrap();
+            sub_params.push(pv);
+            sub_stats.push(sv);
+            subs.push(m);
+        }
+        let mut full = Model::for_evaluation(be.clone(), full_graph.clone(), 1, false).unwrap();
+        let local: Vec<usize> = (0..workers).collect();
+        let mut re = Reassembly::new(&*be, &full_graph, sub_graphs.clone(), &local, vec![0; workers], false).unwrap();
+        let refs: Vec<&Model<CpuBackend<f32>>> = subs.iter().collect();
+        re.sync(&p, &refs, &local, &mut full, &mut SingleComm::new()).unwrap();
+
+        let layouts = |f: fn(&Graph) -> &crate::model::Layout| -> Vec<Vec<Entry>> {
+            sub_graphs.iter().map(|g| f(g).entries.clone()).collect()
+        };
+        let want_p = by_hand(
+            &full_graph.params.entries,
+            &layouts(|g| &g.params),
+            &sub_params,
+            &p,
+            full_graph.params.total,
+        );
+        let want_s = by_hand(
+            &full_graph.stats.entries,
+            &layouts(|g| &g.stats),
+            &sub_stats,
+            &p,
+            full_graph.stats.total,
+        );
+        let checks = [
+            (
+                "parameters",
+                &full_graph.params.entries,
+                want_p,
+                be.download(&full.params).unwrap(),
+            ),
+            (
+                "statistics",
+                &full_graph.stats.entries,
+                want_s,
+                be.download(&full.stats).unwrap(),
+            ),
+        ];
+        for (what, entries, want, got) in checks {
+            for e in entries {
+                let (w, g) = (&want[e.offset..e.offset + e.len], &got[e.offset..e.offset + e.len]);
+                if e.role == Role::Shared {
+                    // a mean: equal up to the order of the additions
+                    for (a, b) in w.iter().zip(g) {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                            "S = {workers}: {}: by hand {a}, re-assembled {b}",
+                            e.name
+                        );
+                    }
+                } else {
+                    // an owner's copy: the same bits
+                    assert_eq!(w, g, "S = {workers}: {what} {}", e.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn two_and_three_workers_reassemble_as_computed_by_hand() {
+        check(2);
+        check(3);
+    }
+}
