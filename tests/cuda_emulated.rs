@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::ok;
+use common::{have_mpirun, mpirun_loft, ok};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -18,32 +18,6 @@ fn tmp(name: &str) -> PathBuf {
 
 fn loft(args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_loft")).args(args).output().unwrap()
-}
-
-fn mpirun(np: usize, args: &[String]) -> Option<Output> {
-    let present = Command::new("mpirun")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !present {
-        assert!(
-            std::env::var_os("LOFT_REQUIRE_DATA").is_none(),
-            "mpirun is required (make deps installs it)"
-        );
-        eprintln!("note: mpirun not found; skipping");
-        return None;
-    }
-    let o = Command::new("mpirun")
-        .args(["-np", &np.to_string(), "--oversubscribe", "--bind-to", "none"])
-        .arg(env!("CARGO_BIN_EXE_loft"))
-        .args(args)
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .output()
-        .unwrap();
-    Some(o)
 }
 
 fn args(list: &[&str], out: &Path, device: &str) -> Vec<String> {
@@ -153,11 +127,11 @@ fn loft_on_two_ranks_on_the_emulated_device_tracks_the_cpu_and_counts_every_byte
         "none",
     ];
     let (cpu, emu) = (tmp("loft-cpu"), tmp("loft-emu"));
-    let Some(o) = mpirun(2, &args(&list, &cpu, "cpu")) else {
+    if !have_mpirun() {
         return;
-    };
-    ok(&o);
-    ok(&mpirun(2, &args(&list, &emu, "cuda-emu")).unwrap());
+    }
+    ok(&mpirun_loft(2, &args(&list, &cpu, "cpu")));
+    ok(&mpirun_loft(2, &args(&list, &emu, "cuda-emu")));
     losses_track(&cpu, &emu, 5e-3);
     let (lc, le) = (json(&cpu.join("ledger.json")), json(&emu.join("ledger.json")));
     assert_eq!(le["per_rank_sync_bytes_sent"], le["per_rank_sync_bytes_closed_form"]);

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{ok, one_line_error};
+use common::{have_mpirun, mpirun_loft, ok, one_line_error};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -106,26 +106,12 @@ fn evaluate_prints_what_the_training_log_printed() {
 
 #[test]
 fn evaluate_on_two_ranks_sums_the_shards() {
-    let present = Command::new("mpirun")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !present {
-        assert!(std::env::var_os("LOFT_REQUIRE_DATA").is_none(), "mpirun is required");
+    if !have_mpirun() {
         return;
     }
     let dir = tmp("evaluate-mpi");
     let (ckpt, _, acc) = trained(&dir);
-    let o = Command::new("mpirun")
-        .args(["-np", "2", "--oversubscribe", "--bind-to", "none"])
-        .arg(env!("CARGO_BIN_EXE_loft"))
-        .args(["evaluate", ckpt.to_str().unwrap(), "--json"])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .output()
-        .unwrap();
+    let o = mpirun_loft(2, &["evaluate", ckpt.to_str().unwrap(), "--json"]);
     let e = json_out(&o);
     assert_eq!(e["samples"], 100);
     assert_eq!(e["top1"].as_f64().unwrap(), acc);

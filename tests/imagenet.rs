@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{ok, one_line_error};
+use common::{have_mpirun, mpirun_loft, ok, one_line_error};
 use loft::data::imagenet::{self, Folder};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -115,20 +115,13 @@ fn the_main_job_runs_through_an_imagenet_tree_on_two_ranks() {
     if !generate(&root) {
         return;
     }
-    let present = Command::new("mpirun")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !present {
-        assert!(std::env::var_os("LOFT_REQUIRE_DATA").is_none(), "mpirun is required");
+    if !have_mpirun() {
         return;
     }
     let out = root.join("job");
-    let o = Command::new("mpirun")
-        .args(["-np", "2", "--oversubscribe", "--bind-to", "none"])
-        .arg(env!("CARGO_BIN_EXE_loft"))
-        .args([
+    let o = mpirun_loft(
+        2,
+        &[
             "--threads",
             "1",
             "run",
@@ -154,12 +147,8 @@ fn the_main_job_runs_through_an_imagenet_tree_on_two_ranks() {
             "none",
             "--out",
             out.to_str().unwrap(),
-        ])
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
-        .output()
-        .unwrap();
+        ],
+    );
     ok(&o);
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("imagenet"), "{report}");

@@ -36,3 +36,34 @@ pub fn metrics_without_timings(dir: &Path) -> Vec<serde_json::Value> {
         })
         .collect()
 }
+
+/// Whether `mpirun` is on this machine. Without it an MPI test returns early with a note,
+/// unless LOFT_REQUIRE_DATA is set (as `make test` does), which makes it a failure.
+pub fn have_mpirun() -> bool {
+    let present = std::process::Command::new("mpirun")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !present {
+        assert!(
+            std::env::var_os("LOFT_REQUIRE_DATA").is_none(),
+            "mpirun is required (apt-get install openmpi-bin; make test installs it)"
+        );
+        eprintln!("note: mpirun not found; skipping (make test installs it)");
+    }
+    present
+}
+
+/// `mpirun -np <np> --oversubscribe loft <args>`, as root if need be.
+pub fn mpirun_loft<S: AsRef<std::ffi::OsStr>>(np: usize, args: &[S]) -> Output {
+    std::process::Command::new("mpirun")
+        .args(["-np", &np.to_string(), "--oversubscribe", "--bind-to", "none"])
+        .arg(env!("CARGO_BIN_EXE_loft"))
+        .args(args)
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+        .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+        .output()
+        .expect("run mpirun")
+}
