@@ -53,9 +53,70 @@ pub enum Command {
     /// Evaluate a checkpoint or ticket: loss, top-1 / top-5 and per-class accuracy, confusion
     /// matrix (sharded over the ranks under mpirun).
     Evaluate(EvaluateArgs),
+    /// Theorem 1 shown: LoFT against full-batch GD on a one-hidden-layer CNN as the width
+    /// grows (table, slope with its confidence interval, plots).
+    Theory(TheoryArgs),
     /// Write a checkpoint or ticket as safetensors under PyTorch state_dict names, with the
     /// architecture in the metadata (docs/pytorch.md builds the network from it).
     Export(ExportArgs),
+}
+
+/// `loft theory`.
+#[derive(Args, Debug)]
+pub struct TheoryArgs {
+    /// Widths m = 2^LO .. 2^HI.
+    #[arg(long, default_value = "8..14")]
+    pub widths: String,
+    /// Seeds per width.
+    #[arg(long, default_value_t = 3)]
+    pub seeds: u64,
+    /// Numbers of LoFT workers, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    pub workers: Vec<usize>,
+    /// Local GD steps per LoFT round.
+    #[arg(long, default_value_t = 4)]
+    pub local_steps: usize,
+    /// Full-batch GD steps T.
+    #[arg(long, default_value_t = 64)]
+    pub steps: usize,
+    /// Step size (stable here up to about 0.03; the LoFT workers take lr / S).
+    #[arg(long, default_value_t = 0.01)]
+    pub lr: f32,
+    /// Fashion-MNIST training images used.
+    #[arg(long, default_value_t = 64)]
+    pub samples: usize,
+    /// Fashion-MNIST directory.
+    #[arg(long, default_value = "/usr/share/datasets/fashion-mnist")]
+    pub data_dir: PathBuf,
+    /// Output directory.
+    #[arg(long, default_value = "runs/theory")]
+    pub out: PathBuf,
+    /// Progress on stderr.
+    #[arg(long, value_enum, default_value_t = crate::progress::Style::Lines)]
+    pub progress: crate::progress::Style,
+}
+
+impl TheoryArgs {
+    /// The resolved sweep.
+    pub fn config(&self) -> Result<crate::theory::TheoryConfig> {
+        let bad = || Error::config(format!("--widths {}: expected LO..HI, e.g. 8..14", self.widths));
+        let (lo, hi) = self.widths.split_once("..").ok_or_else(bad)?;
+        let (lo, hi) = (
+            lo.trim().parse().map_err(|_| bad())?,
+            hi.trim().parse().map_err(|_| bad())?,
+        );
+        Ok(crate::theory::TheoryConfig {
+            log2_widths: (lo, hi),
+            seeds: self.seeds,
+            workers: self.workers.clone(),
+            local_steps: self.local_steps,
+            steps: self.steps,
+            lr: self.lr,
+            samples: self.samples,
+            data_dir: self.data_dir.clone(),
+            out: self.out.clone(),
+        })
+    }
 }
 
 /// `loft evaluate`.
@@ -1063,6 +1124,16 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
                     print!("{}", crate::evaluate::table(&e));
                 }
             }
+            Ok(0)
+        }
+        Command::Theory(a) => {
+            let cfg = a.config()?;
+            let r = crate::theory::run(&cfg, a.progress != crate::progress::Style::None)?;
+            print!("{}", crate::theory::markdown(&r));
+            println!(
+                "\nwritten: {}/theory.{{md,json,png}}, theory-loss.png",
+                cfg.out.display()
+            );
             Ok(0)
         }
         Command::Export(a) => {

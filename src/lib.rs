@@ -22,6 +22,7 @@ pub mod rng;
 pub mod rundir;
 pub mod schedule;
 pub mod stop;
+pub mod theory;
 pub mod ticket;
 pub mod train;
 

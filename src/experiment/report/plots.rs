@@ -286,3 +286,72 @@ pub fn confusion(matrix: &[Vec<u64>], title: &str, path: &Path) -> Result<()> {
     root.present()
         .map_err(|e| Error::Backend(format!("{}: {e}", path.display())))
 }
+
+/// `theory.png`: the weight distance and the prediction gap against the width (log-log, one
+/// series per S, every seed a point, the per-width mean a line); `theory-loss.png`: the loss
+/// of GD and LoFT over the rounds at the largest width (first seed).
+pub fn theory(r: &crate::theory::TheoryReport, dir: &Path) -> Result<()> {
+    font()?;
+    let path = dir.join("theory.png");
+    let root = BitMapBackend::new(&path, (1100, 480)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let (left, right) = root.split_horizontally(550);
+    type Measure = fn(&crate::theory::Trajectory) -> f64;
+    let pick: [(&str, Measure); 2] = [
+        ("||W_T - W_T^GD||_F^2", |t| t.weight_distance),
+        ("prediction gap, summed", |t| t.prediction_gap),
+    ];
+    for (area, (what, f)) in [&left, &right].into_iter().zip(pick) {
+        let series: Vec<(String, Vec<(f64, f64)>)> = r
+            .config
+            .workers
+            .iter()
+            .map(|&s| {
+                let mut pts: Vec<(f64, f64)> = r
+                    .runs
+                    .iter()
+                    .filter(|t| t.workers == s)
+                    .map(|t| ((t.width as f64).log2(), f(t).max(1e-300).log10()))
+                    .collect();
+                pts.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                // mean over the seeds of each width
+                let mut sums: Vec<(f64, f64, f64)> = Vec::new();
+                for p in pts {
+                    match sums.last_mut() {
+                        Some(m) if m.0 == p.0 => {
+                            m.1 += p.1;
+                            m.2 += 1.0;
+                        }
+                        _ => sums.push((p.0, p.1, 1.0)),
+                    }
+                }
+                (
+                    format!("LoFT-{s}"),
+                    sums.into_iter().map(|(x, y, n)| (x, y / n)).collect(),
+                )
+            })
+            .collect();
+        lines(area, &format!("{what} (log10) vs width"), "log2 m", "log10", &series)?;
+    }
+    root.present().map_err(err)?;
+
+    let path = dir.join("theory-loss.png");
+    let root = BitMapBackend::new(&path, (700, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(err)?;
+    let top = r.runs.iter().map(|t| t.width).max().unwrap_or(0);
+    let mut series = Vec::new();
+    for (i, t) in r.runs.iter().filter(|t| t.width == top && t.seed == 1).enumerate() {
+        let curve = |v: &[f64]| {
+            v.iter()
+                .enumerate()
+                .map(|(k, &l)| ((k + 1) as f64, l))
+                .collect::<Vec<_>>()
+        };
+        if i == 0 {
+            series.push(("GD".to_string(), curve(&t.loss_gd)));
+        }
+        series.push((format!("LoFT-{}", t.workers), curve(&t.loss_loft)));
+    }
+    lines(&root, &format!("training loss, m = {top}"), "round", "loss", &series)?;
+    root.present().map_err(err)
+}
