@@ -401,3 +401,42 @@ mod tests {
         assert!(distance(&g.params, &a, &b, 1.0).is_err());
     }
 }
+
+#[cfg(test)]
+mod by_hand {
+    //! D_idx and D_w on two blocks whose kept filters and unit rows are worked out by hand.
+    use super::*;
+    use crate::model::Role;
+
+    #[test]
+    fn index_and_weight_distances_match_values_worked_out_by_hand() {
+        let mut layout = Layout::default();
+        layout.push("s1.b0.conv1.weight", &[4, 1, 1, 2], Role::Shared);
+        layout.push("s1.b1.conv1.weight", &[3, 1, 1, 2], Role::Shared);
+        // block 0: B's squared row norms 9, 1, 8, 0.25 keep {0, 2} at p = 0.5; A's 1, 16, 2, 0
+        // keep {1, 2}. Block 1: B's 1, 4, 2 keep {1} (one of three); A's 9, 1, 0 keep {0}.
+        let b = [3.0, 0.0, 0.0, 1.0, 2.0, 2.0, 0.0, 0.5, 1.0, 0.0, 0.0, 2.0, 1.0, 1.0];
+        let a = [0.0, 1.0, 4.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 3.0, 1.0, 0.0, 0.0, 0.0];
+        let d = distance(&layout, &a, &b, 0.5).unwrap();
+        // D_idx = 1 - (|{1,2} ∩ {0,2}| + |{0} ∩ {1}|) / (2 + 1) = 1 - 1/3
+        assert!((d.index - 2.0 / 3.0).abs() < 1e-12, "{d:?}");
+        // block 0: U(B) = [(1,0); (1,1)/√2], U(A) on B's rows = [(0,1); (1,1)/√2]:
+        //   ||U(A) - U(B)||_F / ||U(B)||_F = √2 / √2 = 1
+        // block 1: U(B) = [(0,1)], U(A) = [(1,0)]: √2 / 1
+        let want = (1.0 + 2f64.sqrt()) / 2.0;
+        assert!((d.weight - want).abs() < 1e-12, "D_w {} vs {want}", d.weight);
+        assert_eq!(
+            (
+                d.blocks[0].kept,
+                d.blocks[0].common,
+                d.blocks[1].kept,
+                d.blocks[1].common
+            ),
+            (2, 1, 1, 0)
+        );
+        // the same from the rows of B kept at the distance ratio
+        let rows = Rows::of(&layout, &b, 0.5);
+        let e = distance_to(&layout, &a, &rows).unwrap();
+        assert_eq!((e.index, e.weight), (d.index, d.weight));
+    }
+}
