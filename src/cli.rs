@@ -430,8 +430,8 @@ pub struct PretrainArgs {
     /// Pruning ratio p of the recorded filter distances.
     #[arg(long, default_value_t = 0.5)]
     pub distance_ratio: f64,
-    /// End pre-training once the last 4 recorded index distances are all <= EPS (Early-Bird
-    /// style; the paper's rule uses 0.1).
+    /// End pre-training once the last 4 recorded index distances are all <= EPS (in the
+    /// style of Early-Bird's rule, whose threshold is 0.1; the LoFT paper gives none).
     #[arg(long, value_name = "EPS")]
     pub early_stop: Option<f64>,
     /// Seed of every random stream.
