@@ -517,8 +517,18 @@ fn the_main_job_runs_on_two_ranks_and_writes_its_report() {
     let curve = r["pretraining"]["loft"]["distance_to_final"].as_array().unwrap();
     assert_eq!(curve.len(), 2); // rounds 2 and 4
     assert_eq!(curve[1][1], 0.0); // the final model to itself
+                                  // the overlap of the LoFT and dense tickets, beside a random pair's (ratios 0.5 and 0.8)
+    let ov = r["ticket_overlap"].as_array().unwrap();
+    assert_eq!(ov.len(), 2);
+    for (o, p) in ov.iter().zip([0.5, 0.8]) {
+        let (share, random) = (o["overlap"].as_f64().unwrap(), o["random_expected"].as_f64().unwrap());
+        assert!((0.0..=1.0).contains(&share), "{o}");
+        // two random tickets keeping a share k/w of every block share about k/w of the filters
+        assert!((random - (1.0 - p)).abs() < 0.15, "{o}");
+    }
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| noprune |") && md.contains("GPipe-4") && md.contains("LoFT-2"));
+    assert!(md.contains("LoFT ∩ dense"));
     for png in ["accuracy.png", "distance.png", "communication.png"] {
         let b = std::fs::read(out.join(png)).unwrap();
         assert!(b.starts_with(b"\x89PNG"), "{png}");

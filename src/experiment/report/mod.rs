@@ -34,6 +34,52 @@ pub struct Report {
     pub pretraining: Pretrainings,
     pub tickets: Vec<TicketRow>,
     pub communication_bytes: Communication,
+    /// How many filters the final LoFT and dense models keep in common, per ratio.
+    #[serde(default)]
+    pub ticket_overlap: Vec<TicketOverlap>,
+}
+
+/// The overlap of the LoFT and dense tickets at one pruning ratio:
+/// `sum_l |T_l(LoFT) ∩ T_l(dense)| / sum_l |T_l(dense)|`, beside what two tickets of the same
+/// sizes drawn at random would share on average (`sum_l k_l^2 / w_l / sum_l k_l`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TicketOverlap {
+    pub ratio: f64,
+    pub overlap: f64,
+    pub random_expected: f64,
+}
+
+/// The overlap of the final LoFT and dense models' tickets at every ratio.
+fn ticket_overlap(job: &MainJob) -> Result<Vec<TicketOverlap>> {
+    let last = |m: Method| -> Result<Checkpoint> {
+        let dir = pretrain_dir(&job.out, m);
+        let (_, path) = checkpoint::list(&dir.join("checkpoints"))?
+            .pop()
+            .ok_or_else(|| Error::format(&dir, "holds no checkpoint"))?;
+        Checkpoint::read(&path)
+    };
+    let (dense, loft) = (last(Method::Dense)?, last(Method::Loft)?);
+    let blocks = crate::ticket::prunable_blocks(&dense.param_layout);
+    Ok(job
+        .ratios
+        .iter()
+        .map(|&ratio| {
+            let kd = crate::ticket::kept(&blocks, &dense.params, ratio, crate::checkpoint::Criterion::Largest, 0);
+            let kl = crate::ticket::kept(&blocks, &loft.params, ratio, crate::checkpoint::Criterion::Largest, 0);
+            let (mut common, mut kept, mut random) = (0usize, 0usize, 0f64);
+            for ((d, l), b) in kd.iter().zip(&kl).zip(&blocks) {
+                common += l.iter().filter(|j| d.binary_search(j).is_ok()).count();
+                kept += d.len();
+                random += (d.len() * l.len()) as f64 / b.conv1.shape[0] as f64;
+            }
+            let k = kept.max(1) as f64;
+            TicketOverlap {
+                ratio,
+                overlap: common as f64 / k,
+                random_expected: random / k,
+            }
+        })
+        .collect())
 }
 
 /// The fine-tuning recipe.
@@ -219,6 +265,7 @@ pub fn collect(job: &MainJob, ranks: usize) -> Result<Report> {
             improvement_gpipe_over_loft_paper: ratio(gpipe_s, paper),
             improvement_gpipe_over_loft_measured: ratio(gpipe_s, loft_measured),
         },
+        ticket_overlap: ticket_overlap(job)?,
     })
 }
 
@@ -375,6 +422,24 @@ fn pretraining_tables(o: &mut String, r: &Report) {
             "| {m} | {} | {:.2} | {:.0} | {:.0} | {:.1} |",
             p.rounds, p.final_test_acc, p.wall_s, p.compute_s, p.sync_s
         );
+    }
+    if !r.ticket_overlap.is_empty() {
+        let _ = writeln!(o, "\n## Do LoFT and dense training find the same ticket?\n");
+        let _ = writeln!(
+            o,
+            "Share of the dense ticket's filters the LoFT ticket keeps too, beside the share two \
+             random tickets of the same sizes would have in common on average.\n"
+        );
+        let _ = writeln!(o, "| pruning ratio | LoFT ∩ dense | random tickets |\n|---:|---:|---:|");
+        for t in &r.ticket_overlap {
+            let _ = writeln!(
+                o,
+                "| {:.0}% | {:.3} | {:.3} |",
+                100.0 * t.ratio,
+                t.overlap,
+                t.random_expected
+            );
+        }
     }
     let _ = writeln!(
         o,
