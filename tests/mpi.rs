@@ -517,7 +517,14 @@ fn the_main_job_runs_on_two_ranks_and_writes_its_report() {
     let curve = r["pretraining"]["loft"]["distance_to_final"].as_array().unwrap();
     assert_eq!(curve.len(), 2); // rounds 2 and 4
     assert_eq!(curve[1][1], 0.0); // the final model to itself
-                                  // the overlap of the LoFT and dense tickets, beside a random pair's (ratios 0.5 and 0.8)
+                                  // the LoFT model against the dense one at the same rounds: they are different models
+    let between = r["pretraining"]["loft_to_dense"].as_array().unwrap();
+    assert_eq!(
+        between.iter().map(|p| p[0].as_u64().unwrap()).collect::<Vec<_>>(),
+        [2, 4]
+    );
+    assert!(between.iter().all(|p| p[2].as_f64().unwrap() > 0.0), "{between:?}");
+    // the overlap of the LoFT and dense tickets, beside a random pair's (ratios 0.5 and 0.8)
     let ov = r["ticket_overlap"].as_array().unwrap();
     assert_eq!(ov.len(), 2);
     for (o, p) in ov.iter().zip([0.5, 0.8]) {

@@ -102,6 +102,10 @@ pub struct Params {
 pub struct Pretrainings {
     pub dense: PretrainRow,
     pub loft: PretrainRow,
+    /// D_idx and D_w of the LoFT model to the dense model at every round both recorded (same
+    /// seed, same initialisation, same samples): (round, D_idx, D_w).
+    #[serde(default)]
+    pub loft_to_dense: Vec<DistancePoint>,
 }
 
 /// One pre-training run.
@@ -180,6 +184,26 @@ pub fn distance_curve(dir: &Path, ratio: f64) -> Result<Vec<DistancePoint>> {
         .collect()
 }
 
+/// The distance of the LoFT model to the dense model at every round both runs recorded.
+fn loft_to_dense(dense: &Path, loft: &Path, ratio: f64) -> Result<Vec<DistancePoint>> {
+    let (d, l) = (
+        checkpoint::list(&dense.join("checkpoints"))?,
+        checkpoint::list(&loft.join("checkpoints"))?,
+    );
+    let mut out = Vec::new();
+    for (_, lp) in &l {
+        let lc = Checkpoint::read(lp)?;
+        for (_, dp) in &d {
+            let dc = Checkpoint::read(dp)?;
+            if dc.state.round == lc.state.round {
+                let x = crate::ticket::distance(&dc.param_layout, &lc.params, &dc.params, ratio)?;
+                out.push((lc.state.round, x.index, x.weight));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The report of one pre-training run directory.
 fn pretrain_row(dir: &Path, ratio: f64) -> Result<PretrainRow> {
     let summary: PretrainSummary = read_json(&dir.join("summary.json"))?;
@@ -205,9 +229,14 @@ pub fn collect(job: &MainJob, ranks: usize) -> Result<Report> {
     let g = Graph::build(&p.arch, h, w, None)?;
     let counts = ModelCounts::of(&g);
     let (su, rounds) = (s as u64, p.rounds as u64);
+    let (dense_dir, loft_dir) = (
+        pretrain_dir(&job.out, Method::Dense),
+        pretrain_dir(&job.out, Method::Loft),
+    );
     let pretraining = Pretrainings {
-        dense: pretrain_row(&pretrain_dir(&job.out, Method::Dense), p.distance_ratio)?,
-        loft: pretrain_row(&pretrain_dir(&job.out, Method::Loft), p.distance_ratio)?,
+        dense: pretrain_row(&dense_dir, p.distance_ratio)?,
+        loft: pretrain_row(&loft_dir, p.distance_ratio)?,
+        loft_to_dense: loft_to_dense(&dense_dir, &loft_dir, p.distance_ratio)?,
     };
     let mut rows = Vec::new();
     for (m, r) in tickets(&job.ratios) {
@@ -445,8 +474,17 @@ fn pretraining_tables(o: &mut String, r: &Report) {
         o,
         "\n## Filter distance of each recorded checkpoint to the final model\n"
     );
-    let _ = writeln!(o, "| round | dense D_idx | dense D_w | LoFT D_idx | LoFT D_w |");
-    let _ = writeln!(o, "|---|---|---|---|---|");
+    let _ = writeln!(
+        o,
+        "The last two columns compare the two runs with each other at the same round (the LoFT model \
+         against the dense one, same initialisation and samples).\n"
+    );
+    let _ = writeln!(
+        o,
+        "| round | dense D_idx | dense D_w | LoFT D_idx | LoFT D_w | LoFT-dense D_idx | LoFT-dense D_w |"
+    );
+    let _ = writeln!(o, "|---|---|---|---|---|---|---|");
+    let between = &r.pretraining.loft_to_dense;
     let (d, l) = (
         &r.pretraining.dense.distance_to_final,
         &r.pretraining.loft.distance_to_final,
@@ -458,13 +496,23 @@ fn pretraining_tables(o: &mut String, r: &Report) {
                 .unwrap_or_else(|| "-".into())
         };
         let round = d.get(i).or(l.get(i)).map(|p| p.0.to_string()).unwrap_or_default();
+        let at = |k: usize| {
+            let r: Option<u64> = round.parse().ok();
+            between
+                .iter()
+                .find(|p| Some(p.0) == r)
+                .map(|p| format!("{:.4}", if k == 1 { p.1 } else { p.2 }))
+                .unwrap_or_else(|| "-".into())
+        };
         let _ = writeln!(
             o,
-            "| {round} | {} | {} | {} | {} |",
+            "| {round} | {} | {} | {} | {} | {} | {} |",
             cell(d, 1),
             cell(d, 2),
             cell(l, 1),
-            cell(l, 2)
+            cell(l, 2),
+            at(1),
+            at(2)
         );
     }
 }
