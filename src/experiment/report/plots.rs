@@ -154,14 +154,20 @@ pub fn draw(r: &Report, dir: &Path) -> Result<()> {
             .collect()
     };
     for (area, k, what) in [(&left, 1, "index distance D_idx"), (&right, 2, "weight distance D_w")] {
+        let between: Vec<(f64, f64)> = pre
+            .loft_to_dense
+            .iter()
+            .map(|p| (p.0 as f64, if k == 1 { p.1 } else { p.2 }))
+            .collect();
         lines(
             area,
-            &format!("{what} to the final model"),
+            &format!("{what}: to the final model, and LoFT to dense"),
             "round",
             what,
             &[
-                ("dense".into(), curve(&pre.dense, k)),
-                (format!("LoFT-{s}"), curve(&pre.loft, k)),
+                ("dense to its final".into(), curve(&pre.dense, k)),
+                (format!("LoFT-{s} to its final"), curve(&pre.loft, k)),
+                (format!("LoFT-{s} to dense, same round"), between),
             ],
         )?;
     }
