@@ -31,18 +31,22 @@ struct ConvParams {
     u32 partial;              // 1: write the split's partial sums, 0: write the result
 };
 
+// The input value tap (ci,ky,kx) of output pixel (img,oy,ox) reads, 0 in the padding: the
+// im2col matrix of forward and backward-filter, one element at a time.
+__device__ __forceinline__ float patch(const ConvParams& p, i64 tap, i64 pixel) {
+    i64 kx = tap % p.kw, ky = tap / p.kw % p.kh, ci = tap / (p.kw * p.kh);
+    i64 ox = pixel % p.wo, oy = pixel / p.wo % p.ho, img = pixel / (p.wo * p.ho);
+    i64 iy = oy * p.stride - p.pad + ky, ix = ox * p.stride - p.pad + kx;
+    if (iy < 0 || iy >= p.h || ix < 0 || ix >= p.w) return 0.0f;
+    return p.b_src[((img * p.c_in + ci) * p.h + iy) * p.w + ix];
+}
+
 // forward: A[co, (ci,ky,kx)] = W; B[(ci,ky,kx), (img,oy,ox)] = X or 0 in the padding
 struct Forward {
     static __device__ __forceinline__ float a(const ConvParams& p, i64 m, i64 k) {
         return p.a_src[m * p.k + k];
     }
-    static __device__ __forceinline__ float b(const ConvParams& p, i64 k, i64 col) {
-        i64 kx = k % p.kw, ky = k / p.kw % p.kh, ci = k / (p.kw * p.kh);
-        i64 ox = col % p.wo, oy = col / p.wo % p.ho, img = col / (p.wo * p.ho);
-        i64 iy = oy * p.stride - p.pad + ky, ix = ox * p.stride - p.pad + kx;
-        if (iy < 0 || iy >= p.h || ix < 0 || ix >= p.w) return 0.0f;
-        return p.b_src[((img * p.c_in + ci) * p.h + iy) * p.w + ix];
-    }
+    static __device__ __forceinline__ float b(const ConvParams& p, i64 k, i64 col) { return patch(p, k, col); }
     static __device__ __forceinline__ i64 out_index(const ConvParams& p, i64 m, i64 col) {
         i64 pix = col % (p.ho * p.wo), img = col / (p.ho * p.wo);
         return (img * p.c_out + m) * p.ho * p.wo + pix;
@@ -77,13 +81,7 @@ struct BackwardFilter {
         i64 pix = k % (p.ho * p.wo), img = k / (p.ho * p.wo);
         return p.a_src[(img * p.c_out + m) * p.ho * p.wo + pix];
     }
-    static __device__ __forceinline__ float b(const ConvParams& p, i64 k, i64 col) {
-        i64 ox = k % p.wo, oy = k / p.wo % p.ho, img = k / (p.wo * p.ho);
-        i64 kx = col % p.kw, ky = col / p.kw % p.kh, ci = col / (p.kw * p.kh);
-        i64 iy = oy * p.stride - p.pad + ky, ix = ox * p.stride - p.pad + kx;
-        if (iy < 0 || iy >= p.h || ix < 0 || ix >= p.w) return 0.0f;
-        return p.b_src[((img * p.c_in + ci) * p.h + iy) * p.w + ix];
-    }
+    static __device__ __forceinline__ float b(const ConvParams& p, i64 k, i64 col) { return patch(p, col, k); }
     static __device__ __forceinline__ i64 out_index(const ConvParams& p, i64 m, i64 col) {
         return m * p.ncols + col;
     }
