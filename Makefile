@@ -7,7 +7,7 @@ BIN       := target/release/loft
 RUN_DIR   ?= runs/make-run
 RANKS     ?= 2
 RUN_ARGS  ?= --arch preresnet18 --base-width 8 --dataset fashion-mnist --train-subset 20000 \
-             --rounds 15 --local-steps 16 --batch-size 128 --lr 0.05 --record-every 3 \
+             --rounds 15 --local-steps 16 --batch-size 128 --record-every 3 \
              --ratios 0.3,0.5,0.8 --finetune-epochs 2 --seed 1 --progress lines --out $(RUN_DIR)
 BENCH_ARGS ?=
 

@@ -12,6 +12,9 @@ use crate::{Error, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
+/// The paper's pre-training learning rate (constant; its released script).
+pub const PAPER_LR: f64 = 0.1;
+
 /// loft: LoFT filter-wise pre-training and lottery tickets for residual networks.
 #[derive(Parser, Debug)]
 #[command(name = "loft", version, about, long_about = None)]
@@ -177,12 +180,20 @@ pub struct RunArgs {
     /// SGD steps per round on every worker.
     #[arg(long, default_value_t = 16)]
     pub local_steps: usize,
-    /// Mini-batch size per worker (pre-training) and per rank (fine-tuning).
+    /// Mini-batch size per worker in pre-training (the paper's), and the global batch of
+    /// fine-tuning (split evenly over the ranks, so every rank count fine-tunes alike).
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
-    /// Pre-training learning rate (cosine schedule).
-    #[arg(long, default_value_t = 0.05)]
+    /// Pre-training learning rate (the paper's recipe: 0.1, constant).
+    #[arg(long, default_value_t = PAPER_LR)]
     pub lr: f64,
+    /// Pre-training learning-rate schedule (the paper's: constant; the ticket is read from a
+    /// model still moving).
+    #[arg(long, value_enum, default_value_t = schedule::Name::Constant)]
+    pub schedule: schedule::Name,
+    /// Rounds of linear warmup of the pre-training rate (fractions allowed).
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup_rounds: f64,
     /// Pruning ratios of the tickets, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "0.3,0.5,0.8")]
     pub ratios: Vec<f64>,
@@ -199,9 +210,22 @@ pub struct RunArgs {
     /// Fine-tuning learning rate.
     #[arg(long, default_value_t = 0.1)]
     pub finetune_lr: f64,
-    /// Seed of every random stream.
-    #[arg(long, default_value_t = 1)]
-    pub seed: u64,
+    /// Which filters the tickets keep: the largest conv1 row norms (the paper), or the
+    /// smallest (what the released code does).
+    #[arg(long, value_enum, default_value_t = Criterion::Largest)]
+    pub criterion: Criterion,
+    /// Leave the first block of every stage unpruned (the released code); by default every
+    /// block without a projection is pruned (the paper).
+    #[arg(long)]
+    pub keep_first_blocks: bool,
+    /// Do not fine-tune the control tickets: at each ratio a random ticket of the same
+    /// per-block sizes from the dense model, which tells a ticket from any subnetwork.
+    #[arg(long)]
+    pub no_random_control: bool,
+    /// Seeds: the whole job once per seed (in <out>/seed-N when more than one), then a
+    /// report over the seeds (mean, std and every value).
+    #[arg(long, visible_alias = "seed", value_delimiter = ',', default_value = "1")]
+    pub seeds: Vec<u64>,
     /// Job directory (one run directory per phase, the report, the plots).
     #[arg(long, default_value = "runs/loft-run")]
     pub out: PathBuf,
@@ -217,6 +241,14 @@ impl RunArgs {
     pub fn job(&self) -> Result<crate::experiment::MainJob> {
         let (dataset, data_dir) = self.data.resolve()?;
         let arch = self.model.spec_for(&dataset)?;
+        let seed0 = *self
+            .seeds
+            .first()
+            .ok_or_else(|| Error::config("--seeds needs at least one seed"))?;
+        let val_size = match self.data.val_size {
+            Some(n) => n,
+            None => crate::experiment::default_val_size(data::load(&dataset, &data_dir)?.train.len()),
+        };
         let pretrain = crate::loft::PretrainConfig {
             method: crate::loft::Method::Loft,
             arch: arch.clone(),
@@ -225,17 +257,18 @@ impl RunArgs {
             dataset: dataset.clone(),
             train_subset: self.data.train_subset,
             test_subset: self.data.test_subset,
+            val_size,
             rounds: self.rounds,
             local_steps: self.local_steps,
             batch_size: self.batch_size,
             lr: self.lr,
             momentum: 0.9,
             weight_decay: 5e-4,
-            schedule: crate::schedule::Kind::Cosine,
-            warmup_rounds: 0.0,
+            schedule: Schedule::kind_of(self.schedule, &[], 0.1)?,
+            warmup_rounds: self.warmup_rounds,
             reset_momentum: false,
             keep_momentum: false,
-            seed: self.seed,
+            seed: seed0,
             eval_every: self.record_every.unwrap_or((self.rounds / 10).max(1)),
             simulate: 0,
             verify: false,
@@ -255,6 +288,7 @@ impl RunArgs {
             data_dir,
             train_subset: self.data.train_subset,
             test_subset: self.data.test_subset,
+            val_size,
             epochs: e,
             batch_size: self.batch_size,
             lr: self.finetune_lr,
@@ -263,7 +297,7 @@ impl RunArgs {
             schedule: crate::schedule::Kind::Step { milestones, gamma: 0.1 },
             warmup_epochs: 0.0,
             augment: dataset.default_augment(),
-            seed: self.seed,
+            seed: seed0,
             out: self.out.clone(),
             progress: self.progress,
             ticket: None,
@@ -273,6 +307,10 @@ impl RunArgs {
             pretrain,
             finetune,
             ratios: self.ratios.clone(),
+            seeds: self.seeds.clone(),
+            random_control: !self.no_random_control,
+            criterion: self.criterion,
+            keep_first_blocks: self.keep_first_blocks,
             record_every: self.record_every.unwrap_or((self.rounds / 10).max(1)),
             out: self.out.clone(),
             progress: self.progress,
@@ -298,6 +336,10 @@ pub struct PruneArgs {
     /// Keep the full shapes and hold the pruned filters at zero with a mask.
     #[arg(long)]
     pub masked: bool,
+    /// Leave the first block of every stage unpruned (the released code); by default every
+    /// block without a projection is pruned (the paper).
+    #[arg(long)]
+    pub keep_first_blocks: bool,
     /// Seed of --criterion random.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -322,7 +364,7 @@ pub struct FinetuneArgs {
     /// Factor of the step schedule.
     #[arg(long, default_value_t = 0.1)]
     pub gamma: f64,
-    /// Mini-batch size (per rank).
+    /// The global batch, split evenly over the ranks (the same recipe on any rank count).
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
     /// Peak learning rate.
@@ -343,6 +385,9 @@ pub struct FinetuneArgs {
     /// Evaluate on the first N test samples only [default: the pre-training run's].
     #[arg(long)]
     pub test_subset: Option<usize>,
+    /// Validation images held out of the training set [default: the pre-training run's].
+    #[arg(long, value_name = "N")]
+    pub val_size: Option<usize>,
     /// Seed of the data order and augmentation.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -613,6 +658,12 @@ pub struct DataArgs {
     /// Evaluate on the first N test samples only (0 = all).
     #[arg(long, default_value_t = 0)]
     pub test_subset: usize,
+    /// Hold N training images out for validation, evenly spaced over the training set and
+    /// before --train-subset (never trained on; the epoch with the best validation accuracy
+    /// is reported) [default: for run 5000, or a tenth of a smaller training set; 0 for
+    /// train and pretrain].
+    #[arg(long, value_name = "N")]
+    pub val_size: Option<usize>,
 }
 
 impl DataArgs {
@@ -627,21 +678,23 @@ impl DataArgs {
 /// Flags of the SGD optimizer.
 #[derive(Args, Debug, Clone)]
 pub struct OptimArgs {
-    /// Mini-batch size (per worker for pretrain).
+    /// Mini-batch size: per worker for pretrain (the paper's); the global batch for train,
+    /// split evenly over the ranks.
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
-    /// Peak learning rate.
-    #[arg(long, default_value_t = 0.05, allow_negative_numbers = true)]
-    pub lr: f64,
+    /// Peak learning rate [default: 0.1 for pretrain (the paper's recipe), 0.05 for train].
+    #[arg(long, allow_negative_numbers = true)]
+    pub lr: Option<f64>,
     /// SGD momentum.
     #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     pub momentum: f64,
     /// Weight decay (L2, added to the gradient as PyTorch does).
     #[arg(long, default_value_t = 5e-4, allow_negative_numbers = true)]
     pub weight_decay: f64,
-    /// Learning-rate schedule.
-    #[arg(long, value_enum, default_value_t = schedule::Name::Cosine)]
-    pub schedule: schedule::Name,
+    /// Learning-rate schedule [default: constant for pretrain (the paper's recipe), cosine
+    /// for train].
+    #[arg(long, value_enum)]
+    pub schedule: Option<schedule::Name>,
 }
 
 /// `loft train`.
@@ -762,7 +815,11 @@ impl TrainArgs {
                     .map_err(|_| Error::config(format!("--milestones: '{m}' is not an epoch number")))
             })
             .collect::<Result<Vec<_>>>()?;
-        let schedule = Schedule::kind_of(self.optim.schedule, &milestones, self.gamma)?;
+        let schedule = Schedule::kind_of(
+            self.optim.schedule.unwrap_or(schedule::Name::Cosine),
+            &milestones,
+            self.gamma,
+        )?;
         let default_aug = dataset.default_augment();
         let augment = Augment {
             crop_pad: self.crop_pad.unwrap_or(default_aug.crop_pad),
@@ -774,9 +831,10 @@ impl TrainArgs {
             data_dir,
             train_subset: self.data.train_subset,
             test_subset: self.data.test_subset,
+            val_size: self.data.val_size.unwrap_or(0),
             epochs: self.epochs,
             batch_size: self.optim.batch_size,
-            lr: self.optim.lr,
+            lr: self.optim.lr.unwrap_or(0.05),
             momentum: self.optim.momentum,
             weight_decay: self.optim.weight_decay,
             schedule,
@@ -802,6 +860,8 @@ struct SourceConfig {
     data_dir: PathBuf,
     train_subset: usize,
     test_subset: usize,
+    #[serde(default)]
+    val_size: usize,
     augment: Augment,
     #[serde(default)]
     ticket: Option<PathBuf>,
@@ -837,6 +897,7 @@ impl FinetuneArgs {
             data_dir: self.data_dir.clone().unwrap_or(base.data_dir),
             train_subset: self.train_subset.unwrap_or(base.train_subset),
             test_subset: self.test_subset.unwrap_or(base.test_subset),
+            val_size: self.val_size.unwrap_or(base.val_size),
             epochs: e,
             batch_size: self.batch_size,
             lr: self.lr,
@@ -890,7 +951,7 @@ impl PretrainArgs {
         let method = self.method;
         let (dataset, data_dir) = self.data.resolve()?;
         let arch = self.model.spec_for(&dataset)?;
-        let schedule = Schedule::kind_of(self.optim.schedule, &[], 0.1)?;
+        let schedule = Schedule::kind_of(self.optim.schedule.unwrap_or(schedule::Name::Constant), &[], 0.1)?;
         let cfg = crate::loft::PretrainConfig {
             method,
             arch,
@@ -899,10 +960,11 @@ impl PretrainArgs {
             dataset,
             train_subset: self.data.train_subset,
             test_subset: self.data.test_subset,
+            val_size: self.data.val_size.unwrap_or(0),
             rounds: self.rounds,
             local_steps: self.local_steps,
             batch_size: self.optim.batch_size,
-            lr: self.optim.lr,
+            lr: self.optim.lr.unwrap_or(PAPER_LR),
             momentum: self.optim.momentum,
             weight_decay: self.optim.weight_decay,
             schedule,
@@ -1072,7 +1134,14 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
         }
         Command::Run(a) => report_main_job(&a.job()?),
         Command::Prune(a) => {
-            crate::ticket::prune::run(&a.checkpoint, a.ratio, a.criterion, a.masked, a.seed, &a.out).map(|()| 0)
+            let how = crate::ticket::prune::Pruning {
+                ratio: a.ratio,
+                criterion: a.criterion,
+                masked: a.masked,
+                seed: a.seed,
+                keep_first_blocks: a.keep_first_blocks,
+            };
+            crate::ticket::prune::run(&a.checkpoint, &how, &a.out).map(|()| 0)
         }
         Command::Info(a) => {
             let g = a.graph()?;

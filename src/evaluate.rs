@@ -26,6 +26,19 @@ pub enum Split {
     Test,
     /// The training set (the checkpoint's training subset, if it used one).
     Train,
+    /// The validation images the checkpoint's run held out of the training set.
+    Val,
+}
+
+impl Split {
+    /// "test", "training" or "validation".
+    pub fn noun(self) -> &'static str {
+        match self {
+            Split::Test => "test",
+            Split::Train => "training",
+            Split::Val => "validation",
+        }
+    }
 }
 
 /// What to evaluate and how.
@@ -48,6 +61,8 @@ struct Config {
     train_subset: usize,
     #[serde(default)]
     test_subset: usize,
+    #[serde(default)]
+    val_size: usize,
 }
 
 /// Accuracy on one class.
@@ -100,16 +115,16 @@ pub fn run<B: Backend>(req: &Request, comm: &mut dyn Comm, be: Arc<B>) -> Result
         )
     })?;
     let dir = req.data_dir.clone().unwrap_or_else(|| cfg.data_dir.clone());
-    let mut split = data::load(&cfg.dataset, &dir)?;
-    if cfg.train_subset > 0 {
-        split.train.truncate(cfg.train_subset);
-    }
-    if cfg.test_subset > 0 {
-        split.test.truncate(cfg.test_subset);
-    }
+    let split = data::load(&cfg.dataset, &dir)?.carve(cfg.val_size, cfg.train_subset, cfg.test_subset)?;
     let set = match req.split {
         Split::Test => &split.test,
         Split::Train => &split.train,
+        Split::Val => split.val.as_ref().ok_or_else(|| {
+            Error::format(
+                &req.checkpoint,
+                "its run held no validation images out of the training set (it ran with --val-size 0)",
+            )
+        })?,
     };
     let graph = graph_of(&c, &cfg.arch, set.height, set.width)?;
     let classes = cfg.arch.classes;
@@ -211,10 +226,7 @@ pub fn table(e: &Evaluated) -> String {
         "{} ({} checkpoint) on the {} set of {} ({} samples, {}):\n  loss {:.4}  top-1 {:.2}%  top-5 {:.2}%\n\n| class | samples | correct | accuracy |\n|---:|---:|---:|---:|\n",
         e.checkpoint,
         e.kind,
-        match e.split {
-            Split::Test => "test",
-            Split::Train => "training",
-        },
+        e.split.noun(),
         e.dataset,
         e.samples,
         e.backend,
@@ -233,16 +245,5 @@ pub fn table(e: &Evaluated) -> String {
 
 /// Draw the confusion matrix (rows: true class, columns: predicted; shade: share of the row).
 pub fn confusion_png(e: &Evaluated, path: &Path) -> Result<()> {
-    crate::experiment::report::plots::confusion(
-        &e.confusion,
-        &format!(
-            "{} ({} set)",
-            e.dataset,
-            match e.split {
-                Split::Test => "test",
-                Split::Train => "training",
-            }
-        ),
-        path,
-    )
+    crate::experiment::report::plots::confusion(&e.confusion, &format!("{} ({} set)", e.dataset, e.split.noun()), path)
 }

@@ -1,6 +1,17 @@
 //! Dense training and fine-tuning: the epoch loop of one model on the engine, alone or as
-//! data-parallel replicas over the ranks of the job (each rank its shard, gradients and BN
-//! statistics averaged every step).
+//! data-parallel replicas over the ranks of the job.
+//!
+//! `batch_size` is the global batch: every step draws one batch of the whole training set
+//! (one order per epoch, from the seed) and rank r of S trains on its r-th share of
+//! `batch_size / S` samples, with the gradients averaged over the ranks and the BN running
+//! statistics averaged too. So the same command on 1, 2 or 4 ranks sees the same samples
+//! with the same augmentation at the same learning rate; what differs is that batch norm
+//! normalises each rank's share with that share's statistics (as PyTorch's
+//! DistributedDataParallel does without SyncBatchNorm) and the order of the sums.
+//!
+//! With a validation split (`val_size`), every epoch is also evaluated on the validation
+//! images, and the summary reports the test accuracy of the epoch with the best validation
+//! accuracy beside the final one.
 //!
 //! The run directory holds `config.json`, `metrics.jsonl` (one [`EpochRecord`] per epoch),
 //! `summary.json` and `checkpoints/`. Fields ending in `_s` or `_per_s` are timings;
@@ -33,7 +44,11 @@ pub struct TrainConfig {
     /// Use only the first N training / test samples (0 = all).
     pub train_subset: usize,
     pub test_subset: usize,
+    /// Validation images held out of the training set (0 = none).
+    #[serde(default)]
+    pub val_size: usize,
     pub epochs: usize,
+    /// The global batch (split evenly over the ranks).
     pub batch_size: usize,
     pub lr: f64,
     pub momentum: f64,
@@ -63,15 +78,35 @@ pub struct EpochRecord {
     pub train_acc: f64,
     pub test_loss: f64,
     pub test_acc: f64,
+    /// On the validation images, when the run holds some out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_acc: Option<f64>,
     pub epoch_time_s: f64,
     pub train_images_per_s: f64,
+}
+
+/// The epoch chosen on the validation images.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Chosen {
+    /// The epoch (1-based) of the best validation accuracy (the first, on ties).
+    pub epoch: usize,
+    pub val_acc: f64,
+    /// The test accuracy of that epoch.
+    pub test_acc: f64,
 }
 
 /// Result of a run (`summary.json`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainSummary {
     pub final_test_acc: f64,
+    /// The best test accuracy over the epochs (selected on the test set: an optimistic
+    /// figure, reported by the paper's released code).
     pub best_test_acc: f64,
+    /// The epoch chosen on the validation images, when the run holds some out.
+    #[serde(default)]
+    pub chosen: Option<Chosen>,
     pub wall_s: f64,
     pub out: PathBuf,
     pub ending: Ending,
@@ -92,6 +127,7 @@ impl TrainConfig {
             data_dir: &self.data_dir,
             train_subset: self.train_subset,
             test_subset: self.test_subset,
+            val_size: self.val_size,
         }
     }
 
@@ -101,6 +137,7 @@ impl TrainConfig {
             return Err(Error::config("--epochs must be at least 1"));
         }
         engine::validate_sgd(self.batch_size, self.lr, self.momentum, self.weight_decay)?;
+        self.arch.validate()?;
         if !(self.warmup_epochs >= 0.0 && self.warmup_epochs.is_finite()) {
             return Err(Error::config(format!(
                 "--warmup-epochs must be >= 0, got {}",
@@ -115,7 +152,18 @@ impl TrainConfig {
                 )));
             }
         }
-        self.arch.validate()
+        Ok(())
+    }
+
+    /// Each rank's share of the global batch on `ranks` ranks.
+    pub fn micro_batch(&self, ranks: usize) -> Result<usize> {
+        if !self.batch_size.is_multiple_of(ranks) {
+            return Err(Error::config(format!(
+                "--batch-size {} (the global batch) does not split evenly over {ranks} ranks",
+                self.batch_size
+            )));
+        }
+        Ok(self.batch_size / ranks)
     }
 
     /// The checkpoint kind this configuration writes.
@@ -190,8 +238,11 @@ struct TrainFacts<'a> {
     params: ParamCounts,
     ticket: &'a Option<TicketInfo>,
     train_samples: usize,
+    val_samples: usize,
     test_samples: usize,
     steps_per_epoch: usize,
+    /// Samples per rank and step (the global batch / ranks).
+    batch_per_rank: usize,
     normalisation: Normalisation<'a>,
 }
 
@@ -219,6 +270,8 @@ struct DenseRun<'c, 'd, B: Backend> {
     kind: Kind,
     trainer: Trainer<'d, B>,
     eval: Evaluation<'c, 'd>,
+    /// Evaluation on the validation images, if any.
+    val_eval: Option<Evaluation<'c, 'd>>,
     sched: Schedule,
     steps_per_epoch: usize,
     st: State,
@@ -252,18 +305,19 @@ pub fn run<B: Backend>(
     let wall = Instant::now();
     let (split, identity) = engine::start(&ctl, lead, cfg.inputs())?;
     let (train, test) = (&split.train, &split.test);
+    let micro = cfg.micro_batch(ranks)?;
     let mut net = Net::resolve(cfg, resumed, train.height, train.width)?;
-    let mut model = Model::new(be.clone(), net.graph.clone(), cfg.batch_size)?;
+    let mut model = Model::new(be.clone(), net.graph.clone(), micro)?;
     model.init(cfg.seed)?;
     if let (Some(t), Some(path)) = (net.start.take(), &cfg.ticket) {
         // fine-tuning may use other data than pre-training (e.g. the full training set)
         t.check_network(path, &model.graph.params, &model.graph.stats)?;
         model.load(&t.params, &t.stats, None)?;
     }
-    // Data: one shard per rank when data-parallel; every rank takes the same number of full
-    // batches per epoch.
+    // Data: every rank its share of each global batch.
     let (mean, std) = (identity.mean.clone(), identity.std.clone());
     let (train_loader, test_loader, steps_per_epoch) = loaders(cfg, &split, &identity, rank, ranks)?;
+    let val_loader = split.val.as_ref().map(|v| eval_loader(cfg, v, &identity, rank, ranks));
     let mut st = State {
         workers: ranks,
         data: identity.clone(),
@@ -280,7 +334,7 @@ pub fn run<B: Backend>(
     }
     let resumed = found.map(|f| f.path);
     let (shared, partitioned) = net.graph.param_counts();
-    let mut stream = Stream::new(train_loader, steps_per_epoch, cfg.batch_size, train.image_len());
+    let mut stream = Stream::new(train_loader, steps_per_epoch, micro, train.image_len());
     stream.drawn = st.epoch * steps_per_epoch as u64 + st.batch;
     let mut trainer = Trainer::new(model, stream);
     if ranks > 1 {
@@ -298,8 +352,10 @@ pub fn run<B: Backend>(
         },
         ticket: &net.ticket,
         train_samples: train.len(),
+        val_samples: identity.val_samples,
         test_samples: test.len(),
         steps_per_epoch,
+        batch_per_rank: micro,
         normalisation: Normalisation { mean: &mean, std: &std },
     };
     let mode = cfg.progress.mode(lead);
@@ -310,7 +366,8 @@ pub fn run<B: Backend>(
         resumed,
         kind,
         trainer,
-        eval: Evaluation::new(&test_loader, cfg.batch_size, test.image_len()),
+        eval: Evaluation::new(&test_loader, micro, test.image_len()),
+        val_eval: val_loader.as_ref().map(|l| Evaluation::new(l, micro, test.image_len())),
         sched: Schedule {
             base_lr: cfg.lr,
             kind: cfg.schedule.clone(),
@@ -330,9 +387,9 @@ pub fn run<B: Backend>(
     r.run(comm, &be.name())
 }
 
-/// The training stream's loader (this rank's shard when data-parallel), the test loader
-/// (this rank's shard) and the batches per epoch every rank takes (full batches only when
-/// data-parallel, so the ranks agree).
+/// The training stream's loader (this rank's share of every global batch), the test loader
+/// (this rank's shard) and the global batches per epoch (full ones only, so that every rank
+/// count takes the same steps).
 fn loaders<'d>(
     cfg: &TrainConfig,
     split: &'d crate::data::Split,
@@ -340,47 +397,44 @@ fn loaders<'d>(
     rank: usize,
     ranks: usize,
 ) -> Result<(Loader<'d>, Loader<'d>, usize)> {
-    let (train, test) = (&split.train, &split.test);
+    let train = &split.train;
     let (mean, std) = (identity.mean.clone(), identity.std.clone());
-    let mut train_loader = Loader::new(
+    // one order and one augmentation stream (rank key 0) for the whole job
+    let train_loader = Loader::new(
         train,
-        cfg.batch_size,
-        mean.clone(),
-        std.clone(),
+        cfg.micro_batch(ranks)?,
+        mean,
+        std,
         cfg.augment,
         true,
-        false,
+        true,
         cfg.seed,
-        rank as u64,
-    );
-    if ranks > 1 {
-        train_loader = train_loader.with_shard(rank, ranks);
-    }
-    let steps_per_epoch = if ranks > 1 {
-        (train.len() / ranks) / cfg.batch_size
-    } else {
-        train_loader.batches_per_epoch()
-    };
+        0,
+    )
+    .with_micro(rank, ranks);
+    let steps_per_epoch = train_loader.batches_per_epoch();
     if steps_per_epoch == 0 {
         return Err(Error::config(format!(
-            "{} training samples over {ranks} rank(s) do not fill one batch of {}",
+            "{} training samples do not fill one batch of {}",
             train.len(),
             cfg.batch_size
         )));
     }
-    let test_loader = Loader::new(
-        test,
-        cfg.batch_size,
-        mean,
-        std,
-        Augment::none(),
-        false,
-        false,
-        cfg.seed,
-        0,
-    )
-    .with_shard(rank, ranks);
+    let test_loader = eval_loader(cfg, &split.test, identity, rank, ranks);
     Ok((train_loader, test_loader, steps_per_epoch))
+}
+
+/// This rank's shard of an evaluation set, in its natural order.
+fn eval_loader<'d>(
+    cfg: &TrainConfig,
+    set: &'d crate::data::Dataset,
+    identity: &DataIdentity,
+    rank: usize,
+    ranks: usize,
+) -> Loader<'d> {
+    let (mean, std) = (identity.mean.clone(), identity.std.clone());
+    let micro = (cfg.batch_size / ranks).max(1);
+    Loader::new(set, micro, mean, std, Augment::none(), false, false, cfg.seed, 0).with_shard(rank, ranks)
 }
 
 /// Write `config.json` and print the banner.
@@ -398,6 +452,11 @@ fn announce(
     let kind = cfg.kind();
     let (total, steps_per_epoch) = (facts.params.total, facts.steps_per_epoch);
     let (train_samples, test_samples) = (facts.train_samples, facts.test_samples);
+    let batch_per_rank = facts.batch_per_rank;
+    let val = match facts.val_samples {
+        0 => String::new(),
+        v => format!(" / {v} validation"),
+    };
     dir.write(
         "config.json",
         &ConfigFile {
@@ -413,13 +472,15 @@ fn announce(
     )?;
     if mode != Mode::Quiet {
         eprintln!(
-            "loft {kind}: {} (base {}, inner x{}) {:.2}M params on {} ({train_samples} train / {test_samples} test), {backend}, {ranks} rank(s), {} epochs x {steps_per_epoch} steps",
+            "loft {kind}: {} (base {}, inner x{}) {:.2}M params on {} ({train_samples} train{val} / {test_samples} test), {backend}, {ranks} rank(s), {} epochs x {steps_per_epoch} steps of {} ({} per rank)",
             cfg.arch.name(),
             cfg.arch.base_width,
             cfg.arch.inner_width,
             total as f64 / 1e6,
             cfg.dataset.name(),
             cfg.epochs,
+            cfg.batch_size,
+            batch_per_rank,
         );
         if let Some(note) = crate::backend::device::auto_note() {
             eprintln!("{note}");
@@ -464,6 +525,11 @@ impl<B: Backend> DenseRun<'_, '_, B> {
         let summary = TrainSummary {
             final_test_acc: self.st.last_acc,
             best_test_acc: self.st.best_acc,
+            chosen: (self.val_eval.is_some() && self.st.chosen_epoch > 0).then_some(Chosen {
+                epoch: self.st.chosen_epoch as usize,
+                val_acc: self.st.best_val_acc,
+                test_acc: self.st.chosen_test_acc,
+            }),
             wall_s: self.wall.elapsed().as_secs_f64(),
             out: self.cfg.out.clone(),
             ending,
@@ -532,6 +598,16 @@ impl<B: Backend> DenseRun<'_, '_, B> {
         let (test_loss, test_acc) = self.eval.run(&mut self.trainer.model, None, comm, 0)?;
         self.st.last_acc = test_acc;
         self.st.best_acc = self.st.best_acc.max(test_acc);
+        let (mut val_loss, mut val_acc) = (None, None);
+        if let Some(v) = self.val_eval.as_mut() {
+            let (l, a) = v.run(&mut self.trainer.model, None, comm, 0)?;
+            if self.st.chosen_epoch == 0 || a > self.st.best_val_acc {
+                self.st.best_val_acc = a;
+                self.st.chosen_epoch = epoch as u64 + 1;
+                self.st.chosen_test_acc = test_acc;
+            }
+            (val_loss, val_acc) = (Some(l), Some(a));
+        }
         let [loss_sum, correct, seen] = self.st.accum;
         let rec = EpochRecord {
             epoch: epoch + 1,
@@ -541,13 +617,19 @@ impl<B: Backend> DenseRun<'_, '_, B> {
             train_acc: 100.0 * correct / seen,
             test_loss,
             test_acc,
+            val_loss,
+            val_acc,
             epoch_time_s: t0.elapsed().as_secs_f64(),
             train_images_per_s: (seen - seen_before) / train_time,
         };
         self.dir.log(&rec)?;
         if self.mode != Mode::Quiet {
+            let val = match (val_loss, val_acc) {
+                (Some(l), Some(a)) => format!(" | val loss {l:.4} acc {a:.2}%"),
+                _ => String::new(),
+            };
             eprintln!(
-                "epoch {}/{}: train loss {:.4} acc {:.2}% | test loss {:.4} acc {:.2}% | {:.1}s, {:.0} img/s",
+                "epoch {}/{}: train loss {:.4} acc {:.2}%{val} | test loss {:.4} acc {:.2}% | {:.1}s, {:.0} img/s",
                 epoch + 1,
                 self.cfg.epochs,
                 rec.train_loss,

@@ -284,6 +284,7 @@ fn train_config(out: &std::path::Path, epochs: usize) -> loft::train::TrainConfi
         data_dir: PathBuf::new(),
         train_subset: 0,
         test_subset: 0,
+        val_size: 0,
         epochs,
         batch_size: 16,
         lr: 0.05,
@@ -354,6 +355,7 @@ fn loft_pretraining_moves_only_batches_losses_payloads_and_checkpoints() {
         data_dir: PathBuf::new(),
         train_subset: 0,
         test_subset: 0,
+        val_size: 0,
         rounds,
         local_steps,
         batch_size: 16,
@@ -385,8 +387,9 @@ fn loft_pretraining_moves_only_batches_losses_payloads_and_checkpoints() {
     let t = &be.seen;
     assert_eq!(Counting::get(&t.uploads), 2 + 2 * steps + 2 * eval_batches);
     assert_eq!(Counting::get(&t.downloads), steps + evals * 24usize.div_ceil(16));
-    // the distance record of every round, 3 buffers of the final checkpoint, params.f32 (2)
-    assert_eq!(Counting::get(&t.read_host), rounds + 3 + 2);
+    // the distance record of round 0 (the initialisation) and of every round, 3 buffers of
+    // each checkpoint (round 0 and the final one), params.f32 (2)
+    assert_eq!(Counting::get(&t.read_host), 1 + rounds + 2 * 3 + 2);
     // the shared allreduce of every round
     assert_eq!(Counting::get(&t.with_host_mut), rounds);
     // fixed (one window): shared packing of each local worker and unpacking, parameters,

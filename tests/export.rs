@@ -43,6 +43,8 @@ fn trained(dir: &Path) -> (PathBuf, f64, f64) {
         "256",
         "--test-subset",
         "100",
+        "--val-size",
+        "60",
         "--batch-size",
         "32",
         "--progress",
@@ -100,8 +102,15 @@ fn evaluate_prints_what_the_training_log_printed() {
     );
     one_line_error(
         &loft(&["evaluate", ckpt.to_str().unwrap(), "--split", "dev"]),
-        "test, train",
+        "test, train, val",
     );
+    // the validation images the run held out: the accuracy its log printed for them
+    let log = std::fs::read_to_string(dir.join("run/metrics.jsonl")).unwrap();
+    let rec: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
+    let v = json_out(&loft(&["evaluate", ckpt.to_str().unwrap(), "--split", "val", "--json"]));
+    assert_eq!(v["samples"], 60);
+    assert_eq!(v["top1"], rec["val_acc"]);
+    assert!((v["loss"].as_f64().unwrap() - rec["val_loss"].as_f64().unwrap()).abs() < 1e-5);
 }
 
 #[test]

@@ -303,8 +303,11 @@ fn mpi_runs_resume_bit_identical_from_a_checkpoint() {
         let full = tmp(&format!("resume-full-{np}-{method}"));
         let extra = ["--method", method, "--checkpoint-every", "1", "--keep", "5"];
         ok(&run_mpi(np, &small(&full, &extra), &[]));
-        let files = loft::checkpoint::list(&full.join("checkpoints")).unwrap();
-        assert_eq!(files.len(), 3);
+        let mut files = loft::checkpoint::list(&full.join("checkpoints")).unwrap();
+        // round 0 (the initialisation) and rounds 1, 2, 3
+        assert_eq!(files.len(), 4);
+        let init = loft::checkpoint::Checkpoint::read(&files.remove(0).1).unwrap();
+        assert_eq!((init.state.round, init.data_position.clone()), (0, vec![0; np]));
         let c = loft::checkpoint::Checkpoint::read(&files[0].1).unwrap();
         assert_eq!(c.ledgers.len(), np);
         assert_eq!(c.data_position, vec![2; np]);
@@ -313,6 +316,13 @@ fn mpi_runs_resume_bit_identical_from_a_checkpoint() {
         let resumed = tmp(&format!("resume-part-{np}-{method}"));
         ok(&run_mpi(np, &resume_args(&files[0].1, &resumed), &[]));
         same_end(&full, &resumed);
+        if (np, method) == (2, "loft") {
+            // and from the initialisation
+            let from_init = tmp("resume-init");
+            let first = loft::checkpoint::list(&full.join("checkpoints")).unwrap()[0].1.clone();
+            ok(&run_mpi(np, &resume_args(&first, &from_init), &[]));
+            same_end(&full, &from_init);
+        }
         // a different number of ranks is refused with the reason
         let o = run_mpi(np + 1, &resume_args(&files[0].1, &tmp("resume-wrong")), &[]);
         assert!(!o.status.success());
@@ -489,6 +499,8 @@ fn the_main_job_runs_on_two_ranks_and_writes_its_report() {
         "2",
         "--ratios",
         "0.5,0.8",
+        "--val-size",
+        "32",
         "--progress",
         "none",
         "--out",
@@ -504,26 +516,63 @@ fn the_main_job_runs_on_two_ranks_and_writes_its_report() {
     assert_eq!(r["workers"], 2);
     let t = r["tickets"].as_array().unwrap();
     let names: Vec<&str> = t.iter().map(|t| t["ticket"].as_str().unwrap()).collect();
-    assert_eq!(names, ["noprune", "dense-p50", "dense-p80", "loft-p50", "loft-p80"]);
-    assert!(t
-        .iter()
-        .all(|t| t["best_test_acc"].as_f64().unwrap() >= t["final_test_acc"].as_f64().unwrap()));
-    // narrower tickets have fewer parameters
+    assert_eq!(
+        names,
+        [
+            "noprune",
+            "dense-p50",
+            "dense-p80",
+            "loft-p50",
+            "loft-p80",
+            "random-p50",
+            "random-p80"
+        ]
+    );
+    for t in t {
+        let (best, fin) = (
+            t["best_test_acc"].as_f64().unwrap(),
+            t["final_test_acc"].as_f64().unwrap(),
+        );
+        assert!(best >= fin, "{t}");
+        // the epoch chosen on the validation images, and its test accuracy (never above the best)
+        let epoch = t["chosen_epoch"].as_u64().unwrap();
+        assert!((1..=2).contains(&epoch), "{t}");
+        let chosen = t["chosen_test_acc"].as_f64().unwrap();
+        let at_epoch = t["test_acc"][epoch as usize - 1][1].as_f64().unwrap();
+        assert_eq!(chosen, at_epoch, "{t}");
+        assert_eq!(
+            t["control"].as_bool().unwrap(),
+            t["ticket"].as_str().unwrap().starts_with("random")
+        );
+    }
+    assert_eq!(r["val_size"], 32);
+    assert_eq!(r["recipe"]["lr"], 0.1);
+    assert_eq!(r["recipe"]["schedule"], "constant");
+    // narrower tickets have fewer parameters; the controls are exactly as large as the tickets
     assert!(t[1]["params"].as_u64() > t[2]["params"].as_u64());
+    assert_eq!(t[5]["params"], t[1]["params"]);
+    assert_eq!(t[6]["params"], t[2]["params"]);
     let c = &r["communication_bytes"];
     assert_eq!(c["loft_measured"], c["loft_closed_form"]);
     assert!(c["loft_measured"].as_u64().unwrap() > 0);
     assert!(c["gpipe4"].as_u64() > c["gpipe2"].as_u64());
     let curve = r["pretraining"]["loft"]["distance_to_final"].as_array().unwrap();
-    assert_eq!(curve.len(), 2); // rounds 2 and 4
-    assert_eq!(curve[1][1], 0.0); // the final model to itself
-                                  // the LoFT model against the dense one at the same rounds: they are different models
+    // rounds 0 (the initialisation), 2 and 4
+    assert_eq!(
+        curve.iter().map(|p| p[0].as_u64().unwrap()).collect::<Vec<_>>(),
+        [0, 2, 4]
+    );
+    assert_eq!(curve[2][1], 0.0); // the final model to itself
+    assert!(curve[0][2].as_f64().unwrap() > 0.0); // training moved the filters
+                                                  // the LoFT model against the dense one at the same rounds: the same model at round 0
+                                                  // (one seed, one initialisation), different models after
     let between = r["pretraining"]["loft_to_dense"].as_array().unwrap();
     assert_eq!(
         between.iter().map(|p| p[0].as_u64().unwrap()).collect::<Vec<_>>(),
-        [2, 4]
+        [0, 2, 4]
     );
-    assert!(between.iter().all(|p| p[2].as_f64().unwrap() > 0.0), "{between:?}");
+    assert_eq!((between[0][1].as_f64(), between[0][2].as_f64()), (Some(0.0), Some(0.0)));
+    assert!(between[1..].iter().all(|p| p[2].as_f64().unwrap() > 0.0), "{between:?}");
     // the overlap of the LoFT and dense tickets, beside a random pair's (ratios 0.5 and 0.8)
     let ov = r["ticket_overlap"].as_array().unwrap();
     assert_eq!(ov.len(), 2);
@@ -536,6 +585,12 @@ fn the_main_job_runs_on_two_ranks_and_writes_its_report() {
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("| noprune |") && md.contains("GPipe-4") && md.contains("LoFT-2"));
     assert!(md.contains("LoFT ∩ dense"));
+    assert!(md.contains("random control") && md.contains("| random-p80 |"), "{md}");
+    assert!(md.contains("best accuracy on 32 validation images"), "{md}");
+    assert!(
+        md.contains("lr 0.1 (constant)") && md.contains("in 8 optimizer steps"),
+        "{md}"
+    );
     for png in ["accuracy.png", "distance.png", "communication.png"] {
         let b = std::fs::read(out.join(png)).unwrap();
         assert!(b.starts_with(b"\x89PNG"), "{png}");
@@ -545,4 +600,149 @@ fn the_main_job_runs_on_two_ranks_and_writes_its_report() {
     ok(&again);
     let r2: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(r2["tickets"], r["tickets"]);
+}
+
+/// `loft train` arguments on synthetic data with a global batch of 8.
+fn train_args(out: &Path) -> Vec<String> {
+    [
+        "--threads",
+        "1",
+        "train",
+        "--dataset",
+        "synthetic",
+        "--base-width",
+        "4",
+        "--train-subset",
+        "200",
+        "--test-subset",
+        "40",
+        "--val-size",
+        "40",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.02",
+        "--progress",
+        "none",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+#[test]
+fn train_uses_one_global_batch_on_any_rank_count() {
+    let Some(_) = mpirun() else { return };
+    let (one, two) = (tmp("global-batch-1"), tmp("global-batch-2"));
+    ok(&run_mpi(1, &train_args(&one), &[]));
+    ok(&run_mpi(2, &train_args(&two), &[]));
+    let config = |d: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(d.join("config.json")).unwrap()).unwrap()
+    };
+    let (c1, c2) = (config(&one), config(&two));
+    // the same steps of the same global batch: 200 images / 8 = 25 steps, 8 or 4 per rank
+    assert_eq!(c1["steps_per_epoch"], 25);
+    assert_eq!(c2["steps_per_epoch"], 25);
+    assert_eq!(
+        (c1["batch_per_rank"].as_u64(), c2["batch_per_rank"].as_u64()),
+        (Some(8), Some(4))
+    );
+    assert_eq!(
+        (c1["val_samples"].as_u64(), c1["train_samples"].as_u64()),
+        (Some(40), Some(200))
+    );
+    // every rank took its share of the same 25 steps per epoch (the stream position of each
+    // rank's checkpoint), and both runs logged both epochs
+    for (d, ranks) in [(&one, 1usize), (&two, 2)] {
+        let c = newest_checkpoint(d);
+        assert_eq!((c.state.step, c.state.workers), (50, ranks));
+        let log = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+        assert_eq!(log.lines().count(), 2);
+    }
+    // a global batch that does not split over the ranks is refused in one line
+    let mut bad = train_args(&tmp("global-batch-3"));
+    let at = bad.iter().position(|a| a == "--batch-size").unwrap();
+    bad[at + 1] = "9".into();
+    let o = run_mpi(2, &bad, &[]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr)
+        .contains("--batch-size 9 (the global batch) does not split evenly over 2 ranks"));
+}
+
+#[test]
+fn the_main_job_over_several_seeds_reports_mean_std_and_every_seed() {
+    let Some(_) = mpirun() else { return };
+    let out = tmp("main-job-seeds");
+    let args: Vec<String> = [
+        "--threads",
+        "1",
+        "run",
+        "--dataset",
+        "synthetic",
+        "--base-width",
+        "3",
+        "--rounds",
+        "2",
+        "--local-steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--train-subset",
+        "64",
+        "--test-subset",
+        "32",
+        "--val-size",
+        "16",
+        "--finetune-epochs",
+        "1",
+        "--ratios",
+        "0.5",
+        "--seeds",
+        "3,5",
+        "--progress",
+        "none",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    ok(&run_mpi(2, &args, &[]));
+    let json = |p: PathBuf| -> serde_json::Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    let r = json(out.join("report.json"));
+    assert_eq!(r["seeds"], serde_json::json!([3, 5]));
+    let (a, b) = (
+        json(out.join("seed-3/report.json")),
+        json(out.join("seed-5/report.json")),
+    );
+    assert_eq!((a["seed"].as_u64(), b["seed"].as_u64()), (Some(3), Some(5)));
+    for (i, t) in r["tickets"].as_array().unwrap().iter().enumerate() {
+        let v: Vec<f64> = [&a, &b]
+            .iter()
+            .map(|s| s["tickets"][i]["chosen_test_acc"].as_f64().unwrap())
+            .collect();
+        let h = &t["headline"];
+        assert_eq!(h["values"], serde_json::json!(v), "{t}");
+        let mean = (v[0] + v[1]) / 2.0;
+        assert!((h["mean"].as_f64().unwrap() - mean).abs() < 1e-9, "{t}");
+        let std = ((v[0] - mean).powi(2) + (v[1] - mean).powi(2)).sqrt();
+        assert!((h["std"].as_f64().unwrap() - std).abs() < 1e-9, "{t}");
+    }
+    // different seeds: different initialisations, so different pre-trained models
+    let trained = |s: &serde_json::Value| {
+        (
+            s["pretraining"]["dense"]["distance_to_final"].clone(),
+            s["tickets"].clone(),
+        )
+    };
+    assert_ne!(trained(&a), trained(&b));
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        md.contains("2 seeds") && md.contains("Seeds 3, 5") && md.contains(" ± "),
+        "{md}"
+    );
 }

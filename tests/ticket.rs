@@ -305,7 +305,7 @@ fn the_main_job_refuses_a_directory_of_another_job_and_bad_ratios() {
     ok(&loft(&args));
     // other settings in the same directory would mix two jobs in one report
     let mut other = args.to_vec();
-    other.extend(["--lr", "0.1"]);
+    other.extend(["--lr", "0.05"]);
     one_line_error(&loft(&other), "other settings");
     one_line_error(&loft(&["run", "--ratios", "1.5", "--out", o]), "--ratios");
     one_line_error(&loft(&["run", "--record-every", "0", "--out", o]), "--record-every");

@@ -38,18 +38,22 @@ pub const EXIT_STOPPED: i32 = 75;
 pub struct DataIdentity {
     pub train_samples: usize,
     pub test_samples: usize,
+    /// Validation images held out of the training set.
+    #[serde(default)]
+    pub val_samples: usize,
     /// Per-channel mean and standard deviation of the training images.
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
 }
 
 impl DataIdentity {
-    /// The identity of a train / test split.
-    pub fn of(train: &crate::data::Dataset, test: &crate::data::Dataset) -> Self {
-        let (mean, std) = train.channel_stats();
+    /// The identity of a train / (validation) / test split.
+    pub fn of(split: &crate::data::Split) -> Self {
+        let (mean, std) = split.train.channel_stats();
         DataIdentity {
-            train_samples: train.len(),
-            test_samples: test.len(),
+            train_samples: split.train.len(),
+            test_samples: split.test.len(),
+            val_samples: split.val.as_ref().map_or(0, |v| v.len()),
             mean,
             std,
         }
@@ -83,6 +87,14 @@ pub struct State {
     /// The latest recorded filter distances (D_idx), for the early stop.
     #[serde(default)]
     pub recent_distances: Vec<f64>,
+    /// Training with validation images: the best validation accuracy (%), its epoch
+    /// (1-based; 0 before the first evaluation) and that epoch's test accuracy.
+    #[serde(default)]
+    pub best_val_acc: f64,
+    #[serde(default)]
+    pub chosen_epoch: u64,
+    #[serde(default)]
+    pub chosen_test_acc: f64,
 }
 
 /// What wrote a checkpoint (the root attribute `kind`).

@@ -150,10 +150,11 @@ pub fn load_cifar10(dir: &Path) -> Result<Split> {
             let files: Vec<&str> = files.iter().map(String::as_str).collect();
             let train = CIFAR10.load(dir, &files)?;
             let test = CIFAR10.load(dir, &["test_batch.bin"])?;
-            Ok(Split { train, test })
+            Ok(Split { train, val: None, test })
         }
         Layout::Pickle => Ok(Split {
             train: cifar_pickle::load(dir, &TRAIN, "cifar10", "labels", 10)?,
+            val: None,
             test: cifar_pickle::load(dir, &["test_batch"], "cifar10", "labels", 10)?,
         }),
     }
@@ -171,10 +172,12 @@ pub fn load_cifar100(dir: &Path) -> Result<Split> {
     )? {
         Layout::Binary => Ok(Split {
             train: CIFAR100.load(dir, &["train.bin"])?,
+            val: None,
             test: CIFAR100.load(dir, &["test.bin"])?,
         }),
         Layout::Pickle => Ok(Split {
             train: cifar_pickle::load(dir, &["train"], "cifar100", "fine_labels", 100)?,
+            val: None,
             test: cifar_pickle::load(dir, &["test"], "cifar100", "fine_labels", 100)?,
         }),
     }

@@ -235,7 +235,7 @@ fn load_half(dir: &Path, images: &str, labels: &str) -> Result<Dataset> {
 pub fn load_fashion_mnist(dir: &Path) -> Result<Split> {
     let train = load_half(dir, "train-images-idx3-ubyte", "train-labels-idx1-ubyte")?;
     let test = load_half(dir, "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")?;
-    Ok(Split { train, test })
+    Ok(Split { train, val: None, test })
 }
 
 #[cfg(test)]

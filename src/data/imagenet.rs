@@ -114,7 +114,7 @@ pub fn load(dir: &Path) -> Result<super::Split> {
     if a != b {
         return Err(Error::format(dir.join("val"), "its class folders differ from train's"));
     }
-    Ok(super::Split { train, test })
+    Ok(super::Split { train, val: None, test })
 }
 
 /// Decode an image file (any format the content says, whatever its name) to RGB: (pixels

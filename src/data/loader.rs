@@ -53,6 +53,9 @@ pub struct Loader<'a> {
     rank: u64,
     part: usize,
     parts: usize,
+    /// Micro-batches: this loader takes micro-batch `micro.0` of `micro.1` of every global
+    /// batch of `batch_size * micro.1` samples (1 of 1: whole batches).
+    micro: (usize, usize),
     /// Image folders: the next batch, decoded in the background.
     prefetch: Prefetch,
 }
@@ -183,6 +186,7 @@ impl<'a> Loader<'a> {
             rank,
             part: 0,
             parts: 1,
+            micro: (0, 1),
             prefetch: Prefetch::default(),
         }
     }
@@ -202,6 +206,29 @@ impl<'a> Loader<'a> {
         self
     }
 
+    /// Take micro-batch `part` of `parts` of every global batch: the epoch's order is the
+    /// whole set's, a global batch holds `batch_size * parts` samples, and this loader fills
+    /// positions `[part * batch_size, (part + 1) * batch_size)` of it. Loaders built with the
+    /// same seed and rank key but different parts together deliver exactly the global batches
+    /// of a loader with batch `batch_size * parts`. A short last global batch is dropped.
+    ///
+    /// # Panics
+    /// If `parts` is 0, `part >= parts`, or the loader is also sharded.
+    pub fn with_micro(mut self, part: usize, parts: usize) -> Self {
+        assert!(
+            parts > 0 && part < parts && self.parts == 1,
+            "Loader: micro-batch {part} of {parts} does not exist (or the loader is sharded)"
+        );
+        self.micro = (part, parts);
+        self.drop_last |= parts > 1;
+        self
+    }
+
+    /// Samples in one global batch.
+    fn global_batch(&self) -> usize {
+        self.batch_size * self.micro.1
+    }
+
     /// Samples in this loader's shard.
     fn shard_len(&self) -> usize {
         let n = self.data.len();
@@ -216,7 +243,7 @@ impl<'a> Loader<'a> {
     pub fn batches_per_epoch(&self) -> usize {
         let n = self.shard_len();
         if self.drop_last {
-            n / self.batch_size
+            n / self.global_batch()
         } else {
             n.div_ceil(self.batch_size)
         }
@@ -286,15 +313,15 @@ impl<'a> Loader<'a> {
     /// Positions in an epoch's order of batch `b`; None past the end (or a short last batch
     /// with drop_last).
     fn batch_range(&self, samples: usize, b: usize) -> Option<std::ops::Range<usize>> {
-        let start = b.saturating_mul(self.batch_size);
-        if start >= samples {
+        let global = b.saturating_mul(self.global_batch());
+        if global >= samples {
             return None;
         }
-        let end = samples.min(start + self.batch_size);
-        if self.drop_last && end - start < self.batch_size {
+        if self.drop_last && samples - global < self.global_batch() {
             return None;
         }
-        Some(start..end)
+        let start = global + self.micro.0 * self.batch_size;
+        Some(start..samples.min(start + self.batch_size))
     }
 
     /// What decoding a sample of an image folder needs, owned (for the background thread).
@@ -398,6 +425,37 @@ mod tests {
             ys.extend_from_slice(&y[..n]);
         }
         (xs, ys)
+    }
+
+    #[test]
+    fn micro_batches_split_every_global_batch_exactly() {
+        let d = data(53, 1, 3, 3);
+        let aug = Augment {
+            crop_pad: 1,
+            flip: true,
+        };
+        let whole = plain(&d, 12, aug, true, true);
+        let parts: Vec<Loader> = (0..3)
+            .map(|p| plain(&d, 4, aug, true, false).with_micro(p, 3))
+            .collect();
+        assert_eq!(whole.batches_per_epoch(), 4);
+        let order = whole.order(2);
+        let len = d.image_len();
+        let (mut x, mut y) = (vec![0.0; 12 * len], vec![0; 12]);
+        let (mut xm, mut ym) = (vec![0.0; 4 * len], vec![0; 4]);
+        for b in 0..4 {
+            assert_eq!(whole.fill(&order, 2, b, &mut x, &mut y).unwrap(), 12);
+            for (p, l) in parts.iter().enumerate() {
+                assert_eq!(l.batches_per_epoch(), 4);
+                assert_eq!(l.order(2), order);
+                assert_eq!(l.fill(&order, 2, b, &mut xm, &mut ym).unwrap(), 4);
+                assert_eq!(&ym[..], &y[p * 4..(p + 1) * 4], "batch {b} part {p}");
+                assert_eq!(&xm[..], &x[p * 4 * len..(p + 1) * 4 * len], "batch {b} part {p}");
+            }
+        }
+        // the short last global batch (5 samples) is dropped by every part
+        assert_eq!(parts[0].fill(&order, 2, 4, &mut xm, &mut ym).unwrap(), 0);
+        assert_eq!(parts[2].samples_per_epoch(), 16);
     }
 
     #[test]

@@ -96,6 +96,53 @@ impl Dataset {
         (mean, std)
     }
 
+    /// The samples at `idx`, in that order.
+    ///
+    /// # Panics
+    /// If an index is out of range.
+    pub fn select(&self, idx: &[usize]) -> Dataset {
+        let len = self.image_len();
+        let mut d = Dataset {
+            labels: idx.iter().map(|&i| self.labels[i]).collect(),
+            pixels: Vec::new(),
+            folder: None,
+            name: self.name.clone(),
+            ..*self
+        };
+        if let Some(f) = &self.folder {
+            let mut f = (**f).clone();
+            f.files = idx.iter().map(|&i| f.files[i].clone()).collect();
+            d.folder = Some(std::sync::Arc::new(f));
+        } else {
+            d.pixels.reserve(idx.len() * len);
+            for &i in idx {
+                d.pixels.extend_from_slice(&self.pixels[i * len..(i + 1) * len]);
+            }
+        }
+        d
+    }
+
+    /// Remove `n` samples, evenly spaced over the set (sample `floor(i * len / n)` for i in
+    /// 0..n, so a folder listed class by class gives every class its share), and return
+    /// them; the rest keep their order. n >= len takes every sample.
+    pub fn hold_out(&mut self, n: usize) -> Dataset {
+        let len = self.len();
+        let n = n.min(len);
+        let picked: Vec<usize> = (0..n).map(|i| i * len / n).collect();
+        let mut keep = Vec::with_capacity(len - n);
+        let mut next = picked.iter().peekable();
+        for i in 0..len {
+            if next.peek() == Some(&&i) {
+                next.next();
+            } else {
+                keep.push(i);
+            }
+        }
+        let held = self.select(&picked);
+        *self = self.select(&keep);
+        held
+    }
+
     /// Keep only the first n samples (n >= len is a no-op). An image folder, listed class by
     /// class, keeps n samples evenly spaced over the list instead, so every class stays.
     pub fn truncate(&mut self, n: usize) {
@@ -114,13 +161,41 @@ impl Dataset {
     }
 }
 
-/// Train and test halves of a data set.
+/// Train and test halves of a data set, and the validation images held out of the training
+/// half, if any.
 #[derive(Clone, Debug)]
 pub struct Split {
-    /// The training half.
+    /// The training half (without the validation images).
     pub train: Dataset,
+    /// Validation images held out of the training half (see [`Dataset::hold_out`]).
+    pub val: Option<Dataset>,
     /// The held-out test half.
     pub test: Dataset,
+}
+
+impl Split {
+    /// Hold `val` images out of the training half (0: none), then keep the first
+    /// `train_subset` of the remaining training images and the first `test_subset` test
+    /// images (0: all). The validation images never depend on the subsets, so runs with
+    /// different subsets select on the same images.
+    pub fn carve(mut self, val: usize, train_subset: usize, test_subset: usize) -> Result<Split> {
+        if val > 0 {
+            if val >= self.train.len() {
+                return Err(Error::config(format!(
+                    "--val-size {val} leaves no training images ({} in the training set)",
+                    self.train.len()
+                )));
+            }
+            self.val = Some(self.train.hold_out(val));
+        }
+        if train_subset > 0 {
+            self.train.truncate(train_subset);
+        }
+        if test_subset > 0 {
+            self.test.truncate(test_subset);
+        }
+        Ok(self)
+    }
 }
 
 /// Which data set to load.
@@ -303,6 +378,52 @@ mod tests {
         // channel 1: 0.2, 0.2, 0.2, 0.4 -> mean 0.25, var 0.0075
         assert!((mean[1] - 0.25).abs() < 1e-6, "{mean:?}");
         assert!((std[1] - 0.0075f32.sqrt()).abs() < 1e-6, "{std:?}");
+    }
+
+    /// n one-pixel grey images whose pixel and label are the index (mod 256 / mod 10).
+    fn numbered(n: usize) -> Dataset {
+        Dataset {
+            name: "numbered".into(),
+            channels: 1,
+            height: 1,
+            width: 1,
+            classes: 10,
+            pixels: (0..n).map(|i| i as u8).collect(),
+            labels: (0..n).map(|i| (i % 10) as u32).collect(),
+            folder: None,
+        }
+    }
+
+    #[test]
+    fn hold_out_takes_evenly_spaced_samples_and_keeps_the_rest_in_order() {
+        let mut d = numbered(10);
+        let v = d.hold_out(3);
+        // floor(i * 10 / 3) for i = 0, 1, 2
+        assert_eq!(v.pixels, vec![0, 3, 6]);
+        assert_eq!(v.labels, vec![0, 3, 6]);
+        assert_eq!(d.pixels, vec![1, 2, 4, 5, 7, 8, 9]);
+        assert_eq!(d.labels, vec![1, 2, 4, 5, 7, 8, 9]);
+        assert_eq!((v.channels, v.classes, v.name.as_str()), (1, 10, "numbered"));
+    }
+
+    #[test]
+    fn carve_holds_out_before_the_subset_and_refuses_an_empty_training_set() {
+        let split = || Split {
+            train: numbered(20),
+            val: None,
+            test: numbered(5),
+        };
+        let s = split().carve(4, 6, 2).unwrap();
+        assert_eq!(s.val.as_ref().unwrap().pixels, vec![0, 5, 10, 15]);
+        assert_eq!(s.train.pixels, vec![1, 2, 3, 4, 6, 7]);
+        assert_eq!(s.test.len(), 2);
+        // the validation images do not depend on the training subset
+        let t = split().carve(4, 0, 0).unwrap();
+        assert_eq!(t.val.unwrap().pixels, vec![0, 5, 10, 15]);
+        assert_eq!(t.train.len(), 16);
+        assert!(split().carve(0, 0, 0).unwrap().val.is_none());
+        let e = split().carve(20, 0, 0).unwrap_err().to_string();
+        assert!(e.contains("--val-size 20 leaves no training images"), "{e}");
     }
 
     #[test]

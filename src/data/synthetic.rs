@@ -189,12 +189,14 @@ pub fn generate(spec: &SyntheticSpec) -> Split {
         };
         return Split {
             train: empty(spec.train),
+            val: None,
             test: empty(spec.test),
         };
     }
     let protos = prototypes(spec);
     Split {
         train: half(spec, &protos, TRAIN_STREAM, spec.train),
+        val: None,
         test: half(spec, &protos, TEST_STREAM, spec.test),
     }
 }

@@ -263,6 +263,8 @@ pub struct Inputs<'a> {
     /// Only the first N training / test samples (0 = all).
     pub train_subset: usize,
     pub test_subset: usize,
+    /// Validation images held out of the training set before the subset (0 = none).
+    pub val_size: usize,
 }
 
 /// The start of every run on a rank: on rank 0 (`lead`), create the run directory and the
@@ -275,21 +277,16 @@ pub fn start(ctl: &RunControl, lead: bool, inputs: Inputs<'_>) -> Result<(data::
         ctl.saver.prepare()?;
     }
     let split = load_data(&inputs)?;
-    let identity = DataIdentity::of(&split.train, &split.test);
+    let identity = DataIdentity::of(&split);
     Ok((split, identity))
 }
 
-/// Load the data set of `inputs` (optionally only its first samples) and check that the
-/// network fits it.
+/// Load the data set of `inputs` (the validation images held out, optionally only the first
+/// samples of the rest) and check that the network fits it.
 pub fn load_data(inputs: &Inputs<'_>) -> Result<data::Split> {
     let (arch, dataset) = (inputs.arch, inputs.dataset);
-    let mut split = data::load(dataset, inputs.data_dir)?;
-    if inputs.train_subset > 0 {
-        split.train.truncate(inputs.train_subset);
-    }
-    if inputs.test_subset > 0 {
-        split.test.truncate(inputs.test_subset);
-    }
+    let split =
+        data::load(dataset, inputs.data_dir)?.carve(inputs.val_size, inputs.train_subset, inputs.test_subset)?;
     if split.train.is_empty() || split.test.is_empty() {
         return Err(Error::config("the training and test sets must not be empty"));
     }

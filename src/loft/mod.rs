@@ -43,6 +43,9 @@ pub struct PretrainConfig {
     pub data_dir: PathBuf,
     pub train_subset: usize,
     pub test_subset: usize,
+    /// Validation images held out of the training set (never trained on; 0 = none).
+    #[serde(default)]
+    pub val_size: usize,
     pub rounds: usize,
     pub local_steps: usize,
     pub batch_size: usize,
@@ -214,6 +217,7 @@ impl PretrainConfig {
             data_dir: &self.data_dir,
             train_subset: self.train_subset,
             test_subset: self.test_subset,
+            val_size: self.val_size,
         }
     }
 
@@ -414,6 +418,9 @@ pub fn run<B: Backend>(
     let counts: Vec<usize> = counts.iter().map(|&c| c as usize).collect();
     p.announce(&be.name(), ranks, (shared_n, &counts), resumed.as_deref())?;
     p.bar = Progress::new(p.mode, "pretrain", cfg.rounds);
+    if resumed.is_none() && p.ctl.saver.due(0) {
+        p.record_init(comm)?;
+    }
     let mut ending = None;
     for t in p.st.round as usize..cfg.rounds {
         ending = p.round(t, comm)?;
@@ -729,6 +736,21 @@ impl<B: Backend> Pretraining<'_, '_, B> {
                 m.be.sync()
             }
         }
+    }
+
+    /// Round 0: the initialisation recorded like every other point, as a checkpoint (so the
+    /// distance curves start where both methods start) and, on rank 0, as the reference of
+    /// the first filter distance.
+    fn record_init(&mut self, comm: &mut dyn Comm) -> Result<()> {
+        if comm.rank() == 0 && self.cfg.distance_every > 0 {
+            let m = self.assembled();
+            let params = m.be.read_host(&m.params, 0, m.graph.params.total)?.into_owned();
+            let layout = &self.full_graph.params;
+            self.reference = Some(crate::ticket::Rows::of(layout, &params, self.cfg.distance_ratio));
+        }
+        let p = Partition::draw(&self.full_graph, self.cfg.seed, 0, self.workers);
+        self.save(&p, comm)?;
+        Ok(())
     }
 
     /// The filter distance (D_idx, D_w) to the previous recorded point, every

@@ -101,17 +101,49 @@ pub fn mask(layout: &Layout, idx: &[usize], info: &TicketInfo) -> Vec<f32> {
     m
 }
 
-/// Prune checkpoint `c` (read from `path`) at `ratio`: the ticket, as a checkpoint of kind
-/// "ticket" holding the pre-trained weights of the kept filters (no rewinding) and a fresh
-/// optimizer.
-pub fn prune(
-    c: &CheckpointOf<'_>,
-    path: &Path,
-    ratio: f64,
-    criterion: Criterion,
-    masked: bool,
-    seed: u64,
-) -> Result<Checkpoint> {
+/// How to prune.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Pruning {
+    /// The ratio p: every pruned block keeps floor((1-p) wC) inner filters.
+    pub ratio: f64,
+    pub criterion: Criterion,
+    /// Full shapes with a mask instead of a narrower network.
+    pub masked: bool,
+    /// Seed of `Criterion::Random`.
+    pub seed: u64,
+    /// Leave the first block of every stage whole (the released code's choice; the paper
+    /// prunes every block without a projection).
+    pub keep_first_blocks: bool,
+}
+
+impl Pruning {
+    /// The paper's pruning at `ratio`: largest norms, narrow network, every prunable block.
+    pub fn paper(ratio: f64) -> Self {
+        Pruning {
+            ratio,
+            criterion: Criterion::Largest,
+            masked: false,
+            seed: 0,
+            keep_first_blocks: false,
+        }
+    }
+}
+
+/// Whether a prunable block (named `s<stage>.b<pos>`) is the first of its stage.
+fn first_of_stage(name: &str) -> bool {
+    name.ends_with(".b0")
+}
+
+/// Prune checkpoint `c` (read from `path`): the ticket, as a checkpoint of kind "ticket"
+/// holding the pre-trained weights of the kept filters (no rewinding) and a fresh optimizer.
+pub fn prune(c: &CheckpointOf<'_>, path: &Path, how: &Pruning) -> Result<Checkpoint> {
+    let Pruning {
+        ratio,
+        criterion,
+        masked,
+        seed,
+        keep_first_blocks,
+    } = *how;
     validate_ratio(ratio)?;
     if c.kind == Kind::Ticket {
         return Err(Error::format(
@@ -128,13 +160,19 @@ pub fn prune(
         ));
     }
     let blocks = prunable_blocks(&full.params);
+    let mut kept = kept(&blocks, &c.params, ratio, criterion, seed);
+    if keep_first_blocks {
+        for (k, b) in kept.iter_mut().zip(&blocks).filter(|(_, b)| first_of_stage(&b.name)) {
+            *k = (0..b.conv1.shape[0]).collect();
+        }
+    }
     let info = TicketInfo {
         ratio,
         criterion,
         source: path.display().to_string(),
         masked,
         widths: blocks.iter().map(|b| b.conv1.shape[0]).collect(),
-        kept: kept(&blocks, &c.params, ratio, criterion, seed),
+        kept,
         blocks: blocks.into_iter().map(|b| b.name).collect(),
     };
     let (full_all, pruned_all, train, idx) = ticket_graphs(&arch, h, w, &info)?;
@@ -178,10 +216,11 @@ pub fn prune(
     })
 }
 
-/// `loft prune`: write the ticket of `checkpoint` at `ratio` to `out`.
-pub fn run(checkpoint: &Path, ratio: f64, criterion: Criterion, masked: bool, seed: u64, out: &Path) -> Result<()> {
+/// `loft prune`: write the ticket of `checkpoint` to `out`.
+pub fn run(checkpoint: &Path, how: &Pruning, out: &Path) -> Result<()> {
+    let (ratio, masked) = (how.ratio, how.masked);
     let c = Checkpoint::read(checkpoint)?;
-    let t = prune(&c, checkpoint, ratio, criterion, masked, seed)?;
+    let t = prune(&c, checkpoint, how)?;
     if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
