@@ -1,13 +1,21 @@
 // norm.cu: batch normalisation over NCHW: training forward (batch statistics, running
-// statistics update), evaluation forward, backward.
+// statistics update), evaluation forward, backward; and the split kernels of synchronized
+// batch norm, whose per-channel sums the host adds over the ranks between launches.
 //
 // Launch geometry (src/backend/cuda/launch.rs, `per_channel`): one block of 256 threads per
 // channel (grid.x = c) for the training forward and the backward, which reduce over the
 // channel's n*hw elements in f64 (each thread strides over the elements, then a tree in
 // shared memory: 2 x 256 doubles = 4 KiB static) and then rewrite the channel's elements;
 // evaluation forward is element-wise (256 threads, grid-stride, no shared memory).
-// CPU references: src/backend/cpu/norm.rs (forward_train, forward_eval, backward), with the
-// same f64 statistics, so results agree to f32 rounding of the reduction order.
+// The synchronized kernels use the same per-channel geometry. Per-channel f64 values cross
+// to and from the host through `sums` as (hi, lo) float pairs, hi = (float)v and
+// lo = (float)(v - hi) (48 bits of the double): the moments kernel writes sums[2c, 2c+1]; the
+// forward apply kernel reads the global mean, 1/std and unbiased variance from
+// sums[6c .. 6c+6]; the backward sums kernel writes sum dy and sum dy xhat to sums[4c .. 4c+4]
+// and the backward apply kernel reads their global values back from there.
+// CPU references: src/backend/cpu/norm.rs (forward_train, forward_eval, backward, with and
+// without `sync`), with the same f64 statistics, so results agree to f32 rounding of the
+// reduction order.
 #include "common.cuh"
 
 #define NORM_THREADS 256
@@ -24,11 +32,23 @@ struct NormParams {
     GPTR(float) save_invstd;
     GPTR(float) dgamma;           // backward only
     GPTR(float) dbeta;
+    GPTR(float) sums;             // synchronized kernels: per-channel (hi, lo) pairs
     i64 n, c, hw;
+    i64 total;                    // synchronized backward apply: samples x hw of the global batch
     float eps, momentum;
     u32 accumulate;               // backward: dx += ...
-    u32 pad;
+    u32 phase;                    // moments kernel: 0 the sums of x, 1 the squared deviations
 };
+
+// A double as two floats, and back.
+__device__ __forceinline__ void put_pair(GPTR(float) at, double v) {
+    const float hi = (float)v;
+    at[0] = hi;
+    at[1] = (float)(v - (double)hi);
+}
+__device__ __forceinline__ double get_pair(GPTR(float) at) {
+    return (double)at[0] + (double)at[1];
+}
 
 // Sum of the block's per-thread values; every thread gets the total (the same bits, a
 // fixed tree order). Two barriers per call, so the caller may reuse `tree` right after.
@@ -110,6 +130,90 @@ LOFT_KERNEL(batchnorm_backward_f32, NormParams) {
     }
     const double k = (double)p.gamma[c] * invstd / (double)m;
     const float a = (float)(k * (double)m);
+    const float bx = (float)(-k * sdyx * invstd);
+    const float c0 = (float)(k * (-sdy + sdyx * invstd * mean));
+    for (i64 e = tid; e < m; e += NORM_THREADS) {
+        i64 i = channel_index(p, c, e);
+        float v = a * p.dy[i] + bx * p.x[i] + c0;
+        p.y[i] = p.accumulate ? p.y[i] + v : v;
+    }
+}
+
+// Synchronized forward, reductions: phase 0 writes this rank's sum of x for channel c; phase 1
+// reads the global mean from the same slot and writes the sum of squared deviations from it.
+LOFT_KERNEL(batchnorm_moments_forward_f32, NormParams) {
+    const u32 tid = THREAD_INDEX;
+    const i64 c = blockIdx.x, m = p.n * p.hw;
+    const double mean = p.phase == 1 ? get_pair(p.sums + 2 * c) : 0.0;
+    double s = 0.0;
+    for (i64 e = tid; e < m; e += NORM_THREADS) {
+        double v = (double)p.x[channel_index(p, c, e)];
+        if (p.phase == 1) {
+            v -= mean;
+            v *= v;
+        }
+        s += v;
+    }
+    s = block_sum(s, tid);
+    if (tid == 0) put_pair(p.sums + 2 * c, s);
+}
+
+// Synchronized forward, normalisation: the global mean, 1/std and unbiased variance of
+// channel c from sums[6c ..]; the rest as in batchnorm_train_forward_f32.
+LOFT_KERNEL(batchnorm_apply_forward_f32, NormParams) {
+    const u32 tid = THREAD_INDEX;
+    const i64 c = blockIdx.x, m = p.n * p.hw;
+    const double mean = get_pair(p.sums + 6 * c);
+    const double invstd = get_pair(p.sums + 6 * c + 2);
+    const double scale = (double)p.gamma[c] * invstd;
+    const float a = (float)scale, b = (float)((double)p.beta[c] - mean * scale);
+    if (tid == 0) {
+        const double mom = (double)p.momentum;
+        const double unbiased = get_pair(p.sums + 6 * c + 4);
+        p.save_mean[c] = (float)mean;
+        p.save_invstd[c] = (float)invstd;
+        p.running_mean[c] = (float)((1.0 - mom) * (double)p.running_mean[c] + mom * mean);
+        p.running_var[c] = (float)((1.0 - mom) * (double)p.running_var[c] + mom * unbiased);
+    }
+    for (i64 e = tid; e < m; e += NORM_THREADS) {
+        i64 i = channel_index(p, c, e);
+        p.y[i] = p.x[i] * a + b;
+    }
+}
+
+// Synchronized backward, reductions: this rank's sum dy and sum dy xhat of channel c, into
+// dbeta and dgamma and (as pairs) into sums[4c ..].
+LOFT_KERNEL(batchnorm_sums_backward_f32, NormParams) {
+    const u32 tid = THREAD_INDEX;
+    const i64 c = blockIdx.x, m = p.n * p.hw;
+    const double mean = (double)p.save_mean[c], invstd = (double)p.save_invstd[c];
+    double sdy = 0.0, sdyx = 0.0;
+    for (i64 e = tid; e < m; e += NORM_THREADS) {
+        i64 i = channel_index(p, c, e);
+        double g = (double)p.dy[i];
+        sdy += g;
+        sdyx += g * ((double)p.x[i] - mean) * invstd;
+    }
+    sdy = block_sum(sdy, tid);
+    sdyx = block_sum(sdyx, tid);
+    if (tid == 0) {
+        p.dbeta[c] = (float)sdy;
+        p.dgamma[c] = (float)sdyx;
+        put_pair(p.sums + 4 * c, sdy);
+        put_pair(p.sums + 4 * c + 2, sdyx);
+    }
+}
+
+// Synchronized backward, dx: as batchnorm_backward_f32 with the global sums of sums[4c ..]
+// and the global count p.total.
+LOFT_KERNEL(batchnorm_apply_backward_f32, NormParams) {
+    const u32 tid = THREAD_INDEX;
+    const i64 c = blockIdx.x, m = p.n * p.hw;
+    const double mean = (double)p.save_mean[c], invstd = (double)p.save_invstd[c];
+    const double sdy = get_pair(p.sums + 4 * c), sdyx = get_pair(p.sums + 4 * c + 2);
+    const double total = (double)p.total;
+    const double k = (double)p.gamma[c] * invstd / total;
+    const float a = (float)(k * total);
     const float bx = (float)(-k * sdyx * invstd);
     const float c0 = (float)(k * (-sdy + sdyx * invstd * mean));
     for (i64 e = tid; e < m; e += NORM_THREADS) {

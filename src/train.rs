@@ -4,10 +4,10 @@
 //! `batch_size` is the global batch: every step draws one batch of the whole training set
 //! (one order per epoch, from the seed) and rank r of S trains on its r-th share of
 //! `batch_size / S` samples, with the gradients averaged over the ranks and the BN running
-//! statistics averaged too. So the same command on 1, 2 or 4 ranks sees the same samples
-//! with the same augmentation at the same learning rate; what differs is that batch norm
-//! normalises each rank's share with that share's statistics (as PyTorch's
-//! DistributedDataParallel does without SyncBatchNorm) and the order of the sums.
+//! statistics averaged too. Batch norm is synchronized: every layer normalises with the
+//! statistics of the global batch (its per-channel sums are added over the ranks). So the
+//! same command on 1, 2 or 4 ranks sees the same samples with the same augmentation at the
+//! same learning rate and computes the same step, up to the order of the sums.
 //!
 //! With a validation split (`val_size`), every epoch is also evaluated on the validation
 //! images, and the summary reports the test accuracy of the epoch with the best validation
@@ -338,7 +338,7 @@ pub fn run<B: Backend>(
     stream.drawn = st.epoch * steps_per_epoch as u64 + st.batch;
     let mut trainer = Trainer::new(model, stream);
     if ranks > 1 {
-        trainer = trainer.data_parallel(true);
+        trainer = trainer.data_parallel(true).synchronized_batchnorm();
     }
     if let Some((mp, ms)) = &net.masks {
         trainer = trainer.with_masks(mp, ms)?;

@@ -6,7 +6,7 @@
 //! checked point ends the run with a one-line error.
 
 use loft::backend::cpu::CpuBackend;
-use loft::backend::{Backend, Run};
+use loft::backend::{Backend, Run, SumOverRanks};
 use loft::comm::single::SingleComm;
 use loft::data::DatasetKind;
 use loft::engine::RunControl;
@@ -163,8 +163,9 @@ impl Backend for Counting {
         y: &mut [f32],
         sm: &mut [f32],
         si: &mut [f32],
+        sync: SumOverRanks<'_>,
     ) {
-        self.cpu.batchnorm_forward_train(s, x, gamma, beta, rm, rv, y, sm, si)
+        self.cpu.batchnorm_forward_train(s, x, gamma, beta, rm, rv, y, sm, si, sync)
     }
     fn batchnorm_forward_eval(
         &self,
@@ -190,8 +191,9 @@ impl Backend for Counting {
         dg: &mut [f32],
         db: &mut [f32],
         acc: bool,
+        sync: SumOverRanks<'_>,
     ) {
-        self.cpu.batchnorm_backward(s, x, dy, gamma, sm, si, dx, dg, db, acc)
+        self.cpu.batchnorm_backward(s, x, dy, gamma, sm, si, dx, dg, db, acc, sync)
     }
     fn relu_forward(&self, x: &[f32], y: &mut [f32]) {
         self.cpu.relu_forward(x, y)

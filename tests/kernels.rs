@@ -205,6 +205,10 @@ fn check_convolutions<B: Backend>(e: &B, _exact: bool) {
     }
 }
 
+/// Every batch-norm op on one input: training forward, evaluation forward and backward.
+/// `ranks`: synchronized, with a sum over that many ranks holding this same batch (None: not
+/// synchronized).
+#[allow(clippy::too_many_arguments)]
 fn norm_all<B: Backend>(
     be: &B,
     s: &BatchNorm,
@@ -213,7 +217,13 @@ fn norm_all<B: Backend>(
     beta: &[f32],
     dy: &[f32],
     dx0: &[f32],
+    ranks: Option<f64>,
 ) -> Vec<Vec<f32>> {
+    let k = ranks.unwrap_or(1.0);
+    let (mut sum_fwd, mut sum_bwd) = (
+        move |v: &mut [f64]| v.iter_mut().for_each(|x| *x *= k),
+        move |v: &mut [f64]| v.iter_mut().for_each(|x| *x *= k),
+    );
     let (xb, gb, bb, dyb) = (put(be, x), put(be, gamma), put(be, beta), put(be, dy));
     let mut rm = put(be, &vec![0.1; s.c]);
     let mut rv = put(be, &vec![0.9; s.c]);
@@ -229,6 +239,7 @@ fn norm_all<B: Backend>(
         be.view_mut(&mut y, 0, s.len()),
         be.view_mut(&mut sm, 0, s.c),
         be.view_mut(&mut si, 0, s.c),
+        ranks.map(|_| &mut sum_fwd as &mut dyn FnMut(&mut [f64])),
     );
     let mut ye = be.alloc(s.len()).unwrap();
     be.batchnorm_forward_eval(
@@ -253,6 +264,7 @@ fn norm_all<B: Backend>(
         be.view_mut(&mut dg, 0, s.c),
         be.view_mut(&mut db, 0, s.c),
         true,
+        ranks.map(|_| &mut sum_bwd as &mut dyn FnMut(&mut [f64])),
     );
     [&y, &rm, &rv, &sm, &si, &ye, &dx, &dg, &db]
         .iter()
@@ -281,8 +293,27 @@ fn check_batch_norm<B: Backend>(e: &B, _exact: bool) {
         let beta = rand_vec(&mut rng, ch);
         let dy = rand_vec(&mut rng, s.len());
         let dx0 = rand_vec(&mut rng, s.len());
-        let want = norm_all(&c, &s, &x, &gamma, &beta, &dy, &dx0);
-        let got = norm_all(e, &s, &x, &gamma, &beta, &dy, &dx0);
+        // alone; synchronized over one rank (the same numbers); synchronized over two ranks
+        // holding the same batch (the same numbers but the running variance, whose unbiased
+        // estimate sees twice the samples): on the device as on the CPU
+        for ranks in [None, Some(1.0), Some(2.0)] {
+            let want = norm_all(&c, &s, &x, &gamma, &beta, &dy, &dx0, ranks.filter(|&r| r > 1.0));
+            let got = norm_all(e, &s, &x, &gamma, &beta, &dy, &dx0, ranks);
+            compare_norm(&format!("batch norm {s:?} over {ranks:?} ranks"), &want, &got);
+        }
+        let (alone, two) = (
+            norm_all(&c, &s, &x, &gamma, &beta, &dy, &dx0, None),
+            norm_all(&c, &s, &x, &gamma, &beta, &dy, &dx0, Some(2.0)),
+        );
+        for j in (0..9).filter(|&j| j != 2 && j != 5) {
+            assert_close(&format!("batch norm {s:?}: two ranks against one, output {j}"), &alone[j], &two[j], 2e-6);
+        }
+    }
+}
+
+/// The nine outputs of [`norm_all`], named.
+fn compare_norm(what: &str, want: &[Vec<f32>], got: &[Vec<f32>]) {
+    {
         for (j, name) in [
             "y",
             "running mean",
@@ -297,7 +328,7 @@ fn check_batch_norm<B: Backend>(e: &B, _exact: bool) {
         .iter()
         .enumerate()
         {
-            assert_close(&format!("batch norm {s:?} {name}"), &want[j], &got[j], 2e-6);
+            assert_close(&format!("{what} {name}"), &want[j], &got[j], 2e-6);
         }
     }
 }

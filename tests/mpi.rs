@@ -655,6 +655,23 @@ fn train_uses_one_global_batch_on_any_rank_count() {
         (c1["val_samples"].as_u64(), c1["train_samples"].as_u64()),
         (Some(40), Some(200))
     );
+    // the same samples at the same rate with batch norm over the global batch: the same
+    // training, up to the order of the sums (the gradients and the BN statistics are summed
+    // over two ranks instead of one batch)
+    let column = |d: &Path, key: &str| -> Vec<f64> {
+        std::fs::read_to_string(d.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()[key].as_f64().unwrap())
+            .collect()
+    };
+    for key in ["train_loss", "test_loss", "val_loss"] {
+        let (a, b) = (column(&one, key), column(&two, key));
+        assert_eq!(a.len(), 2);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-4 * x.abs(), "{key}: 1 rank {a:?}, 2 ranks {b:?}");
+        }
+    }
     // every rank took its share of the same 25 steps per epoch (the stream position of each
     // rank's checkpoint), and both runs logged both epochs
     for (d, ranks) in [(&one, 1usize), (&two, 2)] {

@@ -1,7 +1,7 @@
 //! Every CPU op against a direct reference or finite differences in f64.
 
 use loft::backend::cpu::{conv, CpuBackend};
-use loft::backend::Backend;
+use loft::backend::{Backend, SumOverRanks};
 use loft::ops::{BatchNorm, Conv2d, Linear, Pool2d, Sgd};
 use loft::rng::Rng;
 
@@ -199,15 +199,101 @@ fn batchnorm_gradients_match_finite_differences() {
         let (mut rm, mut rv) = (vec![0.0; s.c], vec![1.0; s.c]);
         let (mut sm, mut si) = (vec![0.0; s.c], vec![0.0; s.c]);
         let mut y = vec![0.0; s.len()];
-        be.batchnorm_forward_train(&s, x, gamma, beta, &mut rm, &mut rv, &mut y, &mut sm, &mut si);
+        be.batchnorm_forward_train(&s, x, gamma, beta, &mut rm, &mut rv, &mut y, &mut sm, &mut si, None);
         (dot(&y, &g), sm, si)
     };
     let (_, sm, si) = fwd(&x, &gamma, &beta);
     let (mut dx, mut dg, mut db) = (vec![0.0; s.len()], vec![0.0; s.c], vec![0.0; s.c]);
-    be.batchnorm_backward(&s, &x, &g, &gamma, &sm, &si, &mut dx, &mut dg, &mut db, false);
+    be.batchnorm_backward(&s, &x, &g, &gamma, &sm, &si, &mut dx, &mut dg, &mut db, false, None);
     check_grad("bn dx", &x, &dx, |xp| fwd(xp, &gamma, &beta).0);
     check_grad("bn dgamma", &gamma, &dg, |gp| fwd(&x, gp, &beta).0);
     check_grad("bn dbeta", &beta, &db, |bp| fwd(&x, &gamma, bp).0);
+}
+
+/// Ranks simulated by threads: `sum` adds every rank's values in place, like an allreduce.
+struct Exchange {
+    barrier: std::sync::Barrier,
+    slots: std::sync::Mutex<Vec<Vec<f64>>>,
+}
+
+impl Exchange {
+    fn new(ranks: usize) -> Self {
+        Exchange {
+            barrier: std::sync::Barrier::new(ranks),
+            slots: std::sync::Mutex::new(vec![Vec::new(); ranks]),
+        }
+    }
+
+    fn sum(&self, rank: usize, v: &mut [f64]) {
+        self.slots.lock().unwrap()[rank] = v.to_vec();
+        self.barrier.wait();
+        let slots = self.slots.lock().unwrap().clone();
+        for (i, x) in v.iter_mut().enumerate() {
+            *x = slots.iter().map(|s| s[i]).sum();
+        }
+        // nobody overwrites a slot before every rank has read them all
+        self.barrier.wait();
+    }
+}
+
+#[test]
+fn synchronized_batchnorm_over_shards_equals_batchnorm_over_the_whole_batch() {
+    let mut rng = Rng::new(9);
+    let (ranks, per_rank) = (3, 2);
+    let whole = BatchNorm {
+        n: ranks * per_rank,
+        c: 4,
+        hw: 5,
+        eps: 1e-5,
+        momentum: 0.1,
+    };
+    let shard = BatchNorm { n: per_rank, ..whole };
+    let x: Vec<f64> = rand_vec(&mut rng, whole.len()).iter().map(|v| 2.0 * v + 0.3).collect();
+    let g = rand_vec(&mut rng, whole.len());
+    let gamma: Vec<f64> = (0..whole.c).map(|i| 0.5 + i as f64 * 0.3).collect();
+    let beta = rand_vec(&mut rng, whole.c);
+    // the whole batch on one backend: y, running mean and variance, dx, dgamma, dbeta
+    let run = |s: &BatchNorm, x: &[f64], g: &[f64], mut sync: SumOverRanks<'_>| {
+        let be = B::new();
+        let (mut rm, mut rv) = (vec![0.2; s.c], vec![0.8; s.c]);
+        let (mut sm, mut si, mut y) = (vec![0.0; s.c], vec![0.0; s.c], vec![0.0; s.len()]);
+        let f = sync.as_mut().map(|f| &mut **f as &mut dyn FnMut(&mut [f64]));
+        be.batchnorm_forward_train(s, x, &gamma, &beta, &mut rm, &mut rv, &mut y, &mut sm, &mut si, f);
+        let (mut dx, mut dg, mut db) = (vec![0.0; s.len()], vec![0.0; s.c], vec![0.0; s.c]);
+        let f = sync.as_mut().map(|f| &mut **f as &mut dyn FnMut(&mut [f64]));
+        be.batchnorm_backward(s, x, g, &gamma, &sm, &si, &mut dx, &mut dg, &mut db, false, f);
+        [y, rm, rv, dx, dg, db]
+    };
+    let want = run(&whole, &x, &g, None);
+    // each rank its shard, as threads exchanging their sums
+    let ex = Exchange::new(ranks);
+    let got: Vec<[Vec<f64>; 6]> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..ranks)
+            .map(|r| {
+                let (ex, len) = (&ex, shard.len());
+                let (x, g) = (&x[r * len..(r + 1) * len], &g[r * len..(r + 1) * len]);
+                sc.spawn(move || run(&shard, x, g, Some(&mut |v: &mut [f64]| ex.sum(r, v))))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let close = |what: &str, a: &[f64], b: &[f64]| {
+        for (i, (p, q)) in a.iter().zip(b).enumerate() {
+            assert!((p - q).abs() < 1e-12 * (1.0 + p.abs()), "{what}[{i}]: {p} vs {q}");
+        }
+    };
+    let len = shard.len();
+    for (r, o) in got.iter().enumerate() {
+        close("y", &want[0][r * len..(r + 1) * len], &o[0]);
+        close("running mean", &want[1], &o[1]);
+        close("running var", &want[2], &o[2]);
+        close("dx", &want[3][r * len..(r + 1) * len], &o[3]);
+    }
+    // dgamma and dbeta: each rank's own sums, which add up to the whole batch's
+    for (k, name) in [(4, "dgamma"), (5, "dbeta")] {
+        let total: Vec<f64> = (0..whole.c).map(|c| got.iter().map(|o| o[k][c]).sum()).collect();
+        close(name, &want[k], &total);
+    }
 }
 
 #[test]
@@ -224,7 +310,7 @@ fn batchnorm_running_statistics_follow_pytorch() {
     let x = [1.0, 2.0, 3.0, 4.0];
     let (mut rm, mut rv) = (vec![0.0], vec![1.0]);
     let (mut sm, mut si, mut y) = (vec![0.0], vec![0.0], vec![0.0; 4]);
-    be.batchnorm_forward_train(&s, &x, &[1.0], &[0.0], &mut rm, &mut rv, &mut y, &mut sm, &mut si);
+    be.batchnorm_forward_train(&s, &x, &[1.0], &[0.0], &mut rm, &mut rv, &mut y, &mut sm, &mut si, None);
     // the momentum is an f32 0.1
     let m = 0.1f32 as f64;
     assert!((rm[0] - m * 2.5).abs() < 1e-12);

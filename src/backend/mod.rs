@@ -37,6 +37,13 @@ pub struct Run {
     pub len: usize,
 }
 
+/// Synchronized batch norm: a function that sums per-channel values over the ranks of a
+/// data-parallel step, in place (an allreduce). Batch norm calls it between reducing its own
+/// samples and using the result, so every rank normalises with the statistics of the whole
+/// global batch and the step does not depend on how the batch is split. `None`: this rank's
+/// samples alone.
+pub type SumOverRanks<'a> = Option<&'a mut dyn FnMut(&mut [f64])>;
+
 /// A compute device with its buffers and ops. Buffers hold the backend's scalar type; the
 /// host side always speaks f32 (or f64 for checks).
 pub trait Backend: Send + Sync + 'static {
@@ -128,7 +135,10 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Batch norm in training mode: normalise x `(n, c, hw)` with batch statistics, write y,
     /// save mean and 1/std `(c)` for the backward pass, and update the running statistics
-    /// (running variance unbiased, as PyTorch does).
+    /// (running variance unbiased, as PyTorch does). With `sync`, the statistics are those of
+    /// the global batch: the per-channel sums (then the sums of squared deviations from the
+    /// global mean) go through `sync`: first the c sums followed by this rank's sample count,
+    /// then the c squared deviations.
     #[allow(clippy::too_many_arguments)]
     fn batchnorm_forward_train(
         &self,
@@ -141,6 +151,7 @@ pub trait Backend: Send + Sync + 'static {
         y: Self::ViewMut<'_>,
         save_mean: Self::ViewMut<'_>,
         save_invstd: Self::ViewMut<'_>,
+        sync: SumOverRanks<'_>,
     );
     /// Batch norm in evaluation mode (running statistics).
     #[allow(clippy::too_many_arguments)]
@@ -154,7 +165,11 @@ pub trait Backend: Send + Sync + 'static {
         running_var: Self::View<'_>,
         y: Self::ViewMut<'_>,
     );
-    /// Batch norm backward (training mode): dx, dgamma, dbeta from x, dy and the saved statistics.
+    /// Batch norm backward (training mode): dx, dgamma, dbeta from x, dy and the saved
+    /// statistics. With `sync` (after a synchronized forward), dx is the gradient through
+    /// the global batch's statistics: the per-channel sums of dy and dy * xhat, followed by
+    /// this rank's sample count, go through `sync` (2c + 1 values); dgamma and dbeta stay
+    /// this rank's sums (the gradient allreduce averages them like every other gradient).
     #[allow(clippy::too_many_arguments)]
     fn batchnorm_backward(
         &self,
@@ -168,6 +183,7 @@ pub trait Backend: Send + Sync + 'static {
         dgamma: Self::ViewMut<'_>,
         dbeta: Self::ViewMut<'_>,
         accumulate_dx: bool,
+        sync: SumOverRanks<'_>,
     );
 
     /// `y = max(x, 0)`.

@@ -102,6 +102,8 @@ pub struct Trainer<'d, B: Backend> {
     replicated: bool,
     /// Also average the BN running statistics every step (else the caller does it).
     stats_every_step: bool,
+    /// Batch norm over the global batch (synchronized batch norm) when data-parallel.
+    sync_bn: bool,
 }
 
 impl<'d, B: Backend> Trainer<'d, B> {
@@ -113,6 +115,7 @@ impl<'d, B: Backend> Trainer<'d, B> {
             masks: None,
             replicated: false,
             stats_every_step: false,
+            sync_bn: false,
         }
     }
 
@@ -122,6 +125,14 @@ impl<'d, B: Backend> Trainer<'d, B> {
     pub fn data_parallel(mut self, stats_every_step: bool) -> Self {
         self.replicated = true;
         self.stats_every_step = stats_every_step;
+        self
+    }
+
+    /// With data parallelism, normalise with the statistics of the global batch: every batch
+    /// norm adds its per-channel sums over the ranks (three small allreduces per layer and
+    /// step), so the step does not depend on how the batch is split over the ranks.
+    pub fn synchronized_batchnorm(mut self) -> Self {
+        self.sync_bn = true;
         self
     }
 
@@ -154,9 +165,17 @@ impl<'d, B: Backend> Trainer<'d, B> {
     pub fn step(&mut self, hp: &Sgd, comm: &mut dyn Comm) -> Result<StepStats> {
         let n = self.stream.next_into(&mut self.model)?;
         let m = &mut self.model;
-        m.forward(n, true);
-        m.compute_loss(n, true);
-        m.backward(n);
+        if self.replicated && self.sync_bn && comm.size() > 1 {
+            // batch norm over the global batch: its sums go through an allreduce
+            let mut sum = |v: &mut [f64]| comm.allreduce_sum_f64(Purpose::Gradients, v);
+            m.forward_synced(n, true, Some(&mut sum));
+            m.compute_loss(n, true);
+            m.backward_synced(n, Some(&mut sum));
+        } else {
+            m.forward(n, true);
+            m.compute_loss(n, true);
+            m.backward(n);
+        }
         let mut comm_s = 0.0;
         if self.replicated && comm.size() > 1 {
             let t = Instant::now();

@@ -356,6 +356,12 @@ impl<B: Backend> Model<B> {
     /// Forward walk for a batch of `n`; `train` uses batch statistics (and updates the running
     /// ones), otherwise running statistics.
     pub fn forward(&mut self, n: usize, train: bool) {
+        self.forward_synced(n, train, None);
+    }
+
+    /// [`Model::forward`]; in training, with `sync`, every batch norm uses the statistics of
+    /// the global batch (synchronized batch norm, see [`crate::backend::SumOverRanks`]).
+    pub fn forward_synced(&mut self, n: usize, train: bool, mut sync: crate::backend::SumOverRanks<'_>) {
         let be = self.be.clone();
         let be = &*be;
         for i in 0..self.graph.ops.len() {
@@ -404,7 +410,8 @@ impl<B: Backend> Model<B> {
                             let (rm, rv) = be.split_mut(st, c);
                             let sv = be.view_mut(&mut self.saves[save], 0, 2 * c);
                             let (sm, si) = be.split_mut(sv, c);
-                            be.batchnorm_forward_train(&s, xv, gv, bv, rm, rv, yv, sm, si);
+                            let f = sync.as_mut().map(|f| &mut **f as &mut dyn FnMut(&mut [f64]));
+                            be.batchnorm_forward_train(&s, xv, gv, bv, rm, rv, yv, sm, si, f);
                         } else {
                             let rm = be.view(&self.stats, me.offset, c);
                             let rv = be.view(&self.stats, me.offset + c, c);
@@ -480,6 +487,11 @@ impl<B: Backend> Model<B> {
     /// Backward walk for a batch of `n` after `forward(n, true)` and `loss(n, true)`: fills
     /// `grads` (overwritten, not accumulated).
     pub fn backward(&mut self, n: usize) {
+        self.backward_synced(n, None);
+    }
+
+    /// [`Model::backward`] after [`Model::forward_synced`] with the same `sync`.
+    pub fn backward_synced(&mut self, n: usize, mut sync: crate::backend::SumOverRanks<'_>) {
         assert!(self.trains(), "backward on an evaluation model");
         let be = self.be.clone();
         let be = &*be;
@@ -520,7 +532,8 @@ impl<B: Backend> Model<B> {
                     let si = be.view(&self.saves[save], c, c);
                     let (dg, db) = be.split_mut(be.view_mut(&mut self.grads, off, 2 * c), c);
                     let dx = be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, s.len());
-                    be.batchnorm_backward(&s, xv, dy, gv, sm, si, dx, dg, db, acc[0]);
+                    let f = sync.as_mut().map(|f| &mut **f as &mut dyn FnMut(&mut [f64]));
+                    be.batchnorm_backward(&s, xv, dy, gv, sm, si, dx, dg, db, acc[0], f);
                 }
                 Op::Relu { x, .. } => {
                     let yv = be.view(self.acts[self.slot[y_id]].as_ref().expect("y"), 0, ylen);

@@ -12,7 +12,7 @@ pub mod scratch;
 
 pub use real::Real;
 
-use super::{Backend, Run};
+use super::{Backend, Run, SumOverRanks};
 use crate::ops::{BatchNorm, Conv2d, Linear, Pool2d, Sgd};
 use crate::Result;
 use scratch::ScratchPool;
@@ -165,8 +165,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         y: &mut [T],
         save_mean: &mut [T],
         save_invstd: &mut [T],
+        sync: SumOverRanks<'_>,
     ) {
-        self.stats_scratch.with(2 * s.c, |w| {
+        self.stats_scratch.with(2 * s.c + 2, |w| {
             norm::forward_train(
                 s,
                 x,
@@ -178,6 +179,7 @@ impl<T: Real> Backend for CpuBackend<T> {
                 save_mean,
                 save_invstd,
                 w,
+                sync,
             )
         });
     }
@@ -207,8 +209,9 @@ impl<T: Real> Backend for CpuBackend<T> {
         dgamma: &mut [T],
         dbeta: &mut [T],
         accumulate_dx: bool,
+        sync: SumOverRanks<'_>,
     ) {
-        self.stats_scratch.with(2 * s.c, |w| {
+        self.stats_scratch.with(2 * s.c + 1, |w| {
             norm::backward(
                 s,
                 x,
@@ -221,6 +224,7 @@ impl<T: Real> Backend for CpuBackend<T> {
                 dbeta,
                 accumulate_dx,
                 w,
+                sync,
             )
         });
     }

@@ -1,6 +1,7 @@
 //! CPU batch normalisation over NCHW tensors (statistics accumulated in f64).
 
 use super::real::Real;
+use crate::backend::SumOverRanks;
 use crate::ops::BatchNorm;
 use rayon::prelude::*;
 
@@ -27,6 +28,49 @@ fn channel_moments<T: Real>(s: &BatchNorm, x: &[T], c: usize) -> (f64, f64) {
     (mean, ss)
 }
 
+/// The sum over the channel's elements, in f64.
+fn channel_sum<T: Real>(s: &BatchNorm, x: &[T], c: usize) -> f64 {
+    (0..s.n)
+        .map(|b| x[(b * s.c + c) * s.hw..][..s.hw].iter().map(|v| v.to_f64()).sum::<f64>())
+        .sum()
+}
+
+/// The sum of squared deviations from `mean` over the channel's elements, in f64.
+fn channel_squares<T: Real>(s: &BatchNorm, x: &[T], c: usize, mean: f64) -> f64 {
+    (0..s.n)
+        .map(|b| {
+            x[(b * s.c + c) * s.hw..][..s.hw]
+                .iter()
+                .map(|v| {
+                    let d = v.to_f64() - mean;
+                    d * d
+                })
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+/// Per-channel (mean, sum of squared deviations) of the global batch, from this rank's `x`
+/// and `sync` (c + 1 values: the sums and the sample count; then c: the squared deviations),
+/// written as pairs into `work` (2c); returns the global sample count.
+fn global_moments<T: Real>(s: &BatchNorm, x: &[T], work: &mut [f64], sync: &mut dyn FnMut(&mut [f64])) -> f64 {
+    let mut sums: Vec<f64> = (0..s.c).into_par_iter().map(|c| channel_sum(s, x, c)).collect();
+    sums.push((s.n * s.hw) as f64);
+    sync(&mut sums);
+    let m = sums[s.c];
+    let means: Vec<f64> = sums[..s.c].iter().map(|v| v / m).collect();
+    let mut squares: Vec<f64> = (0..s.c)
+        .into_par_iter()
+        .map(|c| channel_squares(s, x, c, means[c]))
+        .collect();
+    sync(&mut squares);
+    for c in 0..s.c {
+        work[2 * c] = means[c];
+        work[2 * c + 1] = squares[c];
+    }
+    m
+}
+
 /// y = scale x + shift per channel, applied per (image, channel) plane; `affine` is `(c, 2)`
 /// = (scale, shift).
 fn normalise<T: Real>(s: &BatchNorm, x: &[T], y: &mut [T], affine: &[f64]) {
@@ -43,7 +87,8 @@ fn normalise<T: Real>(s: &BatchNorm, x: &[T], y: &mut [T], affine: &[f64]) {
         });
 }
 
-/// Training-mode forward with running-statistics update. `work` holds at least `2 c` f64.
+/// Training-mode forward with running-statistics update, over this rank's batch or (with
+/// `sync`) the global one. `work` holds at least `2 c` f64.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_train<T: Real>(
     s: &BatchNorm,
@@ -56,14 +101,20 @@ pub fn forward_train<T: Real>(
     save_mean: &mut [T],
     save_invstd: &mut [T],
     work: &mut [f64],
+    sync: SumOverRanks<'_>,
 ) {
-    let m = (s.n * s.hw) as f64;
     let work = &mut work[..2 * s.c];
-    work.par_chunks_mut(2).enumerate().for_each(|(c, w)| {
-        let (mean, ss) = channel_moments(s, x, c);
-        w[0] = mean;
-        w[1] = ss;
-    });
+    let m = match sync {
+        Some(f) => global_moments(s, x, work, f),
+        None => {
+            work.par_chunks_mut(2).enumerate().for_each(|(c, w)| {
+                let (mean, ss) = channel_moments(s, x, c);
+                w[0] = mean;
+                w[1] = ss;
+            });
+            (s.n * s.hw) as f64
+        }
+    };
     let mom = s.momentum as f64;
     for c in 0..s.c {
         let (mean, ss) = (work[2 * c], work[2 * c + 1]);
@@ -102,8 +153,10 @@ pub fn forward_eval<T: Real>(
     normalise(s, x, y, &work[..2 * s.c]);
 }
 
-/// Training-mode backward: dx = gamma invstd / M (M dy - sum dy - xhat sum(dy xhat)).
-/// `work` holds at least `2 c` f64.
+/// Training-mode backward: dx = gamma invstd / M (M dy - sum dy - xhat sum(dy xhat)), with
+/// the sums and M of this rank's batch or (with `sync`, 2c + 1 values: the sums of dy, of
+/// dy xhat and the sample count) of the global one; dgamma and dbeta are this rank's sums.
+/// `work` holds at least `2 c + 1` f64.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Real>(
     s: &BatchNorm,
@@ -117,8 +170,9 @@ pub fn backward<T: Real>(
     dbeta: &mut [T],
     accumulate: bool,
     work: &mut [f64],
+    sync: SumOverRanks<'_>,
 ) {
-    let m = (s.n * s.hw) as f64;
+    let mut m = (s.n * s.hw) as f64;
     let sums = &mut work[..2 * s.c];
     sums.par_chunks_mut(2).enumerate().for_each(|(c, out)| {
         let (mean, invstd) = (save_mean[c].to_f64(), save_invstd[c].to_f64());
@@ -134,11 +188,22 @@ pub fn backward<T: Real>(
         out[0] = sdy;
         out[1] = sdyx;
     });
-    let sums: &[f64] = sums;
     for c in 0..s.c {
         dbeta[c] = T::from_f64(sums[2 * c]);
         dgamma[c] = T::from_f64(sums[2 * c + 1]);
     }
+    if let Some(f) = sync {
+        // (sum dy of every channel, sum dy xhat of every channel, samples) over the ranks
+        let mut v: Vec<f64> = (0..2 * s.c).map(|i| sums[2 * (i % s.c) + i / s.c]).collect();
+        v.push(m);
+        f(&mut v);
+        for c in 0..s.c {
+            sums[2 * c] = v[c];
+            sums[2 * c + 1] = v[s.c + c];
+        }
+        m = v[2 * s.c];
+    }
+    let sums: &[f64] = sums;
     dx[..s.len()].par_chunks_mut(s.hw).enumerate().for_each(|(p, dxp)| {
         let c = p % s.c;
         let off = p * s.hw;

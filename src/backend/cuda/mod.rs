@@ -15,7 +15,7 @@ pub mod launch;
 pub mod nvrtc;
 pub mod table;
 
-use super::{Backend, Run};
+use super::{Backend, Run, SumOverRanks};
 use crate::ops::{BatchNorm, Conv2d, Linear, Pool2d, Sgd};
 use crate::{Error, Result};
 use driver::{DevicePtr, Driver, KernelParams};
@@ -99,6 +99,74 @@ impl<D: Driver> CudaBackend<D> {
             *s = Some(self.alloc(len)?);
         }
         f(s.as_ref().unwrap().ptr)
+    }
+
+    /// `count` f64 values from (hi, lo) float pairs at `at` (see `kernels/norm.cu`).
+    fn read_pairs(&self, at: DevicePtr, count: usize) -> Result<Vec<f64>> {
+        let mut v = vec![0f32; 2 * count];
+        self.driver.download(at, as_bytes_mut(&mut v))?;
+        Ok(v.chunks_exact(2).map(|p| f64::from(p[0]) + f64::from(p[1])).collect())
+    }
+
+    /// Write f64 values as (hi, lo) float pairs at `at`.
+    fn write_pairs(&self, at: DevicePtr, values: &[f64]) -> Result<()> {
+        let v: Vec<f32> = values
+            .iter()
+            .flat_map(|&x| {
+                let hi = x as f32;
+                [hi, (x - f64::from(hi)) as f32]
+            })
+            .collect();
+        self.driver.upload(as_bytes(&v), at)
+    }
+
+    /// Synchronized training forward (see [`Backend::batchnorm_forward_train`]): the moments
+    /// kernel twice with the host adding the ranks' sums in between, then the apply kernel.
+    fn batchnorm_forward_synced(&self, p: NormParams, s: &BatchNorm, sync: &mut dyn FnMut(&mut [f64])) -> Result<()> {
+        let c = s.c;
+        let g = driver::Launch::linear(c as u32, NORM_THREADS);
+        self.with_scratch(6 * c, |sums| {
+            let mut p = NormParams { sums, phase: 0, ..p };
+            self.driver.launch("batchnorm_moments_forward_f32", g, p.bytes())?;
+            let mut v = self.read_pairs(sums, c)?;
+            v.push((s.n * s.hw) as f64);
+            sync(&mut v);
+            let m = v[c];
+            let mean: Vec<f64> = v[..c].iter().map(|x| x / m).collect();
+            self.write_pairs(sums, &mean)?;
+            p.phase = 1;
+            self.driver.launch("batchnorm_moments_forward_f32", g, p.bytes())?;
+            let mut squares = self.read_pairs(sums, c)?;
+            sync(&mut squares);
+            let mut w = Vec::with_capacity(3 * c);
+            for (&mean, &ss) in mean.iter().zip(&squares) {
+                let var = ss / m;
+                let unbiased = if m > 1.0 { ss / (m - 1.0) } else { var };
+                w.extend([mean, 1.0 / (var + f64::from(s.eps)).sqrt(), unbiased]);
+            }
+            self.write_pairs(sums, &w)?;
+            self.driver.launch("batchnorm_apply_forward_f32", g, p.bytes())
+        })
+    }
+
+    /// Synchronized backward (see [`Backend::batchnorm_backward`]): this rank's sums, the
+    /// host adds the ranks' sums, then dx from the global ones.
+    fn batchnorm_backward_synced(&self, p: NormParams, s: &BatchNorm, sync: &mut dyn FnMut(&mut [f64])) -> Result<()> {
+        let c = s.c;
+        let g = driver::Launch::linear(c as u32, NORM_THREADS);
+        self.with_scratch(4 * c, |sums| {
+            let mut p = NormParams { sums, ..p };
+            self.driver.launch("batchnorm_sums_backward_f32", g, p.bytes())?;
+            // per channel (sum dy, sum dy xhat) -> (sum dy of every channel, then sum dy xhat, samples)
+            let local = self.read_pairs(sums, 2 * c)?;
+            let mut v: Vec<f64> = (0..2 * c).map(|i| local[2 * (i % c) + i / c]).collect();
+            v.push((s.n * s.hw) as f64);
+            sync(&mut v);
+            let back: Vec<f64> = (0..2 * c).map(|i| v[(i % 2) * c + i / 2]).collect();
+            self.write_pairs(sums, &back)?;
+            p.total = v[2 * c].round() as i64;
+            self.driver.launch("batchnorm_apply_backward_f32", g, p.bytes())
+        })
     }
 
     /// One implicit-GEMM pass of a convolution (see `kernels/conv.cu`).
@@ -193,13 +261,15 @@ fn norm_params(s: &BatchNorm) -> NormParams {
         save_invstd: 0,
         dgamma: 0,
         dbeta: 0,
+        sums: 0,
         n: s.n as i64,
         c: s.c as i64,
         hw: s.hw as i64,
+        total: (s.n * s.hw) as i64,
         eps: s.eps,
         momentum: s.momentum,
         accumulate: 0,
-        pad: 0,
+        phase: 0,
     }
 }
 
@@ -455,6 +525,7 @@ impl<D: Driver> Backend for CudaBackend<D> {
         y: ViewMut<'_>,
         save_mean: ViewMut<'_>,
         save_invstd: ViewMut<'_>,
+        sync: SumOverRanks<'_>,
     ) {
         let p = NormParams {
             x: x.ptr,
@@ -467,9 +538,13 @@ impl<D: Driver> Backend for CudaBackend<D> {
             save_invstd: save_invstd.ptr,
             ..norm_params(s)
         };
-        if s.c > 0 {
-            let g = driver::Launch::linear(s.c as u32, NORM_THREADS);
-            self.record(self.driver.launch("batchnorm_train_forward_f32", g, p.bytes()));
+        match sync {
+            Some(f) if s.c > 0 => self.record(self.batchnorm_forward_synced(p, s, f)),
+            _ if s.c > 0 => {
+                let g = driver::Launch::linear(s.c as u32, NORM_THREADS);
+                self.record(self.driver.launch("batchnorm_train_forward_f32", g, p.bytes()));
+            }
+            _ => {}
         }
     }
     fn batchnorm_forward_eval(
@@ -505,6 +580,7 @@ impl<D: Driver> Backend for CudaBackend<D> {
         dgamma: ViewMut<'_>,
         dbeta: ViewMut<'_>,
         accumulate_dx: bool,
+        sync: SumOverRanks<'_>,
     ) {
         let p = NormParams {
             x: x.ptr,
@@ -518,9 +594,13 @@ impl<D: Driver> Backend for CudaBackend<D> {
             accumulate: accumulate_dx as u32,
             ..norm_params(s)
         };
-        if s.c > 0 {
-            let g = driver::Launch::linear(s.c as u32, NORM_THREADS);
-            self.record(self.driver.launch("batchnorm_backward_f32", g, p.bytes()));
+        match sync {
+            Some(f) if s.c > 0 => self.record(self.batchnorm_backward_synced(p, s, f)),
+            _ if s.c > 0 => {
+                let g = driver::Launch::linear(s.c as u32, NORM_THREADS);
+                self.record(self.driver.launch("batchnorm_backward_f32", g, p.bytes()));
+            }
+            _ => {}
         }
     }
 

@@ -29,6 +29,11 @@ pub fn intensity(kernel: &str) -> Option<f64> {
         "batchnorm_train_forward_f32" => per_element(6.0, 4.0),
         // two passes over x and dy, one write of dx
         "batchnorm_backward_f32" => per_element(10.0, 5.0),
+        // synchronized batch norm: one pass over x per reduction; x in, y out; x and dy in
+        "batchnorm_moments_forward_f32" => per_element(2.0, 1.0),
+        "batchnorm_apply_forward_f32" => per_element(2.0, 2.0),
+        "batchnorm_sums_backward_f32" => per_element(5.0, 2.0),
+        "batchnorm_apply_backward_f32" => per_element(5.0, 3.0),
         "bias_forward_f32" => per_element(1.0, 2.0),
         "avgpool_backward_f32" => per_element(1.0, 2.0),
         "conv_reduce_forward_f32" => None,
