@@ -165,7 +165,8 @@ impl Backend for Counting {
         si: &mut [f32],
         sync: SumOverRanks<'_>,
     ) {
-        self.cpu.batchnorm_forward_train(s, x, gamma, beta, rm, rv, y, sm, si, sync)
+        self.cpu
+            .batchnorm_forward_train(s, x, gamma, beta, rm, rv, y, sm, si, sync)
     }
     fn batchnorm_forward_eval(
         &self,
@@ -193,7 +194,8 @@ impl Backend for Counting {
         acc: bool,
         sync: SumOverRanks<'_>,
     ) {
-        self.cpu.batchnorm_backward(s, x, dy, gamma, sm, si, dx, dg, db, acc, sync)
+        self.cpu
+            .batchnorm_backward(s, x, dy, gamma, sm, si, dx, dg, db, acc, sync)
     }
     fn relu_forward(&self, x: &[f32], y: &mut [f32]) {
         self.cpu.relu_forward(x, y)

@@ -306,7 +306,12 @@ fn check_batch_norm<B: Backend>(e: &B, _exact: bool) {
             norm_all(&c, &s, &x, &gamma, &beta, &dy, &dx0, Some(2.0)),
         );
         for j in (0..9).filter(|&j| j != 2 && j != 5) {
-            assert_close(&format!("batch norm {s:?}: two ranks against one, output {j}"), &alone[j], &two[j], 2e-6);
+            assert_close(
+                &format!("batch norm {s:?}: two ranks against one, output {j}"),
+                &alone[j],
+                &two[j],
+                2e-6,
+            );
         }
     }
 }

@@ -119,6 +119,28 @@ pub fn data_parallel_step_bytes(g: &Graph, s: u64) -> u64 {
     (0..s).map(|r| allreduce_rank_bytes(n, s, r).0).sum()
 }
 
+/// Total bytes sent by all ranks per step of loft's data-parallel training (`loft train`,
+/// `loft finetune` on s ranks): the gradient allreduce, the allreduce that averages the BN
+/// running statistics, and synchronized batch norm, whose every layer of c channels adds
+/// c + 1 and c sums in the forward pass and 2c + 1 in the backward pass over the ranks
+/// (allgathers of f64 values).
+pub fn data_parallel_train_step_bytes(g: &Graph, s: u64) -> u64 {
+    if s <= 1 {
+        return 0;
+    }
+    let stats = g.stats.total as u64;
+    let stats_bytes: u64 = (0..s).map(|r| allreduce_rank_bytes(stats, s, r).0).sum();
+    let bn_values: u64 = g
+        .ops
+        .iter()
+        .filter_map(|op| match op {
+            crate::model::Op::Bn { c, .. } => Some(4 * *c as u64 + 2),
+            _ => None,
+        })
+        .sum();
+    data_parallel_step_bytes(g, s) + stats_bytes + s * (s - 1) * 8 * bn_values
+}
+
 /// Per-sample activation elements crossing pipeline cuts placed after the given stages
 /// (1-based): the output of the last block of each such stage.
 pub fn gpipe_cut_elements(g: &Graph, cuts_after_stage: &[usize]) -> u64 {

@@ -31,7 +31,12 @@ fn channel_moments<T: Real>(s: &BatchNorm, x: &[T], c: usize) -> (f64, f64) {
 /// The sum over the channel's elements, in f64.
 fn channel_sum<T: Real>(s: &BatchNorm, x: &[T], c: usize) -> f64 {
     (0..s.n)
-        .map(|b| x[(b * s.c + c) * s.hw..][..s.hw].iter().map(|v| v.to_f64()).sum::<f64>())
+        .map(|b| {
+            x[(b * s.c + c) * s.hw..][..s.hw]
+                .iter()
+                .map(|v| v.to_f64())
+                .sum::<f64>()
+        })
         .sum()
 }
 
