@@ -555,10 +555,10 @@ pub struct CommArgs {
     /// Batch size per worker.
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
-    /// GPipe cut positions: stages after which the network is cut (comma-separated)
-    /// [default: even split of the 4 stages].
+    /// GPipe cuts, comma-separated: after a stage (1, 2, 3) or after a block (s1.b0, the
+    /// block's output) [default: an even split of the 4 stages].
     #[arg(long, value_delimiter = ',')]
-    pub cuts: Option<Vec<usize>>,
+    pub cuts: Option<Vec<String>>,
     /// Print the paper's LoFT figures (PreResNet/ResNet-34x2 CIFAR, PreResNet-18x2 ImageNet).
     #[arg(long)]
     pub paper: bool,
@@ -580,7 +580,11 @@ impl CommArgs {
             local_steps: self.local_steps,
             batch_size: self.batch_size,
             samples: self.samples,
-            cuts: self.cuts.clone(),
+            cuts: self
+                .cuts
+                .as_ref()
+                .map(|v| v.iter().map(|c| c.parse()).collect::<Result<Vec<_>>>())
+                .transpose()?,
             paper: self.paper,
             json: self.json,
         })

@@ -141,16 +141,83 @@ pub fn data_parallel_train_step_bytes(g: &Graph, s: u64) -> u64 {
     data_parallel_step_bytes(g, s) + stats_bytes + s * (s - 1) * 8 * bn_values
 }
 
-/// Per-sample activation elements crossing pipeline cuts placed after the given stages
-/// (1-based): the output of the last block of each such stage.
-pub fn gpipe_cut_elements(g: &Graph, cuts_after_stage: &[usize]) -> u64 {
+/// Where GPipe cuts the network: after a stage (the output of its last block), or after one
+/// block (`s<stage>.b<pos>`, its output).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(into = "String")]
+pub enum Cut {
+    Stage(usize),
+    Block { stage: usize, pos: usize },
+}
+
+impl std::fmt::Display for Cut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cut::Stage(s) => write!(f, "{s}"),
+            Cut::Block { stage, pos } => write!(f, "s{stage}.b{pos}"),
+        }
+    }
+}
+
+impl From<Cut> for String {
+    fn from(c: Cut) -> String {
+        c.to_string()
+    }
+}
+
+impl std::str::FromStr for Cut {
+    type Err = crate::Error;
+    /// "2" (after stage 2) or "s1.b0" (after block 0 of stage 1).
+    fn from_str(s: &str) -> crate::Result<Cut> {
+        let bad = || {
+            crate::Error::config(format!(
+                "--cuts: '{s}' is neither a stage (1..=3) nor a block (e.g. s1.b0)"
+            ))
+        };
+        let s = s.trim();
+        if let Some(rest) = s.strip_prefix('s') {
+            let (stage, pos) = rest.split_once(".b").ok_or_else(bad)?;
+            return Ok(Cut::Block {
+                stage: stage.parse().map_err(|_| bad())?,
+                pos: pos.parse().map_err(|_| bad())?,
+            });
+        }
+        s.parse().map(Cut::Stage).map_err(|_| bad())
+    }
+}
+
+/// The block whose output a cut carries (its index in `g.blocks`), if the network has it.
+fn cut_block(g: &Graph, cut: Cut) -> Option<usize> {
+    match cut {
+        Cut::Stage(stage) => g.blocks.iter().rposition(|b| b.stage == stage),
+        Cut::Block { stage, pos } => g.blocks.iter().position(|b| b.stage == stage && b.pos == pos),
+    }
+}
+
+/// Check that every cut names a block of `g` other than the last (after which nothing is
+/// left to pipeline).
+pub fn check_cuts(g: &Graph, cuts: &[Cut]) -> crate::Result<()> {
+    for &c in cuts {
+        match cut_block(g, c) {
+            Some(b) if b + 1 < g.blocks.len() => {}
+            _ => {
+                return Err(crate::Error::config(format!(
+                    "--cuts: {c} is not a boundary inside the network (stages 1..=3, or a block s<stage>.b<pos> before the last)"
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Per-sample activation elements crossing pipeline cuts: the output of each cut's block.
+pub fn gpipe_cut_elements(g: &Graph, cuts: &[Cut]) -> u64 {
     let mut total = 0;
-    for &stage in cuts_after_stage {
+    for &cut in cuts {
+        let Some(b) = cut_block(g, cut) else { continue };
         // the residual add (pre-activation) or the ReLU after it (post-activation) that ends
-        // the last block of the stage
-        let last = g.blocks.iter().rposition(|b| b.stage == stage);
-        let Some(last) = last else { continue };
-        let prefix = format!("s{}.b{}", stage, g.blocks[last].pos);
+        // the block
+        let prefix = format!("s{}.b{}", g.blocks[b].stage, g.blocks[b].pos);
         let out =
             g.ops.iter().rev().map(|op| op.output()).find(|&t| {
                 g.tensors[t].name == format!("{prefix}.add") || g.tensors[t].name == format!("{prefix}.relu")
@@ -162,21 +229,21 @@ pub fn gpipe_cut_elements(g: &Graph, cuts_after_stage: &[usize]) -> u64 {
     total
 }
 
-/// Default GPipe cuts for s stages: the 4 residual stages split evenly (s = 2: after stage 2;
-/// s = 4: after stages 1, 2, 3).
-pub fn default_cuts(s: usize) -> Vec<usize> {
-    match s {
-        0 | 1 => vec![],
-        2 => vec![2],
-        3 => vec![1, 2],
-        _ => vec![1, 2, 3],
-    }
+/// GPipe with s stages cut evenly between the 4 stages of the network.
+pub fn default_cuts(s: usize) -> Vec<Cut> {
+    let stages: &[usize] = match s {
+        0 | 1 => &[],
+        2 => &[2],
+        3 => &[1, 2],
+        _ => &[1, 2, 3],
+    };
+    stages.iter().map(|&st| Cut::Stage(st)).collect()
 }
 
 /// GPipe bytes for `samples` samples: every activation crosses each cut forward and its
 /// gradient crosses back.
-pub fn gpipe_bytes(g: &Graph, cuts_after_stage: &[usize], samples: u64) -> u64 {
-    F32 * 2 * samples * gpipe_cut_elements(g, cuts_after_stage)
+pub fn gpipe_bytes(g: &Graph, cuts: &[Cut], samples: u64) -> u64 {
+    F32 * 2 * samples * gpipe_cut_elements(g, cuts)
 }
 
 #[cfg(test)]
@@ -213,7 +280,25 @@ mod tests {
         let two = gpipe_bytes(&g, &default_cuts(2), 1000);
         let four = gpipe_bytes(&g, &default_cuts(4), 1000);
         assert_eq!(2 * four, 7 * two);
-        assert_eq!(gpipe_cut_elements(&g, &[2]), 128 * 16 * 16);
+        assert_eq!(gpipe_cut_elements(&g, &[Cut::Stage(2)]), 128 * 16 * 16);
+    }
+
+    #[test]
+    fn cuts_inside_stages_give_the_papers_imagenet_ratio() {
+        let g = graph("preresnet18", 1000, Stem::Imagenet);
+        // stage 1 of the ImageNet stem: 64 x 56 x 56; stage 2: 128 x 28 x 28
+        let (s1, s2) = (64 * 56 * 56, 128 * 28 * 28);
+        let cut = |c: &str| -> Cut { c.parse().unwrap() };
+        assert_eq!(gpipe_cut_elements(&g, &[cut("s1.b0")]), s1);
+        assert_eq!(gpipe_cut_elements(&g, &[cut("1")]), s1);
+        assert_eq!(gpipe_cut_elements(&g, &[cut("s2.b0")]), s2);
+        let two = gpipe_bytes(&g, &[cut("1")], 1000);
+        let four = gpipe_bytes(&g, &[cut("s1.b0"), cut("1"), cut("s2.b0")], 1000);
+        assert_eq!(2 * four, 5 * two);
+        assert!(check_cuts(&g, &[cut("s4.b1")]).is_err());
+        assert!(check_cuts(&g, &[cut("s4.b0"), cut("3")]).is_ok());
+        assert!("s1b0".parse::<Cut>().is_err() && "x".parse::<Cut>().is_err());
+        assert_eq!(cut("s2.b1").to_string(), "s2.b1");
     }
 
     #[test]
