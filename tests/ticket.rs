@@ -222,6 +222,33 @@ fn fine_tuning_resumes_bit_identical_and_p0_is_the_full_network() {
 }
 
 #[test]
+fn keep_first_blocks_leaves_the_first_block_of_every_stage_whole() {
+    let dir = tmp("first-blocks");
+    let pre = pretrained(&dir.join("pre"));
+    let p = pre.to_str().unwrap();
+    let ticket = |out: &Path, extra: &[&str]| -> loft::checkpoint::TicketInfo {
+        let mut a = vec!["prune", "--checkpoint", p, "--ratio", "0.5", "--out", out.to_str().unwrap()];
+        a.extend(extra);
+        ok(&loft(&a));
+        Checkpoint::read(out).unwrap().ticket.unwrap()
+    };
+    let paper = ticket(&dir.join("paper.h5"), &[]);
+    let release = ticket(&dir.join("release.h5"), &["--keep-first-blocks"]);
+    assert_eq!(paper.blocks, release.blocks);
+    // the prunable blocks: every block without a projection, s1.b0 the only first block
+    assert!(paper.blocks.iter().any(|b| b == "s1.b0"));
+    for (i, b) in paper.blocks.iter().enumerate() {
+        let w = paper.widths[i];
+        assert_eq!(paper.kept[i].len(), w / 2, "{b}");
+        if b.ends_with(".b0") {
+            assert_eq!(release.kept[i], (0..w).collect::<Vec<_>>(), "{b}");
+        } else {
+            assert_eq!(release.kept[i], paper.kept[i], "{b}");
+        }
+    }
+}
+
+#[test]
 fn bad_pruning_and_fine_tuning_input_gives_one_line_errors() {
     let dir = tmp("bad");
     let pre = pretrained(&dir.join("pre"));
