@@ -223,7 +223,8 @@ pub fn run<B: Backend>(be: Arc<B>, opts: &BenchOptions) -> Result<()> {
     println!("### Full training step (forward, loss, backward, SGD), batch {n}, 32x32x3 input\n");
     println!("| model | params | GFLOP/step | step (s) | images/s | GFLOP/s | model + scratch memory | peak RSS |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
-    for base in [64, 16] {
+    let mut profiles = String::new();
+    for base in [64, 16, 8] {
         eprintln!("train step base width {base} ...");
         let exe = std::env::current_exe().map_err(|e| crate::Error::io("current exe", e))?;
         let out = std::process::Command::new(exe)
@@ -236,8 +237,13 @@ pub fn run<B: Backend>(be: Arc<B>, opts: &BenchOptions) -> Result<()> {
                 String::from_utf8_lossy(&out.stderr).trim().to_string(),
             ));
         }
-        print!("{}", String::from_utf8_lossy(&out.stdout));
+        let text = String::from_utf8_lossy(&out.stdout);
+        // the child's first line is the table row, the rest its profile
+        let (row, profile) = text.split_once('\n').unwrap_or((&text, ""));
+        println!("{row}");
+        profiles.push_str(profile);
     }
+    print!("{profiles}");
     Ok(())
 }
 
@@ -249,7 +255,7 @@ pub fn step_row<B: Backend>(be: Arc<B>, base: usize, n: usize) -> Result<()> {
     let g = Graph::build(&spec, 32, 32, None)?;
     let flops = 3.0 * g.flops_per_sample() * n as f64 / 1e9;
     let params = g.params.total;
-    let (t, bytes) = time_train_step(be, &spec, n, 32, 32, 5)?;
+    let (t, bytes) = time_train_step(be.clone(), &spec, n, 32, 32, 5)?;
     let rss = peak_rss_bytes()
         .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
         .unwrap_or_else(|| "n/a".into());
@@ -260,7 +266,67 @@ pub fn step_row<B: Backend>(be: Arc<B>, base: usize, n: usize) -> Result<()> {
         flops / t,
         bytes as f64 / (1u64 << 30) as f64
     );
+    let (times, total) = profile_train_step(be, &spec, n, 32, 32, 3)?;
+    println!("\n### Where the step's time goes: PreResNet-18 base {base}, batch {n}\n");
+    println!(
+        "Each op timed alone (a sync before and after), per step: {total:.3} s in all. Convolutions by shape \
+         (k x k / stride, channels, input size; every layer of that shape together).\n"
+    );
+    let mut kinds: std::collections::BTreeMap<&str, f64> = Default::default();
+    for (what, secs) in &times.seconds {
+        let kind = what.split(' ').next().unwrap_or(what);
+        *kinds.entry(kind).or_default() += secs;
+    }
+    let mut kinds: Vec<(&str, f64)> = kinds.into_iter().collect();
+    kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let by_kind: Vec<String> = kinds
+        .iter()
+        .map(|(k, v)| format!("{k} {:.0}%", 100.0 * v / total))
+        .collect();
+    println!("By kind: {}.\n", by_kind.join(", "));
+    println!("| op | ms / step | share |\n|---|---:|---:|");
+    let mut rows: Vec<(&String, &f64)> = times.seconds.iter().collect();
+    rows.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
+    for (what, &secs) in rows {
+        println!("| {what} | {:.2} | {:.1}% |", 1e3 * secs, 100.0 * secs / total);
+    }
+    println!();
     Ok(())
+}
+
+/// Per-op seconds of one training step of `spec` at batch n (averaged over `steps` steps after
+/// one warm-up step), and their sum.
+pub fn profile_train_step<B: Backend>(
+    be: Arc<B>,
+    spec: &ArchSpec,
+    n: usize,
+    h: usize,
+    w: usize,
+    steps: usize,
+) -> Result<(crate::model::OpTimes, f64)> {
+    let g = Graph::build(spec, h, w, None)?;
+    let mut m = Model::new(be, g, n)?;
+    m.init(1)?;
+    let x = random(n * spec.in_channels * h * w, 6);
+    let y: Vec<u32> = (0..n).map(|i| (i % spec.classes) as u32).collect();
+    m.set_batch(n, &x, &y)?;
+    let hp = Sgd {
+        lr: 0.01,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+    };
+    m.train_step(n, &hp)?;
+    m.op_times = Some(Default::default());
+    for _ in 0..steps.max(1) {
+        m.train_step(n, &hp)?;
+    }
+    m.be.sync()?;
+    let mut times = m.op_times.take().unwrap_or_default();
+    for v in times.seconds.values_mut() {
+        *v /= steps.max(1) as f64;
+    }
+    let total = times.seconds.values().sum();
+    Ok((times, total))
 }
 
 /// Images per second of the ImageNet training loader alone (decode, random resized crop,
@@ -301,4 +367,40 @@ pub fn loader(dir: &std::path::Path, batch: usize) -> Result<()> {
         images as f64 / s / threads as f64
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    #[test]
+    fn the_profile_names_every_pass_of_every_op() {
+        let mut spec = ArchSpec::named("preresnet18").unwrap();
+        spec.base_width = 2;
+        let be = Arc::new(CpuBackend::<f32>::new());
+        let (times, total) = profile_train_step(be, &spec, 2, 8, 8, 1).unwrap();
+        let has = |what: &str| times.seconds.contains_key(what);
+        for what in [
+            "batchnorm forward",
+            "batchnorm backward",
+            "relu forward",
+            "relu backward",
+            "add forward",
+            "add backward",
+            "avgpool forward",
+            "linear backward",
+            "loss (softmax cross-entropy)",
+            "sgd",
+            // the stem (3 -> 2 channels at 8x8): no data gradient for the input
+            "conv 3x3/1 3->2 8x8 forward",
+            "conv 3x3/1 3->2 8x8 backward filter",
+            "conv 3x3/1 2->4 8x8 backward data",
+        ] {
+            assert!(has(what), "{what} missing from {:?}", times.seconds.keys());
+        }
+        assert!(!has("conv 3x3/1 3->2 8x8 backward data"));
+        let sum: f64 = times.seconds.values().sum();
+        assert!(total > 0.0 && (sum - total).abs() < 1e-12);
+    }
 }

@@ -227,7 +227,15 @@ fn keep_first_blocks_leaves_the_first_block_of_every_stage_whole() {
     let pre = pretrained(&dir.join("pre"));
     let p = pre.to_str().unwrap();
     let ticket = |out: &Path, extra: &[&str]| -> loft::checkpoint::TicketInfo {
-        let mut a = vec!["prune", "--checkpoint", p, "--ratio", "0.5", "--out", out.to_str().unwrap()];
+        let mut a = vec![
+            "prune",
+            "--checkpoint",
+            p,
+            "--ratio",
+            "0.5",
+            "--out",
+            out.to_str().unwrap(),
+        ];
         a.extend(extra);
         ok(&loft(&a));
         Checkpoint::read(out).unwrap().ticket.unwrap()

@@ -66,11 +66,27 @@ pub struct Model<B: Backend> {
     pub op_times: Option<OpTimes>,
 }
 
-/// Wall time per op kind, for profiling (`loft bench`).
+/// Wall time per op, for profiling (`loft bench`): seconds by what ran, e.g. "conv 3x3/1
+/// 64->128 16x16 forward", "batchnorm backward", "loss", "sgd". Ops are timed one by one
+/// (on a GPU each after a sync), so the sum is the step time.
 #[derive(Clone, Debug, Default)]
 pub struct OpTimes {
-    pub forward: std::collections::BTreeMap<&'static str, f64>,
-    pub backward: std::collections::BTreeMap<&'static str, f64>,
+    pub seconds: std::collections::BTreeMap<String, f64>,
+}
+
+impl OpTimes {
+    /// Add `t` seconds to `what`.
+    pub fn add(&mut self, what: String, t: f64) {
+        *self.seconds.entry(what).or_default() += t;
+    }
+}
+
+/// The profile name of a convolution pass.
+fn conv_name(g: &crate::ops::Conv2d, pass: &str) -> String {
+    format!(
+        "conv {}x{}/{} {}->{} {}x{} {pass}",
+        g.kh, g.kw, g.stride, g.c_in, g.c_out, g.h, g.w
+    )
 }
 
 /// Where a borrowed activation buffer came from.
@@ -366,7 +382,10 @@ impl<B: Backend> Model<B> {
         let be = &*be;
         for i in 0..self.graph.ops.len() {
             let op = self.graph.ops[i];
-            let started = self.op_times.as_ref().map(|_| std::time::Instant::now());
+            let started = self.op_times.as_ref().map(|_| {
+                let _ = be.sync();
+                std::time::Instant::now()
+            });
             let y_id = op.output();
             let ylen = self.act_len(y_id, n);
             let mut ybuf = take(&mut self.acts, self.slot[y_id]);
@@ -448,7 +467,12 @@ impl<B: Backend> Model<B> {
             }
             self.acts[self.slot[y_id]] = Some(ybuf);
             if let (Some(t), Some(times)) = (started, self.op_times.as_mut()) {
-                *times.forward.entry(op.kind()).or_default() += t.elapsed().as_secs_f64();
+                let _ = be.sync();
+                let what = match op {
+                    Op::Conv { geom, .. } => conv_name(&geom.with_n(n), "forward"),
+                    _ => format!("{} forward", op.kind()),
+                };
+                times.add(what, t.elapsed().as_secs_f64());
             }
         }
     }
@@ -498,7 +522,10 @@ impl<B: Backend> Model<B> {
         let input = self.graph.input;
         for i in (0..self.graph.ops.len()).rev() {
             let op = self.graph.ops[i];
-            let started = self.op_times.as_ref().map(|_| std::time::Instant::now());
+            let mut started = self.op_times.as_ref().map(|_| {
+                let _ = be.sync();
+                std::time::Instant::now()
+            });
             let acc = self.graph.accumulate[i];
             let y_id = op.output();
             let ylen = self.act_len(y_id, n);
@@ -510,6 +537,12 @@ impl<B: Backend> Model<B> {
                     let (off, len) = (self.graph.params.entries[w].offset, self.graph.params.entries[w].len);
                     let xv = be.view(self.acts[self.slot[x]].as_ref().expect("x"), 0, g.x_len());
                     be.conv2d_backward_filter(&g, xv, dy, be.view_mut(&mut self.grads, off, len), false);
+                    if let (Some(t), Some(times)) = (started, self.op_times.as_mut()) {
+                        // the filter pass alone; the data pass is timed from here
+                        let _ = be.sync();
+                        times.add(conv_name(&g, "backward filter"), t.elapsed().as_secs_f64());
+                        started = Some(std::time::Instant::now());
+                    }
                     if x != input {
                         let dx = be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, g.x_len());
                         be.conv2d_backward_data(&g, dy, be.view(&self.params, off, len), dx, acc[0]);
@@ -572,7 +605,13 @@ impl<B: Backend> Model<B> {
             }
             self.dacts[y_id] = Some(dybuf);
             if let (Some(t), Some(times)) = (started, self.op_times.as_mut()) {
-                *times.backward.entry(op.kind()).or_default() += t.elapsed().as_secs_f64();
+                let _ = be.sync();
+                let what = match op {
+                    Op::Conv { geom, x, .. } if x != input => conv_name(&geom.with_n(n), "backward data"),
+                    Op::Conv { .. } => continue,
+                    _ => format!("{} backward", op.kind()),
+                };
+                times.add(what, t.elapsed().as_secs_f64());
             }
         }
     }
@@ -593,9 +632,18 @@ impl<B: Backend> Model<B> {
     /// Returns (loss sum, correct).
     pub fn train_step(&mut self, n: usize, hp: &Sgd) -> Result<(f64, usize)> {
         self.forward(n, true);
+        let t = std::time::Instant::now();
         let r = self.loss(n, true)?;
+        if let Some(times) = self.op_times.as_mut() {
+            times.add("loss (softmax cross-entropy)".into(), t.elapsed().as_secs_f64());
+        }
         self.backward(n);
+        let t = std::time::Instant::now();
         self.sgd_step(hp);
+        if let Some(times) = self.op_times.as_mut() {
+            let _ = self.be.sync();
+            times.add("sgd".into(), t.elapsed().as_secs_f64());
+        }
         Ok(r)
     }
 
