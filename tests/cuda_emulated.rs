@@ -121,6 +121,8 @@ fn loft_on_two_ranks_on_the_emulated_device_tracks_the_cpu_and_counts_every_byte
         "3",
         "--lr",
         "0.05",
+        "--schedule",
+        "cosine",
         "--seed",
         "11",
         "--progress",
