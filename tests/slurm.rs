@@ -107,7 +107,7 @@ fn a_job_past_its_time_limit_resubmits_itself_and_ends_like_an_uninterrupted_run
                 --train-subset 64 --test-subset 32 --eval-every 100 --checkpoint-every 100";
     let submit_and_wait = format!(
         "sbatch --parsable -n 2 --output={}/job-%j.out {repo}/scripts/loft.sbatch || exit 1; \
-         for i in $(seq 1 900); do [ -z \"$(squeue -h)\" ] && exit 0; sleep 1; done; exit 1",
+         for i in $(seq 1 900); do q=$(squeue -h) && [ -z \"$q\" ] && exit 0; sleep 1; done; exit 1",
         base.display()
     );
     let o = Command::new(format!("{repo}/scripts/slurm_local.sh"))
