@@ -70,6 +70,38 @@ __device__ __forceinline__ i64 channel_index(const NormParams& p, i64 c, i64 e) 
     return ((e / p.hw) * p.c + c) * p.hw + e % p.hw;
 }
 
+// This block's channel c: sum dy and sum dy xhat over its n*hw elements (every thread gets
+// both), xhat from the saved mean and 1/std.
+__device__ __forceinline__ void backward_sums(const NormParams& p, i64 c, u32 tid, double* sdy, double* sdyx) {
+    const i64 m = p.n * p.hw;
+    const double mean = (double)p.save_mean[c], invstd = (double)p.save_invstd[c];
+    double s = 0.0, sx = 0.0;
+    for (i64 e = tid; e < m; e += NORM_THREADS) {
+        i64 i = channel_index(p, c, e);
+        double g = (double)p.dy[i];
+        s += g;
+        sx += g * ((double)p.x[i] - mean) * invstd;
+    }
+    *sdy = block_sum(s, tid);
+    *sdyx = block_sum(sx, tid);
+}
+
+// dx (+)= gamma invstd / M (M dy - sum dy - xhat sum(dy xhat)) over channel c, written as
+// a dy + b x + c0; M, the sums: of this batch, or of the global one (synchronized).
+__device__ __forceinline__ void write_dx(const NormParams& p, i64 c, u32 tid, double total, double sdy, double sdyx) {
+    const i64 m = p.n * p.hw;
+    const double mean = (double)p.save_mean[c], invstd = (double)p.save_invstd[c];
+    const double k = (double)p.gamma[c] * invstd / total;
+    const float a = (float)(k * total);
+    const float bx = (float)(-k * sdyx * invstd);
+    const float c0 = (float)(k * (-sdy + sdyx * invstd * mean));
+    for (i64 e = tid; e < m; e += NORM_THREADS) {
+        i64 i = channel_index(p, c, e);
+        float v = a * p.dy[i] + bx * p.x[i] + c0;
+        p.y[i] = p.accumulate ? p.y[i] + v : v;
+    }
+}
+
 LOFT_KERNEL(batchnorm_train_forward_f32, NormParams) {
     const u32 tid = THREAD_INDEX;
     const i64 c = blockIdx.x, m = p.n * p.hw;
@@ -114,29 +146,13 @@ LOFT_KERNEL(batchnorm_eval_forward_f32, NormParams) {
 LOFT_KERNEL(batchnorm_backward_f32, NormParams) {
     const u32 tid = THREAD_INDEX;
     const i64 c = blockIdx.x, m = p.n * p.hw;
-    const double mean = (double)p.save_mean[c], invstd = (double)p.save_invstd[c];
-    double sdy = 0.0, sdyx = 0.0;
-    for (i64 e = tid; e < m; e += NORM_THREADS) {
-        i64 i = channel_index(p, c, e);
-        double g = (double)p.dy[i];
-        sdy += g;
-        sdyx += g * ((double)p.x[i] - mean) * invstd;
-    }
-    sdy = block_sum(sdy, tid);
-    sdyx = block_sum(sdyx, tid);
+    double sdy, sdyx;
+    backward_sums(p, c, tid, &sdy, &sdyx);
     if (tid == 0) {
         p.dbeta[c] = (float)sdy;
         p.dgamma[c] = (float)sdyx;
     }
-    const double k = (double)p.gamma[c] * invstd / (double)m;
-    const float a = (float)(k * (double)m);
-    const float bx = (float)(-k * sdyx * invstd);
-    const float c0 = (float)(k * (-sdy + sdyx * invstd * mean));
-    for (i64 e = tid; e < m; e += NORM_THREADS) {
-        i64 i = channel_index(p, c, e);
-        float v = a * p.dy[i] + bx * p.x[i] + c0;
-        p.y[i] = p.accumulate ? p.y[i] + v : v;
-    }
+    write_dx(p, c, tid, (double)m, sdy, sdyx);
 }
 
 // Synchronized forward, reductions: phase 0 writes this rank's sum of x for channel c; phase 1
@@ -185,17 +201,9 @@ LOFT_KERNEL(batchnorm_apply_forward_f32, NormParams) {
 // dbeta and dgamma and (as pairs) into sums[4c ..].
 LOFT_KERNEL(batchnorm_sums_backward_f32, NormParams) {
     const u32 tid = THREAD_INDEX;
-    const i64 c = blockIdx.x, m = p.n * p.hw;
-    const double mean = (double)p.save_mean[c], invstd = (double)p.save_invstd[c];
-    double sdy = 0.0, sdyx = 0.0;
-    for (i64 e = tid; e < m; e += NORM_THREADS) {
-        i64 i = channel_index(p, c, e);
-        double g = (double)p.dy[i];
-        sdy += g;
-        sdyx += g * ((double)p.x[i] - mean) * invstd;
-    }
-    sdy = block_sum(sdy, tid);
-    sdyx = block_sum(sdyx, tid);
+    const i64 c = blockIdx.x;
+    double sdy, sdyx;
+    backward_sums(p, c, tid, &sdy, &sdyx);
     if (tid == 0) {
         p.dbeta[c] = (float)sdy;
         p.dgamma[c] = (float)sdyx;
@@ -208,17 +216,6 @@ LOFT_KERNEL(batchnorm_sums_backward_f32, NormParams) {
 // and the global count p.total.
 LOFT_KERNEL(batchnorm_apply_backward_f32, NormParams) {
     const u32 tid = THREAD_INDEX;
-    const i64 c = blockIdx.x, m = p.n * p.hw;
-    const double mean = (double)p.save_mean[c], invstd = (double)p.save_invstd[c];
-    const double sdy = get_pair(p.sums + 4 * c), sdyx = get_pair(p.sums + 4 * c + 2);
-    const double total = (double)p.total;
-    const double k = (double)p.gamma[c] * invstd / total;
-    const float a = (float)(k * total);
-    const float bx = (float)(-k * sdyx * invstd);
-    const float c0 = (float)(k * (-sdy + sdyx * invstd * mean));
-    for (i64 e = tid; e < m; e += NORM_THREADS) {
-        i64 i = channel_index(p, c, e);
-        float v = a * p.dy[i] + bx * p.x[i] + c0;
-        p.y[i] = p.accumulate ? p.y[i] + v : v;
-    }
+    const i64 c = blockIdx.x;
+    write_dx(p, c, tid, (double)p.total, get_pair(p.sums + 4 * c), get_pair(p.sums + 4 * c + 2));
 }

@@ -112,17 +112,11 @@ pub fn time_conv<B: Backend>(be: &B, s: &Conv2d) -> Result<(f64, f64, f64)> {
     Ok((f, bd, bf))
 }
 
-/// Seconds per training step of `spec` at batch n on (c, h, w) inputs, and model bytes.
-pub fn time_train_step<B: Backend>(
-    be: Arc<B>,
-    spec: &ArchSpec,
-    n: usize,
-    h: usize,
-    w: usize,
-    steps: usize,
-) -> Result<(f64, usize)> {
+/// A fresh model of `spec` at batch n on h x w inputs holding one random batch, and the SGD
+/// settings of the step benchmarks.
+fn step_model<B: Backend>(be: Arc<B>, spec: &ArchSpec, n: usize, h: usize, w: usize) -> Result<(Model<B>, Sgd)> {
     let g = Graph::build(spec, h, w, None)?;
-    let mut m = Model::new(be.clone(), g, n)?;
+    let mut m = Model::new(be, g, n)?;
     m.init(1)?;
     let x = random(n * spec.in_channels * h * w, 6);
     let y: Vec<u32> = (0..n).map(|i| (i % spec.classes) as u32).collect();
@@ -132,6 +126,19 @@ pub fn time_train_step<B: Backend>(
         momentum: 0.9,
         weight_decay: 5e-4,
     };
+    Ok((m, hp))
+}
+
+/// Seconds per training step of `spec` at batch n on (c, h, w) inputs, and model bytes.
+pub fn time_train_step<B: Backend>(
+    be: Arc<B>,
+    spec: &ArchSpec,
+    n: usize,
+    h: usize,
+    w: usize,
+    steps: usize,
+) -> Result<(f64, usize)> {
+    let (mut m, hp) = step_model(be.clone(), spec, n, h, w)?;
     let mut err = None;
     let t = time_it(steps, 0.0, || {
         if let Err(e) = m.train_step(n, &hp).and_then(|_| m.be.sync()) {
@@ -304,17 +311,7 @@ pub fn profile_train_step<B: Backend>(
     w: usize,
     steps: usize,
 ) -> Result<(crate::model::OpTimes, f64)> {
-    let g = Graph::build(spec, h, w, None)?;
-    let mut m = Model::new(be, g, n)?;
-    m.init(1)?;
-    let x = random(n * spec.in_channels * h * w, 6);
-    let y: Vec<u32> = (0..n).map(|i| (i % spec.classes) as u32).collect();
-    m.set_batch(n, &x, &y)?;
-    let hp = Sgd {
-        lr: 0.01,
-        momentum: 0.9,
-        weight_decay: 5e-4,
-    };
+    let (mut m, hp) = step_model(be, spec, n, h, w)?;
     m.train_step(n, &hp)?;
     m.op_times = Some(Default::default());
     for _ in 0..steps.max(1) {
