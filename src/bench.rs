@@ -160,6 +160,8 @@ pub struct BenchOptions {
     pub quick: bool,
     /// Architecture of the per-layer table.
     pub arch: String,
+    /// Base width of the per-layer table's network.
+    pub base_width: usize,
     /// Where to write the per-layer table as JSON, if anywhere.
     pub json: Option<std::path::PathBuf>,
 }
@@ -189,11 +191,12 @@ pub fn run<B: Backend>(be: Arc<B>, opts: &BenchOptions) -> Result<()> {
 
     let n = opts.batch;
     if !opts.quick {
-        let spec = ArchSpec::named(&opts.arch)?;
+        let mut spec = ArchSpec::named(&opts.arch)?;
+        spec.base_width = opts.base_width;
         let g = Graph::build(&spec, 32, 32, None)?;
         println!(
-            "### Convolutions of CIFAR {} (base 64, inner width 2), batch {n}\n",
-            opts.arch
+            "### Convolutions of CIFAR {} (base {}, inner width 2), batch {n}\n",
+            opts.arch, opts.base_width
         );
         println!(
             "GFLOP/s of each pass; `% sgemm` is the slowest pass against the {threads}-thread SGEMM rate ({gt:.1}).\n"
@@ -255,8 +258,8 @@ pub fn run<B: Backend>(be: Arc<B>, opts: &BenchOptions) -> Result<()> {
 }
 
 /// One table row for a training step of PreResNet-18 at `base` width (run in a child process
-/// so that its peak RSS is its own).
-pub fn step_row<B: Backend>(be: Arc<B>, base: usize, n: usize) -> Result<()> {
+/// so that its peak RSS is its own), then its per-op profile when `profile`.
+pub fn step_row<B: Backend>(be: Arc<B>, base: usize, n: usize, profile: bool) -> Result<()> {
     let mut spec = ArchSpec::named("preresnet18")?;
     spec.base_width = base;
     let g = Graph::build(&spec, 32, 32, None)?;
@@ -273,6 +276,9 @@ pub fn step_row<B: Backend>(be: Arc<B>, base: usize, n: usize) -> Result<()> {
         flops / t,
         bytes as f64 / (1u64 << 30) as f64
     );
+    if !profile {
+        return Ok(());
+    }
     let (times, total) = profile_train_step(be, &spec, n, 32, 32, 3)?;
     println!("\n### Where the step's time goes: PreResNet-18 base {base}, batch {n}\n");
     println!(

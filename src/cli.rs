@@ -775,6 +775,9 @@ pub struct BenchArgs {
     /// Architecture of the per-layer convolution table (CIFAR input, inner width 2).
     #[arg(long, default_value = "preresnet18")]
     pub arch: String,
+    /// Base width of the per-layer convolution table's network (stages use 1x, 2x, 4x, 8x).
+    #[arg(long, default_value_t = 64)]
+    pub base_width: usize,
     /// Only measure the ImageNet loader (decode, random resized crop, flip, normalise) on the
     /// training images of this folder (DIR/train/<class>/*.JPEG), in images per second.
     #[arg(long)]
@@ -783,7 +786,8 @@ pub struct BenchArgs {
     /// for scripts/bench_cudnn.py to time the same shapes.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Internal: print one training-step row for this base width (run as a child process).
+    /// Internal: print one training-step row for this base width (run as a child process),
+    /// and its per-op profile unless `--quick`.
     #[arg(long, hide = true)]
     pub step_only: Option<usize>,
     #[command(flatten)]
@@ -1252,13 +1256,14 @@ pub fn run(cli: Cli, matches: Option<&clap::ArgMatches>) -> Result<i32> {
                 quick: a.quick,
                 device: a.device.device,
                 arch: a.arch.clone(),
+                base_width: a.base_width,
                 json: a.json.clone(),
             };
             if let Some(dir) = &a.loader {
                 return crate::bench::loader(dir, a.batch).map(|()| 0);
             }
             crate::on_device!(a.device.device, be => match a.step_only {
-                Some(base) => crate::bench::step_row(be, base, a.batch),
+                Some(base) => crate::bench::step_row(be, base, a.batch, !a.quick),
                 None => crate::bench::run(be, &opts),
             })
             .map(|()| 0)

@@ -449,3 +449,187 @@ fn sgd_follows_pytorch_semantics() {
     be.sgd_step(&hp, &mut p, &mut g, &mut m);
     assert_eq!((p[0], m[0]), (1.25 - 0.5 * 2.4375, 2.4375));
 }
+
+/// 3x3 stride-1 pad-1 shapes for Winograd: odd and even sides, one tile, batches that split
+/// into several groups and filter-gradient chunks (with a short last one).
+fn winograd_shapes() -> Vec<Conv2d> {
+    let c = |n, c_in, h, w, c_out| Conv2d {
+        n,
+        c_in,
+        h,
+        w,
+        c_out,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pad: 1,
+    };
+    vec![
+        c(2, 3, 7, 9, 4),
+        c(3, 5, 6, 6, 2),
+        c(1, 1, 1, 1, 1),
+        c(2, 2, 2, 3, 3),
+        c(19, 4, 8, 8, 6),
+        c(70, 2, 16, 15, 3),
+    ]
+}
+
+type Pool64 = loft::backend::cpu::scratch::ScratchPool<f64>;
+
+#[test]
+fn winograd_matches_direct_convolution_in_f64_all_three_passes() {
+    use conv::Algo::{Im2col, Winograd};
+    let pool = Pool64::new();
+    let mut rng = Rng::new(11);
+    for s in winograd_shapes() {
+        let x = rand_vec(&mut rng, s.x_len());
+        let w = rand_vec(&mut rng, s.w_len());
+        let g = rand_vec(&mut rng, s.y_len());
+        let want = conv::reference_forward(&s, &x, &w);
+        let mut y = vec![f64::NAN; s.y_len()];
+        conv::forward_with(Winograd, &s, &x, &w, &mut y, &pool);
+        for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+            assert!((a - b).abs() < 1e-12 * (1.0 + b.abs()), "{s:?} y[{i}] {a} vs {b}");
+        }
+        // the gradients against im2col's (checked by finite differences above), with and
+        // without accumulation
+        for acc in [false, true] {
+            let run = |algo| {
+                let mut dx = vec![if acc { 0.5 } else { f64::NAN }; s.x_len()];
+                let mut dw = vec![if acc { -0.25 } else { f64::NAN }; s.w_len()];
+                conv::backward_data_with(algo, &s, &g, &w, &mut dx, acc, &pool);
+                conv::backward_filter_with(algo, &s, &x, &g, &mut dw, acc, &pool);
+                (dx, dw)
+            };
+            let (dx, dw) = run(Winograd);
+            let (rx, rw) = run(Im2col);
+            for (a, b) in dx.iter().zip(&rx).chain(dw.iter().zip(&rw)) {
+                assert!(
+                    (a - b).abs() < 1e-11 * (1.0 + b.abs()),
+                    "{s:?} gradient {a} vs {b} (acc {acc})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn winograd_gradients_match_finite_differences() {
+    use conv::Algo::Winograd;
+    let pool = Pool64::new();
+    let mut rng = Rng::new(12);
+    for s in winograd_shapes().into_iter().take(4) {
+        let x = rand_vec(&mut rng, s.x_len());
+        let w = rand_vec(&mut rng, s.w_len());
+        let g = rand_vec(&mut rng, s.y_len());
+        let mut dx = vec![0.0; s.x_len()];
+        let mut dw = vec![0.0; s.w_len()];
+        conv::backward_data_with(Winograd, &s, &g, &w, &mut dx, false, &pool);
+        conv::backward_filter_with(Winograd, &s, &x, &g, &mut dw, false, &pool);
+        let loss = |x: &[f64], w: &[f64]| {
+            let mut y = vec![0.0; s.y_len()];
+            conv::forward_with(Winograd, &s, x, w, &mut y, &pool);
+            dot(&y, &g)
+        };
+        check_grad(&format!("winograd dx {s:?}"), &x, &dx, |xp| loss(xp, &w));
+        check_grad(&format!("winograd dw {s:?}"), &w, &dw, |wp| loss(&x, wp));
+    }
+}
+
+/// The f32 error bound of Winograd F(2x2, 3x3): every output of every pass is within
+/// `WINOGRAD_F32_BOUND * Σ|terms|` of the exact (f64 direct) value, where Σ|terms| is the sum
+/// of the absolute products that make up that output; im2col is held to the same bound.
+const WINOGRAD_F32_BOUND: f64 = 1e-6;
+
+#[test]
+fn winograd_f32_error_is_within_the_stated_bound() {
+    use conv::Algo::{Im2col, Winograd};
+    let pool = loft::backend::cpu::scratch::ScratchPool::<f32>::new();
+    let s = Conv2d {
+        n: 4,
+        c_in: 64,
+        h: 8,
+        w: 8,
+        c_out: 32,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pad: 1,
+    };
+    let mut rng = Rng::new(13);
+    let x = rand_vec(&mut rng, s.x_len());
+    let w = rand_vec(&mut rng, s.w_len());
+    let g = rand_vec(&mut rng, s.y_len());
+    let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+    let abs = |v: &[f64]| v.iter().map(|a| a.abs()).collect::<Vec<f64>>();
+    let (xf, wf, gf) = (f(&x), f(&w), f(&g));
+    // exact values and magnitude sums, in f64 (forward, data gradient, filter gradient)
+    let be = B::new();
+    let exact = |x: &[f64], w: &[f64], g: &[f64]| {
+        let y = conv::reference_forward(&s, x, w);
+        let mut dx = vec![0.0; s.x_len()];
+        let mut dw = vec![0.0; s.w_len()];
+        be.conv2d_backward_data(&s, g, w, &mut dx, false);
+        be.conv2d_backward_filter(&s, x, g, &mut dw, false);
+        [y, dx, dw]
+    };
+    let want = exact(&x, &w, &g);
+    let mag = exact(&abs(&x), &abs(&w), &abs(&g));
+    for algo in [Winograd, Im2col] {
+        let mut y = vec![0f32; s.y_len()];
+        let mut dx = vec![0f32; s.x_len()];
+        let mut dw = vec![0f32; s.w_len()];
+        conv::forward_with(algo, &s, &xf, &wf, &mut y, &pool);
+        conv::backward_data_with(algo, &s, &gf, &wf, &mut dx, false, &pool);
+        conv::backward_filter_with(algo, &s, &xf, &gf, &mut dw, false, &pool);
+        for (pass, got) in [y, dx, dw].iter().enumerate() {
+            let worst = got
+                .iter()
+                .zip(&want[pass])
+                .zip(&mag[pass])
+                .map(|((&a, b), m)| (a as f64 - b).abs() / m.max(1e-30))
+                .fold(0.0, f64::max);
+            eprintln!("{algo:?} pass {pass}: worst error {worst:.2e} of the magnitude sum");
+            assert!(
+                worst <= WINOGRAD_F32_BOUND,
+                "{algo:?} pass {pass}: error {worst:e} of the magnitude sum"
+            );
+        }
+    }
+}
+
+#[test]
+fn winograd_results_do_not_depend_on_thread_count() {
+    use conv::Algo::Winograd;
+    let s = Conv2d {
+        n: 37,
+        c_in: 6,
+        h: 9,
+        w: 10,
+        c_out: 5,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pad: 1,
+    };
+    let mut rng = Rng::new(14);
+    let x: Vec<f32> = rand_vec(&mut rng, s.x_len()).iter().map(|&v| v as f32).collect();
+    let w: Vec<f32> = rand_vec(&mut rng, s.w_len()).iter().map(|&v| v as f32).collect();
+    let g: Vec<f32> = rand_vec(&mut rng, s.y_len()).iter().map(|&v| v as f32).collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let scratch = loft::backend::cpu::scratch::ScratchPool::<f32>::new();
+            let mut y = vec![0f32; s.y_len()];
+            let mut dx = vec![0f32; s.x_len()];
+            let mut dw = vec![0f32; s.w_len()];
+            conv::forward_with(Winograd, &s, &x, &w, &mut y, &scratch);
+            conv::backward_data_with(Winograd, &s, &g, &w, &mut dx, false, &scratch);
+            conv::backward_filter_with(Winograd, &s, &x, &g, &mut dw, false, &scratch);
+            (y, dx, dw)
+        })
+    };
+    let one = run(1);
+    assert_eq!(one, run(2));
+    assert_eq!(one, run(3));
+}

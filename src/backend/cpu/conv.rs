@@ -1,4 +1,5 @@
-//! CPU convolution: im2col + GEMM fused per task, col2im for the data gradient.
+//! CPU convolution: im2col + GEMM fused per task, col2im for the data gradient; 3x3 stride-1
+//! layers go to Winograd F(2x2, 3x3) ([`super::winograd`]) by [`Algo::for_shape`].
 //!
 //! Forward and data-gradient passes split the batch into groups of whole images (about
 //! [`GROUP_COLS`] output pixels per group); each rayon task builds its group's im2col matrix
@@ -13,6 +14,7 @@
 use super::gemm::{matmul, matmul_into_block, Mat, SendPtr};
 use super::real::Real;
 use super::scratch::ScratchPool;
+use super::winograd;
 use crate::ops::Conv2d;
 use rayon::prelude::*;
 
@@ -162,9 +164,56 @@ fn check(s: &Conv2d, x: usize, w: usize, y: usize, op: &str) {
     );
 }
 
-/// Forward: y = conv(x, w). x `(n, c_in, h, w)`, w `(c_out, k)`, y `(n, c_out, ho, wo)`.
+/// How a convolution is computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algo {
+    /// im2col + GEMM (any shape).
+    Im2col,
+    /// Winograd F(2x2, 3x3) (3x3 stride-1 pad-1 only; see [`super::winograd`]).
+    Winograd,
+}
+
+/// Narrowest channel count (input and output) for which Winograd beats im2col here.
+pub const WINOGRAD_MIN_CHANNELS: usize = 8;
+
+impl Algo {
+    /// The algorithm for this shape: Winograd F(2x2, 3x3) where it applies and both channel
+    /// counts are at least [`WINOGRAD_MIN_CHANNELS`], else im2col. The environment variable
+    /// `LOFT_CONV=im2col` forces im2col everywhere (for benchmarks and comparisons).
+    pub fn for_shape(s: &Conv2d) -> Algo {
+        static FORCE_IM2COL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let force = *FORCE_IM2COL.get_or_init(|| std::env::var("LOFT_CONV").is_ok_and(|v| v == "im2col"));
+        if !force && winograd::applies(s) && s.c_in.min(s.c_out) >= WINOGRAD_MIN_CHANNELS {
+            Algo::Winograd
+        } else {
+            Algo::Im2col
+        }
+    }
+}
+
+/// Forward with the algorithm of [`Algo::for_shape`].
 pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {
+    forward_with(Algo::for_shape(s), s, x, w, y, pool)
+}
+
+/// Data gradient with the algorithm of [`Algo::for_shape`].
+pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
+    backward_data_with(Algo::for_shape(s), s, dy, w, dx, accumulate, pool)
+}
+
+/// Filter gradient with the algorithm of [`Algo::for_shape`].
+pub fn backward_filter<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
+    backward_filter_with(Algo::for_shape(s), s, x, dy, dw, accumulate, pool)
+}
+
+/// Forward: y = conv(x, w). x `(n, c_in, h, w)`, w `(c_out, k)`, y `(n, c_out, ho, wo)`.
+/// Panics if `algo` is Winograd and the shape is not 3x3 stride 1 pad 1.
+pub fn forward_with<T: Real>(algo: Algo, s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {
     check(s, x.len(), w.len(), y.len(), "conv2d_forward");
+    if algo == Algo::Winograd {
+        assert!(winograd::applies(s), "Winograd on {s:?}");
+        return winograd::forward(s, x, w, y, pool);
+    }
     let hwo = s.h_out() * s.w_out();
     let k = s.k();
     let g = images_per(s, GROUP_COLS);
@@ -198,8 +247,20 @@ pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &Scratc
 }
 
 /// Data gradient: dx (+)= conv_transpose(dy, w).
-pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
+pub fn backward_data_with<T: Real>(
+    algo: Algo,
+    s: &Conv2d,
+    dy: &[T],
+    w: &[T],
+    dx: &mut [T],
+    accumulate: bool,
+    pool: &ScratchPool<T>,
+) {
     check(s, dx.len(), w.len(), dy.len(), "conv2d_backward_data");
+    if algo == Algo::Winograd {
+        assert!(winograd::applies(s), "Winograd on {s:?}");
+        return winograd::backward_data(s, dy, w, dx, accumulate, pool);
+    }
     let hwo = s.h_out() * s.w_out();
     let k = s.k();
     let g = images_per(s, GROUP_COLS);
@@ -235,8 +296,20 @@ pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T], accum
 }
 
 /// Filter gradient: dw (+)= sum over the batch of dy im2col(x)^T. dw `(c_out, k)`.
-pub fn backward_filter<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
+pub fn backward_filter_with<T: Real>(
+    algo: Algo,
+    s: &Conv2d,
+    x: &[T],
+    dy: &[T],
+    dw: &mut [T],
+    accumulate: bool,
+    pool: &ScratchPool<T>,
+) {
     check(s, x.len(), dw.len(), dy.len(), "conv2d_backward_filter");
+    if algo == Algo::Winograd {
+        assert!(winograd::applies(s), "Winograd on {s:?}");
+        return winograd::backward_filter(s, x, dy, dw, accumulate, pool);
+    }
     if s.w_len() <= LANES_MAX_WEIGHT {
         backward_filter_lanes(s, x, dy, dw, accumulate, pool);
     } else {

@@ -1,0 +1,496 @@
+//! Winograd F(2x2, 3x3) convolution for 3x3 stride-1 pad-1 layers: forward, data and filter
+//! gradients.
+//!
+//! Lavin and Gray's minimal filtering: a 2x2 output tile of a 3x3 correlation is
+//! `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A` for the 4x4 input patch d around it, 16 multiplications
+//! instead of 36. Over channels the 16 elementwise products become 16 matrix products, one
+//! per position ξ of the 4x4 transformed tile:
+//!
+//! - forward: `M_ξ (c_out, P) = U_ξ (c_out, c_in) · V_ξ (c_in, P)` with `U = G g Gᵀ` per
+//!   filter and `V = Bᵀ d B` per tile (P tiles), then `y = Aᵀ M A` per tile;
+//! - data gradient: the same with the filter flipped and its channel axes swapped (a 3x3
+//!   stride-1 pad-1 transposed convolution is that correlation);
+//! - filter gradient: the forward formula differentiated, `dU_ξ = Σ_tiles dM_ξ Vᵀ_ξ` with
+//!   `dM = A dY Aᵀ`, then `dg = Gᵀ dU G`. Exact in exact arithmetic, like the other two.
+//!
+//! Transformed tiles are stored channel-major, `[c][ξ][p]`, so that each channel's 16 planes
+//! are one contiguous block (a task per channel writes disjoint memory) and `V_ξ` is a matrix
+//! with row stride 16 P. Tiles cover the map in 2x2 steps; a map with an odd side is padded
+//! with zeros and the outputs beyond it are dropped.
+//!
+//! Determinism: groups (forward, data gradient) and chunks (filter gradient) are sized from
+//! the shape only; every output element is produced by one task, and the filter gradient sums
+//! chunk after chunk in order, so results are bit-identical for any thread count.
+//!
+//! Accuracy: the transforms use only ±1 and ±½, so rounding stays within a small factor of
+//! direct convolution's (tested in f64 and f32 against the direct reference).
+
+use super::gemm::{matmul, Mat};
+use super::real::Real;
+use super::scratch::ScratchPool;
+use crate::ops::Conv2d;
+use rayon::prelude::*;
+
+/// Positions of a transformed 4x4 tile.
+const XI: usize = 16;
+/// Tiles per forward / data-gradient task (about; whole images per task).
+pub const GROUP_TILES: usize = 256;
+/// Tiles per filter-gradient chunk (about; whole images per chunk).
+pub const CHUNK_TILES: usize = 2048;
+/// Most transformed elements (V and M together) per task or chunk: 4 Mi (16 MiB in f32).
+const MAX_TRANSFORMED: usize = 1 << 22;
+/// Groups come in multiples of this count when the batch allows (even split over 1-8 threads).
+const TASK_MULTIPLE: usize = 8;
+
+/// Whether Winograd F(2x2, 3x3) computes this convolution: 3x3, stride 1, pad 1.
+pub fn applies(s: &Conv2d) -> bool {
+    s.kh == 3 && s.kw == 3 && s.stride == 1 && s.pad == 1
+}
+
+/// Tiles per image `(rows, cols)`.
+fn tiles(s: &Conv2d) -> (usize, usize) {
+    (s.h.div_ceil(2), s.w.div_ceil(2))
+}
+
+/// Images per task: about `target` tiles, at most [`MAX_TRANSFORMED`] transformed elements
+/// where one image allows, and (for `multiple`) a task count that is a multiple of
+/// [`TASK_MULTIPLE`]. Depends only on the shape.
+fn images_per(s: &Conv2d, target: usize, multiple: bool) -> usize {
+    let n = s.n.max(1);
+    let (th, tw) = tiles(s);
+    let per_image = th * tw;
+    let total = n * per_image;
+    let by_tiles = total.div_ceil(target.max(1));
+    let by_memory = (total * XI * (s.c_in + s.c_out)).div_ceil(MAX_TRANSFORMED);
+    let mut groups = by_tiles.max(by_memory).max(1);
+    if multiple {
+        groups = groups.next_multiple_of(TASK_MULTIPLE);
+    }
+    n.div_ceil(groups.min(n))
+}
+
+/// `u (4x4) = G g Gᵀ` for a 3x3 filter g (row-major), written at `u[ξ * stride]`.
+#[inline]
+fn filter_tile<T: Real>(g: [T; 9], u: &mut [T], stride: usize) {
+    let half = T::from_f64(0.5);
+    let mut t = [T::ZERO; 12]; // G g: (4, 3)
+    for j in 0..3 {
+        let (a, b, c) = (g[j], g[3 + j], g[6 + j]);
+        t[j] = a;
+        t[3 + j] = half * (a + b + c);
+        t[6 + j] = half * (a - b + c);
+        t[9 + j] = c;
+    }
+    for i in 0..4 {
+        let (a, b, c) = (t[3 * i], t[3 * i + 1], t[3 * i + 2]);
+        u[(4 * i) * stride] = a;
+        u[(4 * i + 1) * stride] = half * (a + b + c);
+        u[(4 * i + 2) * stride] = half * (a - b + c);
+        u[(4 * i + 3) * stride] = c;
+    }
+}
+
+/// Transformed filters `u (rows, 16, cols)` of `w (c_out, c_in, 3, 3)`: `U_ξ[co][ci]` at
+/// `u[(co * 16 + ξ) * c_in + ci]` for the forward (`flip` false, rows = c_out), or of the
+/// flipped filter, `U_ξ[ci][co]`, for the data gradient (`flip` true, rows = c_in). A task per
+/// row.
+fn transform_filters<T: Real>(s: &Conv2d, w: &[T], flip: bool, u: &mut [T]) {
+    let (rows, cols) = if flip { (s.c_in, s.c_out) } else { (s.c_out, s.c_in) };
+    u[..rows * XI * cols]
+        .par_chunks_mut(XI * cols)
+        .enumerate()
+        .for_each(|(r, ur)| {
+            for c in 0..cols {
+                let (co, ci) = if flip { (c, r) } else { (r, c) };
+                let f = &w[(co * s.c_in + ci) * 9..][..9];
+                let mut g = [T::ZERO; 9];
+                for (k, v) in g.iter_mut().enumerate() {
+                    *v = if flip { f[8 - k] } else { f[k] };
+                }
+                filter_tile(g, &mut ur[c..], cols);
+            }
+        });
+}
+
+/// `v[ξ * P + p0 + ty * tw + tx] = (Bᵀ d B)_ξ` for every tile of one channel plane `(h, w)`;
+/// `pad` is scratch of at least `(2 th + 2) (2 tw + 2) + 4 (2 tw + 2)` elements.
+fn input_transform<T: Real>(plane: &[T], h: usize, w: usize, v: &mut [T], big_p: usize, p0: usize, pad: &mut [T]) {
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let pw = 2 * tw + 2;
+    let ph = 2 * th + 2;
+    let (img, cols) = pad.split_at_mut(ph * pw);
+    img.fill(T::ZERO);
+    for y in 0..h {
+        img[(y + 1) * pw + 1..][..w].copy_from_slice(&plane[y * w..][..w]);
+    }
+    let (c0, rest) = cols[..4 * pw].split_at_mut(pw);
+    let (c1, rest) = rest.split_at_mut(pw);
+    let (c2, c3) = rest.split_at_mut(pw);
+    for ty in 0..th {
+        // Bᵀ d over the four rows, for every column at once
+        let r = |i: usize| &img[(2 * ty + i) * pw..][..pw];
+        let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+        for j in 0..pw {
+            c0[j] = r0[j] - r2[j];
+            c1[j] = r1[j] + r2[j];
+            c2[j] = r2[j] - r1[j];
+            c3[j] = r1[j] - r3[j];
+        }
+        // (Bᵀ d) B per tile
+        let base = p0 + ty * tw;
+        for (i, c) in [&*c0, &*c1, &*c2, &*c3].into_iter().enumerate() {
+            let (o0, rest) = v[(4 * i) * big_p + base..].split_at_mut(big_p);
+            let (o1, rest) = rest.split_at_mut(big_p);
+            let (o2, o3) = rest.split_at_mut(big_p);
+            for tx in 0..tw {
+                let j = 2 * tx;
+                let (a, b, cc, e) = (c[j], c[j + 1], c[j + 2], c[j + 3]);
+                o0[tx] = a - cc;
+                o1[tx] = b + cc;
+                o2[tx] = cc - b;
+                o3[tx] = b - e;
+            }
+        }
+    }
+}
+
+/// `y (+)= Aᵀ M A` for every tile of one output channel plane `(h, w)`, reading
+/// `m[ξ * P + p0 + ty * tw + tx]`; `rows` is scratch of at least `4 tw` elements.
+fn output_transform<T: Real>(
+    m: &[T],
+    big_p: usize,
+    p0: usize,
+    (h, w): (usize, usize),
+    y: &mut [T],
+    accumulate: bool,
+    rows: &mut [T],
+) {
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let (y0, rest) = rows[..4 * tw].split_at_mut(2 * tw);
+    let y1 = &mut rest[..2 * tw];
+    for ty in 0..th {
+        let base = p0 + ty * tw;
+        let mm = |xi: usize| &m[xi * big_p + base..][..tw];
+        let (m0, m1, m2, m3) = (mm(0), mm(1), mm(2), mm(3));
+        let (m4, m5, m6, m7) = (mm(4), mm(5), mm(6), mm(7));
+        let (m8, m9, m10, m11) = (mm(8), mm(9), mm(10), mm(11));
+        let (m12, m13, m14, m15) = (mm(12), mm(13), mm(14), mm(15));
+        for tx in 0..tw {
+            // Aᵀ M: u0 = M0 + M1 + M2, u1 = M1 - M2 - M3 (rows of M, four columns)
+            let u00 = m0[tx] + m4[tx] + m8[tx];
+            let u01 = m1[tx] + m5[tx] + m9[tx];
+            let u02 = m2[tx] + m6[tx] + m10[tx];
+            let u03 = m3[tx] + m7[tx] + m11[tx];
+            let u10 = m4[tx] - m8[tx] - m12[tx];
+            let u11 = m5[tx] - m9[tx] - m13[tx];
+            let u12 = m6[tx] - m10[tx] - m14[tx];
+            let u13 = m7[tx] - m11[tx] - m15[tx];
+            y0[2 * tx] = u00 + u01 + u02;
+            y0[2 * tx + 1] = u01 - u02 - u03;
+            y1[2 * tx] = u10 + u11 + u12;
+            y1[2 * tx + 1] = u11 - u12 - u13;
+        }
+        for (dy, src) in [(0, &*y0), (1, &*y1)] {
+            let oy = 2 * ty + dy;
+            if oy >= h {
+                continue;
+            }
+            let dst = &mut y[oy * w..][..w];
+            if accumulate {
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    *d += s;
+                }
+            } else {
+                dst.copy_from_slice(&src[..w]);
+            }
+        }
+    }
+}
+
+/// `dm[ξ * P + p0 + ty * tw + tx] = (A dY Aᵀ)_ξ` for every tile of one output-gradient
+/// plane `(h, w)` (positions beyond the map count as zero); `pad` as for the input transform.
+fn grad_transform<T: Real>(plane: &[T], h: usize, w: usize, dm: &mut [T], big_p: usize, p0: usize, pad: &mut [T]) {
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    let pw = 2 * tw;
+    let img = &mut pad[..2 * th * pw];
+    if h % 2 == 1 || w % 2 == 1 {
+        img.fill(T::ZERO);
+    }
+    for y in 0..h {
+        img[y * pw..][..w].copy_from_slice(&plane[y * w..][..w]);
+    }
+    for ty in 0..th {
+        let g0 = &img[2 * ty * pw..][..pw];
+        let g1 = &img[(2 * ty + 1) * pw..][..pw];
+        let base = p0 + ty * tw;
+        for tx in 0..tw {
+            let (a0, b0, a1, b1) = (g0[2 * tx], g0[2 * tx + 1], g1[2 * tx], g1[2 * tx + 1]);
+            // A dY: rows y0, y0 + y1, y0 - y1, -y1; then each row [a, b] -> [a, a+b, a-b, -b]
+            let rows = [(a0, b0), (a0 + a1, b0 + b1), (a0 - a1, b0 - b1), (-a1, -b1)];
+            for (i, (a, b)) in rows.into_iter().enumerate() {
+                dm[(4 * i) * big_p + base + tx] = a;
+                dm[(4 * i + 1) * big_p + base + tx] = a + b;
+                dm[(4 * i + 2) * big_p + base + tx] = a - b;
+                dm[(4 * i + 3) * big_p + base + tx] = -b;
+            }
+        }
+    }
+}
+
+/// Scratch elements the per-plane transforms need for an `(h, w)` map.
+fn pad_len(h: usize, w: usize) -> usize {
+    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
+    (2 * th + 2) * (2 * tw + 2) + 4 * (2 * tw + 2)
+}
+
+/// `y (n, c_out, h, w) (+)= conv3x3(x (n, c_in, h, w))` with transformed filters
+/// `u (c_out, 16, c_in)`: the forward pass and (with the flipped filters) the data gradient.
+fn convolve<T: Real>(s: &Conv2d, x: &[T], u: &[T], y: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
+    let (th, tw) = tiles(s);
+    let per_image = th * tw;
+    let hw = s.h * s.w;
+    let g = images_per(s, GROUP_TILES, true);
+    y[..s.n * s.c_out * hw]
+        .par_chunks_mut(g * s.c_out * hw)
+        .enumerate()
+        .for_each(|(gi, yg)| {
+            let b0 = gi * g;
+            let nb = yg.len() / (s.c_out * hw);
+            let big_p = nb * per_image;
+            let (v_len, m_len) = (s.c_in * XI * big_p, s.c_out * XI * big_p);
+            let aux = pad_len(s.h, s.w).max(4 * tw);
+            pool.with(v_len + m_len + aux, |buf| {
+                let (v, rest) = buf.split_at_mut(v_len);
+                let (m, aux) = rest.split_at_mut(m_len);
+                for bi in 0..nb {
+                    for ci in 0..s.c_in {
+                        let src = &x[((b0 + bi) * s.c_in + ci) * hw..][..hw];
+                        let vc = &mut v[ci * XI * big_p..][..XI * big_p];
+                        input_transform(src, s.h, s.w, vc, big_p, bi * per_image, aux);
+                    }
+                }
+                for xi in 0..XI {
+                    let a = Mat {
+                        data: &u[xi * s.c_in..],
+                        rows: s.c_out,
+                        cols: s.c_in,
+                        rs: XI * s.c_in,
+                        cs: 1,
+                    };
+                    let b = Mat {
+                        data: &v[xi * big_p..],
+                        rows: s.c_in,
+                        cols: big_p,
+                        rs: XI * big_p,
+                        cs: 1,
+                    };
+                    matmul(&mut m[xi * big_p..], XI * big_p, a, b, false, 1);
+                }
+                for bi in 0..nb {
+                    for co in 0..s.c_out {
+                        let mc = &m[co * XI * big_p..][..XI * big_p];
+                        let dst = &mut yg[(bi * s.c_out + co) * hw..][..hw];
+                        output_transform(mc, big_p, bi * per_image, (s.h, s.w), dst, accumulate, aux);
+                    }
+                }
+            });
+        });
+}
+
+/// Forward: `y = conv(x, w)`. x `(n, c_in, h, w)`, w `(c_out, c_in, 3, 3)`, y `(n, c_out, h, w)`.
+pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {
+    debug_assert!(applies(s));
+    pool.with(XI * s.c_out * s.c_in, |u| {
+        transform_filters(s, w, false, u);
+        convolve(s, x, u, y, false, pool);
+    });
+}
+
+/// Data gradient: `dx (+)= conv_transpose(dy, w)`, as the correlation of dy with the flipped
+/// filter whose channel axes are swapped.
+pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
+    debug_assert!(applies(s));
+    let t = Conv2d {
+        c_in: s.c_out,
+        c_out: s.c_in,
+        ..*s
+    };
+    pool.with(XI * s.c_out * s.c_in, |u| {
+        transform_filters(s, w, true, u);
+        convolve(&t, dy, u, dx, accumulate, pool);
+    });
+}
+
+/// Filter gradient: `dw (c_out, c_in, 3, 3) (+)= Σ_batch` of the correlation of x with dy.
+pub fn backward_filter<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
+    debug_assert!(applies(s));
+    let plane = s.c_out * s.c_in;
+    pool.with(XI * plane, |du| {
+        if LANES * XI * plane <= LANES_MAX {
+            transformed_grad_lanes(s, x, dy, du, pool);
+        } else {
+            transformed_grad_chunks(s, x, dy, du, pool);
+        }
+        untransform_grad(s, du, dw, accumulate);
+    });
+}
+
+/// Partial sums of the small-filter path of the filter gradient.
+const LANES: usize = 8;
+/// Most elements of all partial sums together (2 Mi f32 = 8 MiB): larger filters take the
+/// chunked path.
+const LANES_MAX: usize = 1 << 21;
+
+/// `du (16, c_out, c_in) = Σ_tiles dM Vᵀ` for small filters: image groups (as in the forward)
+/// are dealt to [`LANES`] lanes (group g to lane g mod LANES); each lane transforms its groups
+/// and sums their products in order into a private partial, and the partials are added in
+/// lane order. The transformed tiles stay in cache between transform and product.
+fn transformed_grad_lanes<T: Real>(s: &Conv2d, x: &[T], dy: &[T], du: &mut [T], pool: &ScratchPool<T>) {
+    let (th, tw) = tiles(s);
+    let per_image = th * tw;
+    let hw = s.h * s.w;
+    let plane = s.c_out * s.c_in;
+    let g = images_per(s, GROUP_TILES, true);
+    let groups = s.n.div_ceil(g);
+    pool.with(LANES * XI * plane, |partials| {
+        partials
+            .par_chunks_mut(XI * plane)
+            .enumerate()
+            .for_each(|(lane, part)| {
+                part.fill(T::ZERO);
+                for gi in (lane..groups).step_by(LANES) {
+                    let b0 = gi * g;
+                    let nb = g.min(s.n - b0);
+                    let big_p = nb * per_image;
+                    let (v_len, m_len) = (s.c_in * XI * big_p, s.c_out * XI * big_p);
+                    pool.with(v_len + m_len + pad_len(s.h, s.w), |buf| {
+                        let (v, rest) = buf.split_at_mut(v_len);
+                        let (dm, aux) = rest.split_at_mut(m_len);
+                        for bi in 0..nb {
+                            for ci in 0..s.c_in {
+                                let src = &x[((b0 + bi) * s.c_in + ci) * hw..][..hw];
+                                let vc = &mut v[ci * XI * big_p..][..XI * big_p];
+                                input_transform(src, s.h, s.w, vc, big_p, bi * per_image, aux);
+                            }
+                            for co in 0..s.c_out {
+                                let src = &dy[((b0 + bi) * s.c_out + co) * hw..][..hw];
+                                let mc = &mut dm[co * XI * big_p..][..XI * big_p];
+                                grad_transform(src, s.h, s.w, mc, big_p, bi * per_image, aux);
+                            }
+                        }
+                        for xi in 0..XI {
+                            let (a, b) = transformed_pair(s, dm, v, xi, big_p);
+                            matmul(&mut part[xi * plane..], s.c_in, a, b, true, 1);
+                        }
+                    });
+                }
+            });
+        let (first, rest) = partials.split_at_mut(XI * plane);
+        first.par_chunks_mut(4096).enumerate().for_each(|(pi, piece)| {
+            for lane in rest.chunks(XI * plane) {
+                for (d, &p) in piece.iter_mut().zip(&lane[pi * 4096..]) {
+                    *d += p;
+                }
+            }
+        });
+        du.copy_from_slice(&first[..XI * plane]);
+    });
+}
+
+/// The operands of `dU_ξ = dM_ξ (c_out, P) · V_ξᵀ (P, c_in)` in transformed tiles stored
+/// `[c][ξ][p]`.
+fn transformed_pair<'a, T>(s: &Conv2d, dm: &'a [T], v: &'a [T], xi: usize, big_p: usize) -> (Mat<'a, T>, Mat<'a, T>) {
+    let a = Mat {
+        data: &dm[xi * big_p..],
+        rows: s.c_out,
+        cols: big_p,
+        rs: XI * big_p,
+        cs: 1,
+    };
+    let b = Mat {
+        data: &v[xi * big_p..],
+        rows: big_p,
+        cols: s.c_in,
+        rs: 1,
+        cs: XI * big_p,
+    };
+    (a, b)
+}
+
+/// `du (16, c_out, c_in) = Σ_tiles dM Vᵀ` for large filters: chunks of images in order; each
+/// chunk is transformed a task per channel, then its 16 products are added a task per ξ.
+fn transformed_grad_chunks<T: Real>(s: &Conv2d, x: &[T], dy: &[T], du: &mut [T], pool: &ScratchPool<T>) {
+    let (th, tw) = tiles(s);
+    let per_image = th * tw;
+    let hw = s.h * s.w;
+    let plane = s.c_out * s.c_in;
+    let chunk = images_per(s, CHUNK_TILES, false);
+    du.fill(T::ZERO);
+    let aux_len = pad_len(s.h, s.w);
+    let mut b0 = 0;
+    while b0 < s.n {
+        let nb = chunk.min(s.n - b0);
+        let big_p = nb * per_image;
+        let (v_len, m_len) = (s.c_in * XI * big_p, s.c_out * XI * big_p);
+        pool.with(v_len + m_len, |buf| {
+            let (v, dm) = buf.split_at_mut(v_len);
+            // transform the chunk's inputs and output gradients, a task per channel
+            v.par_chunks_mut(XI * big_p).enumerate().for_each(|(ci, vc)| {
+                pool.with(aux_len, |aux| {
+                    for bi in 0..nb {
+                        let src = &x[((b0 + bi) * s.c_in + ci) * hw..][..hw];
+                        input_transform(src, s.h, s.w, vc, big_p, bi * per_image, aux);
+                    }
+                })
+            });
+            dm.par_chunks_mut(XI * big_p).enumerate().for_each(|(co, mc)| {
+                pool.with(aux_len, |aux| {
+                    for bi in 0..nb {
+                        let src = &dy[((b0 + bi) * s.c_out + co) * hw..][..hw];
+                        grad_transform(src, s.h, s.w, mc, big_p, bi * per_image, aux);
+                    }
+                })
+            });
+            // dU_ξ += dM_ξ (c_out, P) · V_ξᵀ (P, c_in), a task per ξ
+            let (v, dm) = (&*v, &*dm);
+            du.par_chunks_mut(plane).enumerate().for_each(|(xi, d)| {
+                let (a, b) = transformed_pair(s, dm, v, xi, big_p);
+                matmul(d, s.c_in, a, b, true, 1);
+            });
+        });
+        b0 += nb;
+    }
+}
+
+/// `dw (c_out, c_in, 3, 3) (+)= Gᵀ dU G` per filter, from `du (16, c_out, c_in)`.
+fn untransform_grad<T: Real>(s: &Conv2d, du: &[T], dw: &mut [T], accumulate: bool) {
+    let plane = s.c_out * s.c_in;
+    let half = T::from_f64(0.5);
+    dw[..s.w_len()]
+        .par_chunks_mut(s.c_in * 9)
+        .enumerate()
+        .for_each(|(co, row)| {
+            for ci in 0..s.c_in {
+                let d = |xi: usize| du[xi * plane + co * s.c_in + ci];
+                let mut t = [T::ZERO; 12]; // Gᵀ dU: (3, 4)
+                for j in 0..4 {
+                    let (a, b, c, e) = (d(j), d(4 + j), d(8 + j), d(12 + j));
+                    t[j] = a + half * (b + c);
+                    t[4 + j] = half * (b - c);
+                    t[8 + j] = half * (b + c) + e;
+                }
+                let out = &mut row[ci * 9..][..9];
+                for i in 0..3 {
+                    let (a, b, c, e) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+                    let vals = [a + half * (b + c), half * (b - c), half * (b + c) + e];
+                    for (k, val) in vals.into_iter().enumerate() {
+                        if accumulate {
+                            out[3 * i + k] += val;
+                        } else {
+                            out[3 * i + k] = val;
+                        }
+                    }
+                }
+            }
+        });
+}
