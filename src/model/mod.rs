@@ -3,7 +3,8 @@
 //! Buffers (all on the backend's device):
 //! - `params`, `grads`, `momentum`: `(graph.params.total)`, one layout;
 //! - `stats`: BN running statistics `(graph.stats.total)`;
-//! - activation buffers `(capacity, c, h, w)` and, when training, their gradients;
+//! - activation buffers `(capacity, c, h, w)` and, when training, their gradients (in buffers
+//!   shared by gradients that are never live at once);
 //! - `saves[i]`: mean and 1/std of BN op i from the last training forward, `(2, c)`;
 //! - `labels`: `(capacity)` class indices as floats; `loss_stats`: `(2)` = [loss sum, correct].
 //!
@@ -55,8 +56,11 @@ pub struct Model<B: Backend> {
     acts: Vec<Option<B::Buf>>,
     slot: Vec<usize>,
     slot_len: Vec<usize>,
-    /// Activation gradients, one per tensor (None for the input, and on an evaluation model).
+    /// Activation gradients by slot: tensor t's gradient lives in `dacts[dslot[t]]`, shared
+    /// by tensors whose gradients are never live at once (see `gradient_slots`; empty on an
+    /// evaluation model).
     dacts: Vec<Option<B::Buf>>,
+    dslot: Vec<usize>,
     saves: Vec<B::Buf>,
     labels: B::Buf,
     /// Host staging of the labels as floats `(capacity)`.
@@ -237,19 +241,23 @@ impl<B: Backend> Model<B> {
         }
         // a training model: every tensor and its gradient (the input has none), one after the
         // other; an evaluation model borrows its activation buffers per evaluation
-        let (mut acts, mut dacts) = (Vec::new(), Vec::new());
-        for (t, &len) in slot_sizes.iter().enumerate() {
+        let mut acts = Vec::new();
+        for &len in slot_sizes {
             acts.push(if training {
                 Some(be.alloc(capacity * len)?)
             } else {
                 None
             });
-            dacts.push(if training && t != graph.input {
-                Some(be.alloc(capacity * len)?)
-            } else {
-                None
-            });
         }
+        let (dslot, dsizes) = if training {
+            gradient_slots(&graph)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let dacts = dsizes
+            .iter()
+            .map(|&len| be.alloc(capacity * len).map(Some))
+            .collect::<Result<Vec<_>>>()?;
         let saves = graph
             .ops
             .iter()
@@ -268,6 +276,7 @@ impl<B: Backend> Model<B> {
             labels_host: vec![0.0; capacity],
             loss_stats: be.alloc(2)?,
             dacts,
+            dslot,
             acts,
             slot,
             slot_len: slot_sizes.to_vec(),
@@ -494,7 +503,7 @@ impl<B: Backend> Model<B> {
         let labels = be.view(&self.labels, 0, n);
         let stats = be.view_mut(&mut self.loss_stats, 0, 2);
         let dl = if grad {
-            Some(be.view_mut(self.dacts[lt].as_mut().expect("dlogits"), 0, n * classes))
+            Some(be.view_mut(self.dacts[self.dslot[lt]].as_mut().expect("dlogits"), 0, n * classes))
         } else {
             None
         };
@@ -529,7 +538,7 @@ impl<B: Backend> Model<B> {
             let acc = self.graph.accumulate[i];
             let y_id = op.output();
             let ylen = self.act_len(y_id, n);
-            let dybuf = take(&mut self.dacts, y_id);
+            let dybuf = take(&mut self.dacts, self.dslot[y_id]);
             let dy = be.view(&dybuf, 0, ylen);
             match op {
                 Op::Conv { x, w, geom, .. } => {
@@ -544,7 +553,7 @@ impl<B: Backend> Model<B> {
                         started = Some(std::time::Instant::now());
                     }
                     if x != input {
-                        let dx = be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, g.x_len());
+                        let dx = be.view_mut(self.dacts[self.dslot[x]].as_mut().expect("dx"), 0, g.x_len());
                         be.conv2d_backward_data(&g, dy, be.view(&self.params, off, len), dx, acc[0]);
                     }
                 }
@@ -564,29 +573,37 @@ impl<B: Backend> Model<B> {
                     let sm = be.view(&self.saves[save], 0, c);
                     let si = be.view(&self.saves[save], c, c);
                     let (dg, db) = be.split_mut(be.view_mut(&mut self.grads, off, 2 * c), c);
-                    let dx = be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, s.len());
+                    let dx = be.view_mut(self.dacts[self.dslot[x]].as_mut().expect("dx"), 0, s.len());
                     let f = sync.as_mut().map(|f| &mut **f as &mut dyn FnMut(&mut [f64]));
                     be.batchnorm_backward(&s, xv, dy, gv, sm, si, dx, dg, db, acc[0], f);
                 }
                 Op::Relu { x, .. } => {
                     let yv = be.view(self.acts[self.slot[y_id]].as_ref().expect("y"), 0, ylen);
-                    let dx = be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, ylen);
+                    let dx = be.view_mut(self.dacts[self.dslot[x]].as_mut().expect("dx"), 0, ylen);
                     be.relu_backward(yv, dy, dx, acc[0]);
                 }
                 Op::Add { a, b, .. } => {
-                    be.copy(dy, be.view_mut(self.dacts[a].as_mut().expect("da"), 0, ylen), acc[0]);
-                    be.copy(dy, be.view_mut(self.dacts[b].as_mut().expect("db"), 0, ylen), acc[1]);
+                    be.copy(
+                        dy,
+                        be.view_mut(self.dacts[self.dslot[a]].as_mut().expect("da"), 0, ylen),
+                        acc[0],
+                    );
+                    be.copy(
+                        dy,
+                        be.view_mut(self.dacts[self.dslot[b]].as_mut().expect("db"), 0, ylen),
+                        acc[1],
+                    );
                 }
                 Op::MaxPool { x, geom, .. } => {
                     let g = crate::ops::Pool2d { n, ..geom };
                     let xlen = n * g.c * g.h * g.w;
                     let xv = be.view(self.acts[self.slot[x]].as_ref().expect("x"), 0, xlen);
                     let yv = be.view(self.acts[self.slot[y_id]].as_ref().expect("y"), 0, ylen);
-                    let dx = be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, xlen);
+                    let dx = be.view_mut(self.dacts[self.dslot[x]].as_mut().expect("dx"), 0, xlen);
                     be.maxpool_backward(&g, xv, yv, dy, dx, acc[0]);
                 }
                 Op::AvgPool { x, c, hw, .. } => {
-                    let dx = be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, n * c * hw);
+                    let dx = be.view_mut(self.dacts[self.dslot[x]].as_mut().expect("dx"), 0, n * c * hw);
                     be.avgpool_backward(n, c, hw, dy, dx, acc[0]);
                 }
                 Op::Linear { x, w, d_in, d_out, .. } => {
@@ -596,14 +613,14 @@ impl<B: Backend> Model<B> {
                     let wv = be.view(&self.params, off, d_out * d_in);
                     let (dw, db) = be.split_mut(be.view_mut(&mut self.grads, off, d_out * (d_in + 1)), d_out * d_in);
                     let dx = if x != input {
-                        Some(be.view_mut(self.dacts[x].as_mut().expect("dx"), 0, n * d_in))
+                        Some(be.view_mut(self.dacts[self.dslot[x]].as_mut().expect("dx"), 0, n * d_in))
                     } else {
                         None
                     };
                     be.linear_backward(&s, xv, wv, dy, dx, dw, db, acc[0]);
                 }
             }
-            self.dacts[y_id] = Some(dybuf);
+            self.dacts[self.dslot[y_id]] = Some(dybuf);
             if let (Some(t), Some(times)) = (started, self.op_times.as_mut()) {
                 let _ = be.sync();
                 let what = match op {
@@ -667,6 +684,45 @@ impl<B: Backend> Model<B> {
         self.be.download(&self.params)
     }
 }
+/// Buffers handed out to tensors with disjoint lifetimes: each slot grows to the largest
+/// tensor it holds.
+#[derive(Default)]
+struct SlotAlloc {
+    sizes: Vec<usize>,
+    free: Vec<usize>,
+}
+
+impl SlotAlloc {
+    /// A slot for `need` elements: the smallest free slot that fits, else the largest free
+    /// one (grown), else a new one.
+    fn place(&mut self, need: usize) -> usize {
+        let sizes = &self.sizes;
+        let fit = self
+            .free
+            .iter()
+            .enumerate()
+            .filter(|(_, &s)| sizes[s] >= need)
+            .min_by_key(|(_, &s)| sizes[s])
+            .or_else(|| self.free.iter().enumerate().max_by_key(|(_, &s)| sizes[s]))
+            .map(|(i, _)| i);
+        let s = match fit {
+            Some(i) => self.free.swap_remove(i),
+            None => {
+                self.sizes.push(0);
+                self.sizes.len() - 1
+            }
+        };
+        self.sizes[s] = self.sizes[s].max(need);
+        s
+    }
+
+    /// Slot `s` is free again.
+    fn release(&mut self, s: usize) {
+        if !self.free.contains(&s) {
+            self.free.push(s);
+        }
+    }
+}
 
 /// Buffers for a forward-only walk: tensor t gets slot `slot[t]`, and a slot is reused once
 /// every op that reads its tensor has run (the logits stay live for the loss). Returns the
@@ -681,36 +737,105 @@ fn shared_slots(g: &Graph) -> (Vec<usize>, Vec<usize>) {
     }
     last_read[g.logits] = ops;
     let mut slot = vec![usize::MAX; g.tensors.len()];
-    let mut sizes: Vec<usize> = Vec::new();
-    let mut free: Vec<usize> = Vec::new();
-    let mut place = |t: usize, slot: &mut Vec<usize>, free: &mut Vec<usize>| {
-        let need = g.tensors[t].len();
-        // the smallest free slot that fits, else the largest free one (grown), else a new one
-        let fit = free
-            .iter()
-            .enumerate()
-            .filter(|(_, &s)| sizes[s] >= need)
-            .min_by_key(|(_, &s)| sizes[s])
-            .or_else(|| free.iter().enumerate().max_by_key(|(_, &s)| sizes[s]))
-            .map(|(i, _)| i);
-        let s = match fit {
-            Some(i) => free.swap_remove(i),
-            None => {
-                sizes.push(0);
-                sizes.len() - 1
-            }
-        };
-        sizes[s] = sizes[s].max(need);
-        slot[t] = s;
-    };
-    place(g.input, &mut slot, &mut free);
+    let mut alloc = SlotAlloc::default();
+    slot[g.input] = alloc.place(g.tensors[g.input].len());
     for (i, op) in g.ops.iter().enumerate() {
-        place(op.output(), &mut slot, &mut free);
+        slot[op.output()] = alloc.place(g.tensors[op.output()].len());
         for t in op.inputs() {
-            if last_read[t] == i && !free.contains(&slot[t]) {
-                free.push(slot[t]);
+            if last_read[t] == i {
+                alloc.release(slot[t]);
             }
         }
     }
-    (slot, sizes)
+    (slot, alloc.sizes)
+}
+
+/// Activation-gradient slots of a training model: walking the ops backwards, a tensor's
+/// gradient is live from the first op that writes it (its last consumer; the loss for the
+/// logits) to the op that produced the tensor, which reads it. Gradients whose live ranges do
+/// not overlap share a buffer; at each op its inputs' new gradients are placed before its
+/// output's is released, so an op never reads and writes one buffer. The first write into a
+/// shared buffer overwrites (see [`Graph::accumulate`]). The input has no gradient
+/// (`usize::MAX`).
+fn gradient_slots(g: &Graph) -> (Vec<usize>, Vec<usize>) {
+    let mut slot = vec![usize::MAX; g.tensors.len()];
+    let mut alloc = SlotAlloc::default();
+    slot[g.logits] = alloc.place(g.tensors[g.logits].len());
+    for op in g.ops.iter().rev() {
+        for t in op.inputs() {
+            if t != g.input && slot[t] == usize::MAX {
+                slot[t] = alloc.place(g.tensors[t].len());
+            }
+        }
+        let y = op.output();
+        if slot[y] == usize::MAX {
+            // never consumed: a zeroed buffer of its own that nothing writes
+            slot[y] = alloc.sizes.len();
+            alloc.sizes.push(g.tensors[y].len());
+        } else {
+            alloc.release(slot[y]);
+        }
+    }
+    (slot, alloc.sizes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Live range of every tensor's gradient in backward steps (op i runs at step
+    /// `ops - 1 - i`; the loss at step -1).
+    fn live_ranges(g: &Graph) -> Vec<Option<(i64, i64)>> {
+        let last = g.ops.len() as i64 - 1;
+        let mut r: Vec<Option<(i64, i64)>> = vec![None; g.tensors.len()];
+        r[g.logits] = Some((-1, -1));
+        for (i, op) in g.ops.iter().enumerate() {
+            let step = last - i as i64;
+            let y = op.output();
+            let start = r[y].map_or(step, |(s, _)| s);
+            r[y] = Some((start, step));
+        }
+        for (i, op) in g.ops.iter().enumerate() {
+            for t in op.inputs() {
+                if let Some((s, _)) = r[t].as_mut() {
+                    *s = (*s).min(last - i as i64);
+                }
+            }
+        }
+        r[g.input] = None;
+        r
+    }
+
+    #[test]
+    fn gradients_share_buffers_only_when_never_live_together() {
+        for arch in ["preresnet18", "resnet34"] {
+            let spec = ArchSpec::named(arch).unwrap();
+            let g = Graph::build(&spec, 32, 32, None).unwrap();
+            let (slot, sizes) = gradient_slots(&g);
+            let ranges = live_ranges(&g);
+            for a in 0..g.tensors.len() {
+                for b in a + 1..g.tensors.len() {
+                    let (Some(ra), Some(rb)) = (ranges[a], ranges[b]) else {
+                        continue;
+                    };
+                    if slot[a] == slot[b] {
+                        assert!(
+                            ra.1 < rb.0 || rb.1 < ra.0,
+                            "{arch}: tensors {a} {ra:?} and {b} {rb:?} share a slot"
+                        );
+                    }
+                }
+                if a != g.input {
+                    assert!(sizes[slot[a]] >= g.tensors[a].len(), "{arch}: slot too small");
+                }
+            }
+            // a handful of buffers instead of one per tensor
+            let per_tensor: usize = (0..g.tensors.len())
+                .filter(|&t| t != g.input)
+                .map(|t| g.tensors[t].len())
+                .sum();
+            let shared: usize = sizes.iter().sum();
+            assert!(shared * 5 < per_tensor, "{arch}: {shared} of {per_tensor}");
+        }
+    }
 }
