@@ -33,12 +33,25 @@ struct NormParams {
     GPTR(float) dgamma;           // backward only
     GPTR(float) dbeta;
     GPTR(float) sums;             // synchronized kernels: per-channel (hi, lo) pairs
+    GPTR(const float) out;        // backward with relu: the fused forward's output
     i64 n, c, hw;
     i64 total;                    // synchronized backward apply: samples x hw of the global batch
     float eps, momentum;
     u32 accumulate;               // backward: dx += ...
     u32 phase;                    // moments kernel: 0 the sums of x, 1 the squared deviations
+    u32 relu;                     // ReLU fused: forward writes max(y, 0), backward masks dy by out > 0
+    u32 pad_;
 };
+
+// The forward's output value: through the fused ReLU when p.relu (NaN -> 0, as on the CPU).
+__device__ __forceinline__ float relu_if(const NormParams& p, float v) {
+    return p.relu && !(v > 0.0f) ? 0.0f : v;
+}
+
+// The output gradient at i: dy, masked by the fused ReLU's output when p.relu.
+__device__ __forceinline__ float grad_at(const NormParams& p, i64 i) {
+    return p.relu && !(p.out[i] > 0.0f) ? 0.0f : p.dy[i];
+}
 
 // A double as two floats, and back.
 __device__ __forceinline__ void put_pair(GPTR(float) at, double v) {
@@ -78,7 +91,7 @@ __device__ __forceinline__ void backward_sums(const NormParams& p, i64 c, u32 ti
     double s = 0.0, sx = 0.0;
     for (i64 e = tid; e < m; e += NORM_THREADS) {
         i64 i = channel_index(p, c, e);
-        double g = (double)p.dy[i];
+        double g = (double)grad_at(p, i);
         s += g;
         sx += g * ((double)p.x[i] - mean) * invstd;
     }
@@ -97,7 +110,7 @@ __device__ __forceinline__ void write_dx(const NormParams& p, i64 c, u32 tid, do
     const float c0 = (float)(k * (-sdy + sdyx * invstd * mean));
     for (i64 e = tid; e < m; e += NORM_THREADS) {
         i64 i = channel_index(p, c, e);
-        float v = a * p.dy[i] + bx * p.x[i] + c0;
+        float v = a * grad_at(p, i) + bx * p.x[i] + c0;
         p.y[i] = p.accumulate ? p.y[i] + v : v;
     }
 }
@@ -128,7 +141,7 @@ LOFT_KERNEL(batchnorm_train_forward_f32, NormParams) {
     }
     for (i64 e = tid; e < m; e += NORM_THREADS) {
         i64 i = channel_index(p, c, e);
-        p.y[i] = p.x[i] * a + b;
+        p.y[i] = relu_if(p, p.x[i] * a + b);
     }
 }
 
@@ -138,7 +151,7 @@ LOFT_KERNEL(batchnorm_eval_forward_f32, NormParams) {
         double invstd = 1.0 / sqrt((double)p.running_var[c] + (double)p.eps);
         double scale = (double)p.gamma[c] * invstd;
         float a = (float)scale, b = (float)((double)p.beta[c] - (double)p.running_mean[c] * scale);
-        p.y[i] = p.x[i] * a + b;
+        p.y[i] = relu_if(p, p.x[i] * a + b);
     }
 }
 
@@ -193,7 +206,7 @@ LOFT_KERNEL(batchnorm_apply_forward_f32, NormParams) {
     }
     for (i64 e = tid; e < m; e += NORM_THREADS) {
         i64 i = channel_index(p, c, e);
-        p.y[i] = p.x[i] * a + b;
+        p.y[i] = relu_if(p, p.x[i] * a + b);
     }
 }
 

@@ -385,10 +385,11 @@ mod tests {
         let (times, total) = profile_train_step(be, &spec, 2, 8, 8, 1).unwrap();
         let has = |what: &str| times.seconds.contains_key(what);
         for what in [
+            // the stem's batch norm alone, the others with their ReLU fused
             "batchnorm forward",
             "batchnorm backward",
-            "relu forward",
-            "relu backward",
+            "batchnorm+relu forward",
+            "batchnorm+relu backward",
             "add forward",
             "add backward",
             "avgpool forward",
@@ -403,6 +404,8 @@ mod tests {
             assert!(has(what), "{what} missing from {:?}", times.seconds.keys());
         }
         assert!(!has("conv 3x3/1 3->2 8x8 backward data"));
+        // PreAct networks have no ReLU op left: every one is fused into its batch norm
+        assert!(!has("relu forward") && !has("relu backward"));
         let sum: f64 = times.seconds.values().sum();
         assert!(total > 0.0 && (sum - total).abs() < 1e-12);
     }

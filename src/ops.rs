@@ -68,6 +68,10 @@ pub struct BatchNorm {
     pub eps: f32,
     /// Running-statistics momentum (PyTorch's convention: new = (1-m) old + m batch).
     pub momentum: f32,
+    /// ReLU fused after the normalisation: the forward writes `max(y, 0)`, and the backward
+    /// takes the gradient of that output, masked by it (`dy [y > 0]`) before the batch norm's.
+    #[serde(default)]
+    pub relu: bool,
 }
 
 impl BatchNorm {

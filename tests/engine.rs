@@ -184,6 +184,7 @@ impl Backend for Counting {
         &self,
         s: &BatchNorm,
         x: &[f32],
+        y: &[f32],
         dy: &[f32],
         gamma: &[f32],
         sm: &[f32],
@@ -195,7 +196,7 @@ impl Backend for Counting {
         sync: SumOverRanks<'_>,
     ) {
         self.cpu
-            .batchnorm_backward(s, x, dy, gamma, sm, si, dx, dg, db, acc, sync)
+            .batchnorm_backward(s, x, y, dy, gamma, sm, si, dx, dg, db, acc, sync)
     }
     fn relu_forward(&self, x: &[f32], y: &mut [f32]) {
         self.cpu.relu_forward(x, y)

@@ -256,6 +256,7 @@ fn norm_all<B: Backend>(
     be.batchnorm_backward(
         s,
         be.view(&xb, 0, s.len()),
+        be.view(&y, 0, s.len()),
         be.view(&dyb, 0, s.len()),
         be.view(&gb, 0, s.c),
         be.view(&sm, 0, s.c),
@@ -279,13 +280,20 @@ fn batch_norm_matches_the_cpu() {
 
 fn check_batch_norm<B: Backend>(e: &B, _exact: bool) {
     let c = cpu();
-    for (i, (n, ch, hw)) in [(1, 3, 1), (2, 5, 7), (3, 70, 9), (4, 2, 300)].into_iter().enumerate() {
+    let shapes = [(1, 3, 1), (2, 5, 7), (3, 70, 9), (4, 2, 300)];
+    // plain batch norm, and with the fused ReLU
+    for (i, (n, ch, hw, relu)) in shapes
+        .iter()
+        .flat_map(|&(n, c, hw)| [(n, c, hw, false), (n, c, hw, true)])
+        .enumerate()
+    {
         let s = BatchNorm {
             n,
             c: ch,
             hw,
             eps: 1e-5,
             momentum: 0.1,
+            relu,
         };
         let mut rng = Rng::new(200 + i as u64);
         let x: Vec<f32> = rand_vec(&mut rng, s.len()).iter().map(|v| 3.0 * v + 0.5).collect();

@@ -183,31 +183,42 @@ fn conv_results_do_not_depend_on_thread_count() {
 #[test]
 fn batchnorm_gradients_match_finite_differences() {
     let be = B::new();
-    let mut rng = Rng::new(4);
-    let s = BatchNorm {
-        n: 3,
-        c: 4,
-        hw: 5,
-        eps: 1e-5,
-        momentum: 0.1,
-    };
-    let x = rand_vec(&mut rng, s.len());
-    let gamma: Vec<f64> = (0..s.c).map(|i| 0.5 + i as f64 * 0.3).collect();
-    let beta = rand_vec(&mut rng, s.c);
-    let g = rand_vec(&mut rng, s.len());
-    let fwd = |x: &[f64], gamma: &[f64], beta: &[f64]| {
-        let (mut rm, mut rv) = (vec![0.0; s.c], vec![1.0; s.c]);
-        let (mut sm, mut si) = (vec![0.0; s.c], vec![0.0; s.c]);
-        let mut y = vec![0.0; s.len()];
-        be.batchnorm_forward_train(&s, x, gamma, beta, &mut rm, &mut rv, &mut y, &mut sm, &mut si, None);
-        (dot(&y, &g), sm, si)
-    };
-    let (_, sm, si) = fwd(&x, &gamma, &beta);
-    let (mut dx, mut dg, mut db) = (vec![0.0; s.len()], vec![0.0; s.c], vec![0.0; s.c]);
-    be.batchnorm_backward(&s, &x, &g, &gamma, &sm, &si, &mut dx, &mut dg, &mut db, false, None);
-    check_grad("bn dx", &x, &dx, |xp| fwd(xp, &gamma, &beta).0);
-    check_grad("bn dgamma", &gamma, &dg, |gp| fwd(&x, gp, &beta).0);
-    check_grad("bn dbeta", &beta, &db, |bp| fwd(&x, &gamma, bp).0);
+    // plain, and with the fused ReLU (the gradient of max(bn(x), 0))
+    for relu in [false, true] {
+        let mut rng = Rng::new(4);
+        let s = BatchNorm {
+            n: 3,
+            c: 4,
+            hw: 5,
+            eps: 1e-5,
+            momentum: 0.1,
+            relu,
+        };
+        let x = rand_vec(&mut rng, s.len());
+        let gamma: Vec<f64> = (0..s.c).map(|i| 0.5 + i as f64 * 0.3).collect();
+        let beta = rand_vec(&mut rng, s.c);
+        let g = rand_vec(&mut rng, s.len());
+        let fwd = |x: &[f64], gamma: &[f64], beta: &[f64]| {
+            let (mut rm, mut rv) = (vec![0.0; s.c], vec![1.0; s.c]);
+            let (mut sm, mut si) = (vec![0.0; s.c], vec![0.0; s.c]);
+            let mut y = vec![0.0; s.len()];
+            be.batchnorm_forward_train(&s, x, gamma, beta, &mut rm, &mut rv, &mut y, &mut sm, &mut si, None);
+            (dot(&y, &g), sm, si, y)
+        };
+        let (_, sm, si, y) = fwd(&x, &gamma, &beta);
+        if relu {
+            assert!(y.iter().all(|&v| v >= 0.0) && y.iter().filter(|&&v| v == 0.0).count() > s.len() / 5);
+        }
+        let (mut dx, mut dg, mut db) = (vec![0.0; s.len()], vec![0.0; s.c], vec![0.0; s.c]);
+        be.batchnorm_backward(&s, &x, &y, &g, &gamma, &sm, &si, &mut dx, &mut dg, &mut db, false, None);
+        check_grad(&format!("bn dx (relu {relu})"), &x, &dx, |xp| fwd(xp, &gamma, &beta).0);
+        check_grad(&format!("bn dgamma (relu {relu})"), &gamma, &dg, |gp| {
+            fwd(&x, gp, &beta).0
+        });
+        check_grad(&format!("bn dbeta (relu {relu})"), &beta, &db, |bp| {
+            fwd(&x, &gamma, bp).0
+        });
+    }
 }
 
 /// Ranks simulated by threads: `sum` adds every rank's values in place, like an allreduce.
@@ -238,6 +249,12 @@ impl Exchange {
 
 #[test]
 fn synchronized_batchnorm_over_shards_equals_batchnorm_over_the_whole_batch() {
+    for relu in [false, true] {
+        synchronized_batchnorm_case(relu);
+    }
+}
+
+fn synchronized_batchnorm_case(relu: bool) {
     let mut rng = Rng::new(9);
     let (ranks, per_rank) = (3, 2);
     let whole = BatchNorm {
@@ -246,6 +263,7 @@ fn synchronized_batchnorm_over_shards_equals_batchnorm_over_the_whole_batch() {
         hw: 5,
         eps: 1e-5,
         momentum: 0.1,
+        relu,
     };
     let shard = BatchNorm { n: per_rank, ..whole };
     let x: Vec<f64> = rand_vec(&mut rng, whole.len()).iter().map(|v| 2.0 * v + 0.3).collect();
@@ -261,7 +279,7 @@ fn synchronized_batchnorm_over_shards_equals_batchnorm_over_the_whole_batch() {
         be.batchnorm_forward_train(s, x, &gamma, &beta, &mut rm, &mut rv, &mut y, &mut sm, &mut si, f);
         let (mut dx, mut dg, mut db) = (vec![0.0; s.len()], vec![0.0; s.c], vec![0.0; s.c]);
         let f = sync.as_mut().map(|f| &mut **f as &mut dyn FnMut(&mut [f64]));
-        be.batchnorm_backward(s, x, g, &gamma, &sm, &si, &mut dx, &mut dg, &mut db, false, f);
+        be.batchnorm_backward(s, x, &y, g, &gamma, &sm, &si, &mut dx, &mut dg, &mut db, false, f);
         [y, rm, rv, dx, dg, db]
     };
     let want = run(&whole, &x, &g, None);
@@ -306,6 +324,7 @@ fn batchnorm_running_statistics_follow_pytorch() {
         hw: 2,
         eps: 1e-5,
         momentum: 0.1,
+        relu: false,
     };
     let x = [1.0, 2.0, 3.0, 4.0];
     let (mut rm, mut rv) = (vec![0.0], vec![1.0]);

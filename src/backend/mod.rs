@@ -133,7 +133,8 @@ pub trait Backend: Send + Sync + 'static {
         accumulate: bool,
     );
 
-    /// Batch norm in training mode: normalise x `(n, c, hw)` with batch statistics, write y,
+    /// Batch norm in training mode: normalise x `(n, c, hw)` with batch statistics, write y
+    /// (through a ReLU when `s.relu`),
     /// save mean and 1/std `(c)` for the backward pass, and update the running statistics
     /// (running variance unbiased, as PyTorch does). With `sync`, the statistics are those of
     /// the global batch: the per-channel sums (then the sums of squared deviations from the
@@ -153,7 +154,7 @@ pub trait Backend: Send + Sync + 'static {
         save_invstd: Self::ViewMut<'_>,
         sync: SumOverRanks<'_>,
     );
-    /// Batch norm in evaluation mode (running statistics).
+    /// Batch norm in evaluation mode (running statistics), through a ReLU when `s.relu`.
     #[allow(clippy::too_many_arguments)]
     fn batchnorm_forward_eval(
         &self,
@@ -170,11 +171,14 @@ pub trait Backend: Send + Sync + 'static {
     /// the global batch's statistics: the per-channel sums of dy and dy * xhat, followed by
     /// this rank's sample count, go through `sync` (2c + 1 values); dgamma and dbeta stay
     /// this rank's sums (the gradient allreduce averages them like every other gradient).
+    /// With `s.relu`, `y` is the fused op's output and dy is masked by `y > 0` first (`y` is
+    /// read only then).
     #[allow(clippy::too_many_arguments)]
     fn batchnorm_backward(
         &self,
         s: &BatchNorm,
         x: Self::View<'_>,
+        y: Self::View<'_>,
         dy: Self::View<'_>,
         gamma: Self::View<'_>,
         save_mean: Self::View<'_>,

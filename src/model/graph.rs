@@ -46,7 +46,8 @@ pub enum Op {
         w: usize,
         geom: Conv2d,
     },
-    /// Batch norm; `save` numbers its saved (mean, invstd) buffer.
+    /// Batch norm; `save` numbers its saved (mean, invstd) buffer. With `relu`, a ReLU fused
+    /// after it (y is the ReLU's output; the normalised values are never stored).
     Bn {
         x: TensorId,
         y: TensorId,
@@ -55,6 +56,7 @@ pub enum Op {
         c: usize,
         hw: usize,
         save: usize,
+        relu: bool,
     },
     /// ReLU.
     Relu { x: TensorId, y: TensorId },
@@ -172,12 +174,26 @@ impl Builder {
     }
 
     fn bn(&mut self, name: &str, x: TensorId, role: Role) -> TensorId {
+        self.bn_op(name, x, role, false)
+    }
+
+    /// Batch norm followed by ReLU, as one op.
+    fn bn_relu(&mut self, name: &str, x: TensorId, role: Role) -> TensorId {
+        self.bn_op(name, x, role, true)
+    }
+
+    fn bn_op(&mut self, name: &str, x: TensorId, role: Role, relu: bool) -> TensorId {
         let t = self.tensors[x].clone();
         let gamma = self.params.push(format!("{name}.weight"), &[t.c], role);
         self.params.push(format!("{name}.bias"), &[t.c], role);
         let mean = self.stats.push(format!("{name}.running_mean"), &[t.c], role);
         self.stats.push(format!("{name}.running_var"), &[t.c], role);
-        let y = self.tensor(name.to_string(), t.c, t.h, t.w);
+        let y = self.tensor(
+            if relu { format!("{name}.relu") } else { name.to_string() },
+            t.c,
+            t.h,
+            t.w,
+        );
         self.ops.push(Op::Bn {
             x,
             y,
@@ -186,6 +202,7 @@ impl Builder {
             c: t.c,
             hw: t.h * t.w,
             save: self.bn_count,
+            relu,
         });
         self.bn_count += 1;
         y
@@ -248,16 +265,14 @@ impl Graph {
         let mut x = match spec.stem {
             Stem::Cifar => {
                 let c = b.conv("stem.conv", input, spec.stem_width(), 3, 1, 1, shared);
-                let c = b.bn("stem.bn", c, shared);
                 match spec.family {
-                    Family::PreAct => c,
-                    Family::PostAct => b.relu("stem", c),
+                    Family::PreAct => b.bn("stem.bn", c, shared),
+                    Family::PostAct => b.bn_relu("stem.bn", c, shared),
                 }
             }
             Stem::Imagenet => {
                 let c = b.conv("stem.conv", input, spec.stem_width(), 7, 2, 3, shared);
-                let c = b.bn("stem.bn", c, shared);
-                let r = b.relu("stem", c);
+                let r = b.bn_relu("stem.bn", c, shared);
                 let t = b.tensors[r].clone();
                 let geom = Pool2d {
                     n: 0,
@@ -284,16 +299,14 @@ impl Graph {
             };
             x = match spec.family {
                 Family::PreAct => {
-                    let h = b.bn(&format!("{p}.bn_in"), x, shared);
-                    let h = b.relu(&format!("{p}.bn_in"), h);
+                    let h = b.bn_relu(&format!("{p}.bn_in"), x, shared);
                     let short = if blk.has_proj {
                         b.conv(&format!("{p}.proj"), h, blk.c_out, 1, blk.stride, 0, shared)
                     } else {
                         x
                     };
                     let a = b.conv(&format!("{p}.conv1"), h, width, 3, blk.stride, 1, part(0));
-                    let a = b.bn(&format!("{p}.bn_mid"), a, part(0));
-                    let a = b.relu(&format!("{p}.bn_mid"), a);
+                    let a = b.bn_relu(&format!("{p}.bn_mid"), a, part(0));
                     let c = b.conv(&format!("{p}.conv2"), a, blk.c_out, 3, 1, 1, part(1));
                     b.add(&p, c, short)
                 }
@@ -305,8 +318,7 @@ impl Graph {
                         x
                     };
                     let a = b.conv(&format!("{p}.conv1"), x, width, 3, blk.stride, 1, part(0));
-                    let a = b.bn(&format!("{p}.bn_mid"), a, part(0));
-                    let a = b.relu(&format!("{p}.bn_mid"), a);
+                    let a = b.bn_relu(&format!("{p}.bn_mid"), a, part(0));
                     let c = b.conv(&format!("{p}.conv2"), a, blk.c_out, 3, 1, 1, part(1));
                     let c = b.bn(&format!("{p}.bn_out"), c, shared);
                     let s = b.add(&p, c, short);

@@ -137,6 +137,7 @@ impl Op {
     pub fn kind(&self) -> &'static str {
         match self {
             Op::Conv { .. } => "conv",
+            Op::Bn { relu: true, .. } => "batchnorm+relu",
             Op::Bn { .. } => "batchnorm",
             Op::Relu { .. } => "relu",
             Op::Add { .. } => "add",
@@ -156,8 +157,7 @@ impl<B: Backend> Model<B> {
     /// A training model: every buffer for batches of up to `capacity` samples (parameters
     /// zeroed; see [`Model::init`]).
     pub fn new(be: Arc<B>, graph: Graph, capacity: usize) -> Result<Self> {
-        let slot: Vec<usize> = (0..graph.tensors.len()).collect();
-        let sizes: Vec<usize> = graph.tensors.iter().map(|t| t.len()).collect();
+        let (slot, sizes) = training_slots(&graph);
         Self::alloc(be, graph, capacity, slot, &sizes, true, true)
     }
 
@@ -419,6 +419,7 @@ impl<B: Backend> Model<B> {
                         c,
                         hw,
                         save,
+                        relu,
                         ..
                     } => {
                         let s = BatchNorm {
@@ -427,6 +428,7 @@ impl<B: Backend> Model<B> {
                             hw,
                             eps: BN_EPS,
                             momentum: BN_MOMENTUM,
+                            relu,
                         };
                         let ge = &self.graph.params.entries[gamma];
                         let me = &self.graph.stats.entries[mean];
@@ -449,6 +451,11 @@ impl<B: Backend> Model<B> {
                     Op::Relu { x, .. } => {
                         let xv = be.view(self.acts[self.slot[x]].as_ref().expect("x"), 0, ylen);
                         be.relu_forward(xv, yv);
+                    }
+                    Op::Add { a, b, .. } if self.slot[a] == self.slot[y_id] => {
+                        // in place: y's buffer holds a (see `training_slots`)
+                        let bv = be.view(self.acts[self.slot[b]].as_ref().expect("b"), 0, ylen);
+                        be.copy(bv, yv, true);
                     }
                     Op::Add { a, b, .. } => {
                         let av = be.view(self.acts[self.slot[a]].as_ref().expect("a"), 0, ylen);
@@ -558,7 +565,13 @@ impl<B: Backend> Model<B> {
                     }
                 }
                 Op::Bn {
-                    x, gamma, c, hw, save, ..
+                    x,
+                    gamma,
+                    c,
+                    hw,
+                    save,
+                    relu,
+                    ..
                 } => {
                     let s = BatchNorm {
                         n,
@@ -566,16 +579,18 @@ impl<B: Backend> Model<B> {
                         hw,
                         eps: BN_EPS,
                         momentum: BN_MOMENTUM,
+                        relu,
                     };
                     let off = self.graph.params.entries[gamma].offset;
                     let xv = be.view(self.acts[self.slot[x]].as_ref().expect("x"), 0, s.len());
+                    let yv = be.view(self.acts[self.slot[y_id]].as_ref().expect("y"), 0, s.len());
                     let gv = be.view(&self.params, off, c);
                     let sm = be.view(&self.saves[save], 0, c);
                     let si = be.view(&self.saves[save], c, c);
                     let (dg, db) = be.split_mut(be.view_mut(&mut self.grads, off, 2 * c), c);
                     let dx = be.view_mut(self.dacts[self.dslot[x]].as_mut().expect("dx"), 0, s.len());
                     let f = sync.as_mut().map(|f| &mut **f as &mut dyn FnMut(&mut [f64]));
-                    be.batchnorm_backward(&s, xv, dy, gv, sm, si, dx, dg, db, acc[0], f);
+                    be.batchnorm_backward(&s, xv, yv, dy, gv, sm, si, dx, dg, db, acc[0], f);
                 }
                 Op::Relu { x, .. } => {
                     let yv = be.view(self.acts[self.slot[y_id]].as_ref().expect("y"), 0, ylen);
@@ -748,6 +763,46 @@ fn shared_slots(g: &Graph) -> (Vec<usize>, Vec<usize>) {
         }
     }
     (slot, alloc.sizes)
+}
+
+/// Activation slots of a training model: every tensor keeps its value for the backward pass,
+/// except that a residual add writes its sum over its first input `a` when nothing needs `a`
+/// afterwards: the add is its only reader, and the op that produced it does not read its own
+/// output in the backward pass (a convolution or a batch norm without ReLU does not; a fused
+/// batch norm + ReLU, a ReLU or a max pool does). The add's backward reads no values.
+fn training_slots(g: &Graph) -> (Vec<usize>, Vec<usize>) {
+    let mut readers = vec![0usize; g.tensors.len()];
+    let mut producer = vec![None; g.tensors.len()];
+    for op in &g.ops {
+        for t in op.inputs() {
+            readers[t] += 1;
+        }
+        producer[op.output()] = Some(*op);
+    }
+    readers[g.logits] += 1; // the loss
+    let mut slot: Vec<usize> = (0..g.tensors.len()).collect();
+    for op in &g.ops {
+        if let Op::Add { a, y, .. } = *op {
+            let free_after = match producer[a] {
+                Some(Op::Conv { .. } | Op::Bn { relu: false, .. } | Op::Add { .. }) => readers[a] == 1,
+                _ => false,
+            };
+            if free_after {
+                slot[y] = slot[a];
+            }
+        }
+    }
+    // renumber the slots in use, each sized for the largest tensor it holds
+    let mut index = vec![usize::MAX; g.tensors.len()];
+    let mut sizes = Vec::new();
+    for (&s, t) in slot.iter().zip(&g.tensors) {
+        if index[s] == usize::MAX {
+            index[s] = sizes.len();
+            sizes.push(0);
+        }
+        sizes[index[s]] = sizes[index[s]].max(t.len());
+    }
+    (slot.iter().map(|&s| index[s]).collect(), sizes)
 }
 
 /// Activation-gradient slots of a training model: walking the ops backwards, a tensor's

@@ -9,6 +9,7 @@ pub mod gemm;
 pub mod norm;
 pub mod real;
 pub mod scratch;
+pub mod simd;
 pub mod winograd;
 
 pub use real::Real;
@@ -202,6 +203,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         &self,
         s: &BatchNorm,
         x: &[T],
+        y: &[T],
         dy: &[T],
         gamma: &[T],
         save_mean: &[T],
@@ -216,6 +218,7 @@ impl<T: Real> Backend for CpuBackend<T> {
             norm::backward(
                 s,
                 x,
+                y,
                 dy,
                 gamma,
                 save_mean,

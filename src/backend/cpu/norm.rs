@@ -1,42 +1,81 @@
 //! CPU batch normalisation over NCHW tensors (statistics accumulated in f64).
 
 use super::real::Real;
+use super::simd::simd_leaf;
 use crate::backend::SumOverRanks;
 use crate::ops::BatchNorm;
 use rayon::prelude::*;
 
-/// Per-channel (sum, sum of squared deviations) computed in two passes, in f64.
-fn channel_moments<T: Real>(s: &BatchNorm, x: &[T], c: usize) -> (f64, f64) {
-    let m = (s.n * s.hw) as f64;
-    let mut sum = 0.0;
-    for b in 0..s.n {
-        let plane = &x[(b * s.c + c) * s.hw..][..s.hw];
-        sum += plane.iter().map(|v| v.to_f64()).sum::<f64>();
-    }
-    let mean = sum / m;
-    let mut ss = 0.0;
-    for b in 0..s.n {
-        let plane = &x[(b * s.c + c) * s.hw..][..s.hw];
-        ss += plane
-            .iter()
-            .map(|v| {
-                let d = v.to_f64() - mean;
-                d * d
-            })
-            .sum::<f64>();
-    }
-    (mean, ss)
+/// Independent f64 partial sums per plane: element i goes to lane i mod LANES, and the lanes
+/// are added in a fixed tree. The lanes break the add-latency chain (and let the compiler
+/// vectorize); the order depends only on the plane length, never on threads.
+const LANES: usize = 8;
+
+/// The lanes of [`LANES`] added in a fixed tree.
+#[inline]
+fn fold_lanes(a: [f64; LANES]) -> f64 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 }
 
-/// The sum over the channel's elements, in f64.
+simd_leaf! {
+/// Σ f(x_i) over one plane in f64 lanes.
+fn plane_sum<T: Real>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0.0; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for k in 0..LANES {
+            acc[k] += f(c[k].to_f64());
+        }
+    }
+    for (k, v) in rest.iter().enumerate() {
+        acc[k] += f(v.to_f64());
+    }
+    fold_lanes(acc)
+}
+}
+
+simd_leaf! {
+/// (Σ g, Σ g (x - mean)) over one plane in f64 lanes, with g = dy, or with the fused ReLU
+/// (`MASK`) g = dy [y > 0].
+fn plane_grad_sums<T: Real, const MASK: bool>(dy: &[T], x: &[T], y: &[T], mean: f64) -> (f64, f64) {
+    let (mut sg, mut sgx) = ([0.0; LANES], [0.0; LANES]);
+    let y = if MASK { y } else { dy };
+    let (dc, xc, yc) = (dy.chunks_exact(LANES), x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let (dr, xr, yr) = (dc.remainder(), xc.remainder(), yc.remainder());
+    // the mask as a bitwise AND in a first loop, the f64 sums in a second: written together
+    // the compiler turns the mask into per-element branches, which mispredict (about half
+    // the elements are masked, unpredictably)
+    let mut chunk = |d: &[T], v: &[T], o: &[T]| {
+        let mut g = [T::ZERO; LANES];
+        for k in 0..d.len() {
+            g[k] = if MASK { d[k].masked_by(o[k]) } else { d[k] };
+        }
+        for k in 0..d.len() {
+            let gk = g[k].to_f64();
+            sg[k] += gk;
+            sgx[k] += gk * (v[k].to_f64() - mean);
+        }
+    };
+    for ((d, v), o) in dc.zip(xc).zip(yc) {
+        chunk(d, v, o);
+    }
+    chunk(dr, xr, yr);
+    (fold_lanes(sg), fold_lanes(sgx))
+}
+}
+
+/// Per-channel (mean, sum of squared deviations) computed in two passes, in f64.
+fn channel_moments<T: Real>(s: &BatchNorm, x: &[T], c: usize) -> (f64, f64) {
+    let m = (s.n * s.hw) as f64;
+    let mean = channel_sum(s, x, c) / m;
+    (mean, channel_squares(s, x, c, mean))
+}
+
+/// The sum over the channel's elements, in f64 (plane by plane, in order).
 fn channel_sum<T: Real>(s: &BatchNorm, x: &[T], c: usize) -> f64 {
     (0..s.n)
-        .map(|b| {
-            x[(b * s.c + c) * s.hw..][..s.hw]
-                .iter()
-                .map(|v| v.to_f64())
-                .sum::<f64>()
-        })
+        .map(|b| plane_sum(&x[(b * s.c + c) * s.hw..][..s.hw], |v| v))
         .sum()
 }
 
@@ -44,13 +83,10 @@ fn channel_sum<T: Real>(s: &BatchNorm, x: &[T], c: usize) -> f64 {
 fn channel_squares<T: Real>(s: &BatchNorm, x: &[T], c: usize, mean: f64) -> f64 {
     (0..s.n)
         .map(|b| {
-            x[(b * s.c + c) * s.hw..][..s.hw]
-                .iter()
-                .map(|v| {
-                    let d = v.to_f64() - mean;
-                    d * d
-                })
-                .sum::<f64>()
+            plane_sum(&x[(b * s.c + c) * s.hw..][..s.hw], |v| {
+                let d = v - mean;
+                d * d
+            })
         })
         .sum()
 }
@@ -76,8 +112,46 @@ fn global_moments<T: Real>(s: &BatchNorm, x: &[T], work: &mut [f64], sync: &mut 
     m
 }
 
-/// y = scale x + shift per channel, applied per (image, channel) plane; `affine` is `(c, 2)`
-/// = (scale, shift).
+simd_leaf! {
+/// `y = a x + b` over one plane, then `max(y, 0)` with `relu`.
+fn normalise_plane<T: Real>(yp: &mut [T], xp: &[T], a: T, b: T, relu: bool) {
+    if relu {
+        for (o, &i) in yp.iter_mut().zip(xp) {
+            let v = i * a + b;
+            *o = v.masked_by(v);
+        }
+    } else {
+        for (o, &i) in yp.iter_mut().zip(xp) {
+            *o = i * a + b;
+        }
+    }
+}
+}
+
+simd_leaf! {
+/// `dx (+)= a g + bx x + c0` over one plane, with g = dy, or with `relu` g = dy [y > 0].
+#[allow(clippy::too_many_arguments)]
+fn dx_plane<T: Real>(dxp: &mut [T], dys: &[T], xs: &[T], ys: &[T], a: T, bx: T, c0: T, relu: bool, accumulate: bool) {
+    let ys = if relu { ys } else { dys };
+    let term = |g: T, v: T, out: T| {
+        let g = if relu { g.masked_by(out) } else { g };
+        a * g + bx * v + c0
+    };
+    let inputs = dys.iter().zip(xs).zip(ys);
+    if accumulate {
+        for (o, ((&g, &v), &out)) in dxp.iter_mut().zip(inputs) {
+            *o += term(g, v, out);
+        }
+    } else {
+        for (o, ((&g, &v), &out)) in dxp.iter_mut().zip(inputs) {
+            *o = term(g, v, out);
+        }
+    }
+}
+}
+
+/// y = scale x + shift per channel (then max(y, 0) with `s.relu`), applied per (image,
+/// channel) plane; `affine` is `(c, 2)` = (scale, shift).
 fn normalise<T: Real>(s: &BatchNorm, x: &[T], y: &mut [T], affine: &[f64]) {
     y[..s.len()]
         .par_chunks_mut(s.hw)
@@ -86,9 +160,7 @@ fn normalise<T: Real>(s: &BatchNorm, x: &[T], y: &mut [T], affine: &[f64]) {
         .for_each(|(p, (yp, xp))| {
             let c = p % s.c;
             let (a, b) = (T::from_f64(affine[2 * c]), T::from_f64(affine[2 * c + 1]));
-            for (o, &i) in yp.iter_mut().zip(xp) {
-                *o = i * a + b;
-            }
+            normalise_plane(yp, xp, a, b, s.relu);
         });
 }
 
@@ -161,11 +233,13 @@ pub fn forward_eval<T: Real>(
 /// Training-mode backward: dx = gamma invstd / M (M dy - sum dy - xhat sum(dy xhat)), with
 /// the sums and M of this rank's batch or (with `sync`, 2c + 1 values: the sums of dy, of
 /// dy xhat and the sample count) of the global one; dgamma and dbeta are this rank's sums.
+/// With `s.relu`, dy is first masked by the fused output `y > 0` (y unread otherwise).
 /// `work` holds at least `2 c + 1` f64.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Real>(
     s: &BatchNorm,
     x: &[T],
+    y: &[T],
     dy: &[T],
     gamma: &[T],
     save_mean: &[T],
@@ -184,14 +258,17 @@ pub fn backward<T: Real>(
         let (mut sdy, mut sdyx) = (0.0, 0.0);
         for b in 0..s.n {
             let off = (b * s.c + c) * s.hw;
-            for (&g, &v) in dy[off..off + s.hw].iter().zip(&x[off..off + s.hw]) {
-                let g = g.to_f64();
-                sdy += g;
-                sdyx += g * (v.to_f64() - mean) * invstd;
-            }
+            let (dys, xs) = (&dy[off..off + s.hw], &x[off..off + s.hw]);
+            let (g, gx) = if s.relu {
+                plane_grad_sums::<T, true>(dys, xs, &y[off..off + s.hw], mean)
+            } else {
+                plane_grad_sums::<T, false>(dys, xs, dys, mean)
+            };
+            sdy += g;
+            sdyx += gx;
         }
         out[0] = sdy;
-        out[1] = sdyx;
+        out[1] = sdyx * invstd;
     });
     for c in 0..s.c {
         dbeta[c] = T::from_f64(sums[2 * c]);
@@ -221,14 +298,7 @@ pub fn backward<T: Real>(
         let c0 = T::from_f64(k * (-sdy + sdyx * invstd * mean));
         let xs = &x[off..off + s.hw];
         let dys = &dy[off..off + s.hw];
-        if accumulate {
-            for ((o, &g), &v) in dxp.iter_mut().zip(dys).zip(xs) {
-                *o += a * g + bx * v + c0;
-            }
-        } else {
-            for ((o, &g), &v) in dxp.iter_mut().zip(dys).zip(xs) {
-                *o = a * g + bx * v + c0;
-            }
-        }
+        let ys = if s.relu { &y[off..off + s.hw] } else { dys };
+        dx_plane(dxp, dys, xs, ys, a, bx, c0, s.relu, accumulate);
     });
 }

@@ -37,6 +37,9 @@ pub trait Real:
     fn as_f32(s: &[Self]) -> Option<&[f32]>;
     /// The slice itself as writable f32, when the scalar is f32 (no copy).
     fn as_f32_mut(s: &mut [Self]) -> Option<&mut [f32]>;
+    /// `self` where `gate > 0`, else +0 (NaN gates give 0): a ReLU mask as a bitwise AND, so
+    /// that loops over data-dependent masks vectorise instead of branching.
+    fn masked_by(self, gate: Self) -> Self;
 }
 
 impl Real for f32 {
@@ -64,6 +67,10 @@ impl Real for f32 {
     fn as_f32_mut(s: &mut [f32]) -> Option<&mut [f32]> {
         Some(s)
     }
+    #[inline(always)]
+    fn masked_by(self, gate: Self) -> Self {
+        f32::from_bits(self.to_bits() & ((gate > 0.0) as u32).wrapping_neg())
+    }
 }
 
 impl Real for f64 {
@@ -90,5 +97,9 @@ impl Real for f64 {
     }
     fn as_f32_mut(_: &mut [f64]) -> Option<&mut [f32]> {
         None
+    }
+    #[inline(always)]
+    fn masked_by(self, gate: Self) -> Self {
+        f64::from_bits(self.to_bits() & ((gate > 0.0) as u64).wrapping_neg())
     }
 }

@@ -20,7 +20,16 @@ impl<T: Real> ScratchPool<T> {
 
     /// Run `f` with a buffer of at least `len` elements (contents unspecified).
     pub fn with<R>(&self, len: usize, f: impl FnOnce(&mut [T]) -> R) -> R {
-        let mut v = self.free.lock().expect("scratch pool lock").pop().unwrap_or_default();
+        let mut v = {
+            // the smallest idle buffer that fits, else the largest (grown below): large
+            // requests reuse large buffers, so idle memory stays near what concurrent tasks need
+            let mut free = self.free.lock().expect("scratch pool lock");
+            let fits = (0..free.len())
+                .filter(|&i| free[i].len() >= len)
+                .min_by_key(|&i| free[i].len());
+            let pick = fits.or_else(|| (0..free.len()).max_by_key(|&i| free[i].len()));
+            pick.map(|i| free.swap_remove(i)).unwrap_or_default()
+        };
         if v.len() < len {
             v.resize(len, T::ZERO);
         }

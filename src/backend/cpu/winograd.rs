@@ -28,6 +28,7 @@
 use super::gemm::{matmul, Mat};
 use super::real::Real;
 use super::scratch::ScratchPool;
+use super::simd::simd_leaf;
 use crate::ops::Conv2d;
 use rayon::prelude::*;
 
@@ -112,6 +113,7 @@ fn transform_filters<T: Real>(s: &Conv2d, w: &[T], flip: bool, u: &mut [T]) {
         });
 }
 
+simd_leaf! {
 /// `v[ξ * P + p0 + ty * tw + tx] = (Bᵀ d B)_ξ` for every tile of one channel plane `(h, w)`;
 /// `pad` is scratch of at least `(2 th + 2) (2 tw + 2) + 4 (2 tw + 2)` elements.
 fn input_transform<T: Real>(plane: &[T], h: usize, w: usize, v: &mut [T], big_p: usize, p0: usize, pad: &mut [T]) {
@@ -153,18 +155,21 @@ fn input_transform<T: Real>(plane: &[T], h: usize, w: usize, v: &mut [T], big_p:
         }
     }
 }
+}
 
+simd_leaf! {
 /// `y (+)= Aᵀ M A` for every tile of one output channel plane `(h, w)`, reading
 /// `m[ξ * P + p0 + ty * tw + tx]`; `rows` is scratch of at least `4 tw` elements.
 fn output_transform<T: Real>(
     m: &[T],
     big_p: usize,
     p0: usize,
-    (h, w): (usize, usize),
+    size: (usize, usize),
     y: &mut [T],
     accumulate: bool,
     rows: &mut [T],
 ) {
+    let (h, w) = size;
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
     let (y0, rest) = rows[..4 * tw].split_at_mut(2 * tw);
     let y1 = &mut rest[..2 * tw];
@@ -206,7 +211,9 @@ fn output_transform<T: Real>(
         }
     }
 }
+}
 
+simd_leaf! {
 /// `dm[ξ * P + p0 + ty * tw + tx] = (A dY Aᵀ)_ξ` for every tile of one output-gradient
 /// plane `(h, w)` (positions beyond the map count as zero); `pad` as for the input transform.
 fn grad_transform<T: Real>(plane: &[T], h: usize, w: usize, dm: &mut [T], big_p: usize, p0: usize, pad: &mut [T]) {
@@ -235,6 +242,7 @@ fn grad_transform<T: Real>(plane: &[T], h: usize, w: usize, dm: &mut [T], big_p:
             }
         }
     }
+}
 }
 
 /// Scratch elements the per-plane transforms need for an `(h, w)` map.

@@ -262,6 +262,7 @@ fn norm_params(s: &BatchNorm) -> NormParams {
         dgamma: 0,
         dbeta: 0,
         sums: 0,
+        out: 0,
         n: s.n as i64,
         c: s.c as i64,
         hw: s.hw as i64,
@@ -270,6 +271,8 @@ fn norm_params(s: &BatchNorm) -> NormParams {
         momentum: s.momentum,
         accumulate: 0,
         phase: 0,
+        relu: s.relu as u32,
+        pad_: 0,
     }
 }
 
@@ -572,6 +575,7 @@ impl<D: Driver> Backend for CudaBackend<D> {
         &self,
         s: &BatchNorm,
         x: View<'_>,
+        y: View<'_>,
         dy: View<'_>,
         gamma: View<'_>,
         save_mean: View<'_>,
@@ -585,6 +589,7 @@ impl<D: Driver> Backend for CudaBackend<D> {
         let p = NormParams {
             x: x.ptr,
             dy: dy.ptr,
+            out: if s.relu { y.ptr } else { 0 },
             gamma: gamma.ptr,
             save_mean: save_mean.ptr,
             save_invstd: save_invstd.ptr,
