@@ -1,5 +1,6 @@
 //! Every CPU op against a direct reference or finite differences in f64.
 
+use loft::backend::cpu::winograd::Tile;
 use loft::backend::cpu::{conv, CpuBackend};
 use loft::backend::{Backend, SumOverRanks};
 use loft::ops::{BatchNorm, Conv2d, Linear, Pool2d, Sgd};
@@ -497,7 +498,16 @@ type Pool64 = loft::backend::cpu::scratch::ScratchPool<f64>;
 
 #[test]
 fn winograd_matches_direct_convolution_in_f64_all_three_passes() {
-    use conv::Algo::{Im2col, Winograd};
+    for tile in TILES {
+        winograd_case_f64(tile);
+    }
+}
+
+const TILES: [Tile; 2] = [Tile::F2, Tile::F4];
+
+fn winograd_case_f64(tile: Tile) {
+    use conv::Algo::Im2col;
+    let winograd = conv::Algo::Winograd(tile);
     let pool = Pool64::new();
     let mut rng = Rng::new(11);
     for s in winograd_shapes() {
@@ -506,9 +516,12 @@ fn winograd_matches_direct_convolution_in_f64_all_three_passes() {
         let g = rand_vec(&mut rng, s.y_len());
         let want = conv::reference_forward(&s, &x, &w);
         let mut y = vec![f64::NAN; s.y_len()];
-        conv::forward_with(Winograd, &s, &x, &w, &mut y, &pool);
+        conv::forward_with(winograd, &s, &x, &w, &mut y, &pool);
         for (i, (a, b)) in y.iter().zip(&want).enumerate() {
-            assert!((a - b).abs() < 1e-12 * (1.0 + b.abs()), "{s:?} y[{i}] {a} vs {b}");
+            assert!(
+                (a - b).abs() < 1e-12 * (1.0 + b.abs()),
+                "{tile:?} {s:?} y[{i}] {a} vs {b}"
+            );
         }
         // the gradients against im2col's (checked by finite differences above), with and
         // without accumulation
@@ -520,12 +533,12 @@ fn winograd_matches_direct_convolution_in_f64_all_three_passes() {
                 conv::backward_filter_with(algo, &s, &x, &g, &mut dw, acc, &pool);
                 (dx, dw)
             };
-            let (dx, dw) = run(Winograd);
+            let (dx, dw) = run(winograd);
             let (rx, rw) = run(Im2col);
             for (a, b) in dx.iter().zip(&rx).chain(dw.iter().zip(&rw)) {
                 assert!(
                     (a - b).abs() < 1e-11 * (1.0 + b.abs()),
-                    "{s:?} gradient {a} vs {b} (acc {acc})"
+                    "{tile:?} {s:?} gradient {a} vs {b} (acc {acc})"
                 );
             }
         }
@@ -534,31 +547,36 @@ fn winograd_matches_direct_convolution_in_f64_all_three_passes() {
 
 #[test]
 fn winograd_gradients_match_finite_differences() {
-    use conv::Algo::Winograd;
     let pool = Pool64::new();
     let mut rng = Rng::new(12);
-    for s in winograd_shapes().into_iter().take(4) {
+    let cases = TILES
+        .iter()
+        .flat_map(|&t| winograd_shapes().into_iter().take(4).map(move |s| (t, s)));
+    for (tile, s) in cases {
+        let winograd = conv::Algo::Winograd(tile);
         let x = rand_vec(&mut rng, s.x_len());
         let w = rand_vec(&mut rng, s.w_len());
         let g = rand_vec(&mut rng, s.y_len());
         let mut dx = vec![0.0; s.x_len()];
         let mut dw = vec![0.0; s.w_len()];
-        conv::backward_data_with(Winograd, &s, &g, &w, &mut dx, false, &pool);
-        conv::backward_filter_with(Winograd, &s, &x, &g, &mut dw, false, &pool);
+        conv::backward_data_with(winograd, &s, &g, &w, &mut dx, false, &pool);
+        conv::backward_filter_with(winograd, &s, &x, &g, &mut dw, false, &pool);
         let loss = |x: &[f64], w: &[f64]| {
             let mut y = vec![0.0; s.y_len()];
-            conv::forward_with(Winograd, &s, x, w, &mut y, &pool);
+            conv::forward_with(winograd, &s, x, w, &mut y, &pool);
             dot(&y, &g)
         };
-        check_grad(&format!("winograd dx {s:?}"), &x, &dx, |xp| loss(xp, &w));
-        check_grad(&format!("winograd dw {s:?}"), &w, &dw, |wp| loss(&x, wp));
+        check_grad(&format!("winograd {tile:?} dx {s:?}"), &x, &dx, |xp| loss(xp, &w));
+        check_grad(&format!("winograd {tile:?} dw {s:?}"), &w, &dw, |wp| loss(&x, wp));
     }
 }
 
-/// The f32 error bound of Winograd F(2x2, 3x3): every output of every pass is within
-/// `WINOGRAD_F32_BOUND * Σ|terms|` of the exact (f64 direct) value, where Σ|terms| is the sum
-/// of the absolute products that make up that output; im2col is held to the same bound.
+/// The f32 error bounds: every output of every pass is within `bound * Σ|terms|` of the
+/// exact (f64 direct) value, where Σ|terms| is the sum of the absolute products that make up
+/// that output. im2col and F(2x2, 3x3): 1e-6 (about 8 units of f32 rounding); F(4x4, 3x3),
+/// whose transforms have entries up to 8 and 1/24: 1e-5.
 const WINOGRAD_F32_BOUND: f64 = 1e-6;
+const WINOGRAD_F4_F32_BOUND: f64 = 1e-5;
 
 #[test]
 fn winograd_f32_error_is_within_the_stated_bound() {
@@ -594,7 +612,12 @@ fn winograd_f32_error_is_within_the_stated_bound() {
     };
     let want = exact(&x, &w, &g);
     let mag = exact(&abs(&x), &abs(&w), &abs(&g));
-    for algo in [Winograd, Im2col] {
+    for algo in [Winograd(Tile::F2), Winograd(Tile::F4), Im2col] {
+        let bound = if algo == Winograd(Tile::F4) {
+            WINOGRAD_F4_F32_BOUND
+        } else {
+            WINOGRAD_F32_BOUND
+        };
         let mut y = vec![0f32; s.y_len()];
         let mut dx = vec![0f32; s.x_len()];
         let mut dw = vec![0f32; s.w_len()];
@@ -610,7 +633,7 @@ fn winograd_f32_error_is_within_the_stated_bound() {
                 .fold(0.0, f64::max);
             eprintln!("{algo:?} pass {pass}: worst error {worst:.2e} of the magnitude sum");
             assert!(
-                worst <= WINOGRAD_F32_BOUND,
+                worst <= bound,
                 "{algo:?} pass {pass}: error {worst:e} of the magnitude sum"
             );
         }
@@ -619,7 +642,13 @@ fn winograd_f32_error_is_within_the_stated_bound() {
 
 #[test]
 fn winograd_results_do_not_depend_on_thread_count() {
-    use conv::Algo::Winograd;
+    for tile in TILES {
+        winograd_threads_case(tile);
+    }
+}
+
+fn winograd_threads_case(tile: Tile) {
+    let winograd = conv::Algo::Winograd(tile);
     let s = Conv2d {
         n: 37,
         c_in: 6,
@@ -642,9 +671,9 @@ fn winograd_results_do_not_depend_on_thread_count() {
             let mut y = vec![0f32; s.y_len()];
             let mut dx = vec![0f32; s.x_len()];
             let mut dw = vec![0f32; s.w_len()];
-            conv::forward_with(Winograd, &s, &x, &w, &mut y, &scratch);
-            conv::backward_data_with(Winograd, &s, &g, &w, &mut dx, false, &scratch);
-            conv::backward_filter_with(Winograd, &s, &x, &g, &mut dw, false, &scratch);
+            conv::forward_with(winograd, &s, &x, &w, &mut y, &scratch);
+            conv::backward_data_with(winograd, &s, &g, &w, &mut dx, false, &scratch);
+            conv::backward_filter_with(winograd, &s, &x, &g, &mut dw, false, &scratch);
             (y, dx, dw)
         })
     };

@@ -14,7 +14,7 @@
 use super::gemm::{matmul, matmul_into_block, Mat, SendPtr};
 use super::real::Real;
 use super::scratch::ScratchPool;
-use super::winograd;
+use super::winograd::{self, Tile};
 use crate::ops::Conv2d;
 use rayon::prelude::*;
 
@@ -169,24 +169,31 @@ fn check(s: &Conv2d, x: usize, w: usize, y: usize, op: &str) {
 pub enum Algo {
     /// im2col + GEMM (any shape).
     Im2col,
-    /// Winograd F(2x2, 3x3) (3x3 stride-1 pad-1 only; see [`super::winograd`]).
-    Winograd,
+    /// Winograd F(2x2, 3x3) or F(4x4, 3x3) (3x3 stride-1 pad-1 only; see
+    /// [`super::winograd`]).
+    Winograd(Tile),
 }
 
 /// Narrowest channel count (input and output) for which Winograd beats im2col here.
 pub const WINOGRAD_MIN_CHANNELS: usize = 8;
+/// Narrowest channel count for which F(4x4, 3x3) beats F(2x2, 3x3) here.
+pub const WINOGRAD_F4_MIN_CHANNELS: usize = 32;
 
 impl Algo {
-    /// The algorithm for this shape: Winograd F(2x2, 3x3) where it applies and both channel
-    /// counts are at least [`WINOGRAD_MIN_CHANNELS`], else im2col. The environment variable
-    /// `LOFT_CONV=im2col` forces im2col everywhere (for benchmarks and comparisons).
+    /// The algorithm for this shape: where Winograd applies and both channel counts are at
+    /// least [`WINOGRAD_MIN_CHANNELS`], F(4x4, 3x3) from [`WINOGRAD_F4_MIN_CHANNELS`] up and
+    /// F(2x2, 3x3) below; else im2col. The environment variable `LOFT_CONV` forces one
+    /// (`im2col`, `f2`: no F(4x4, 3x3)) for benchmarks and comparisons.
     pub fn for_shape(s: &Conv2d) -> Algo {
-        static FORCE_IM2COL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let force = *FORCE_IM2COL.get_or_init(|| std::env::var("LOFT_CONV").is_ok_and(|v| v == "im2col"));
-        if !force && winograd::applies(s) && s.c_in.min(s.c_out) >= WINOGRAD_MIN_CHANNELS {
-            Algo::Winograd
-        } else {
+        static FORCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        let force = FORCE.get_or_init(|| std::env::var("LOFT_CONV").unwrap_or_default());
+        let narrowest = s.c_in.min(s.c_out);
+        if force == "im2col" || !winograd::applies(s) || narrowest < WINOGRAD_MIN_CHANNELS {
             Algo::Im2col
+        } else if narrowest >= WINOGRAD_F4_MIN_CHANNELS && force != "f2" {
+            Algo::Winograd(Tile::F4)
+        } else {
+            Algo::Winograd(Tile::F2)
         }
     }
 }
@@ -210,9 +217,9 @@ pub fn backward_filter<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], acc
 /// Panics if `algo` is Winograd and the shape is not 3x3 stride 1 pad 1.
 pub fn forward_with<T: Real>(algo: Algo, s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {
     check(s, x.len(), w.len(), y.len(), "conv2d_forward");
-    if algo == Algo::Winograd {
+    if let Algo::Winograd(tile) = algo {
         assert!(winograd::applies(s), "Winograd on {s:?}");
-        return winograd::forward(s, x, w, y, pool);
+        return winograd::forward(s, tile, x, w, y, pool);
     }
     let hwo = s.h_out() * s.w_out();
     let k = s.k();
@@ -257,9 +264,9 @@ pub fn backward_data_with<T: Real>(
     pool: &ScratchPool<T>,
 ) {
     check(s, dx.len(), w.len(), dy.len(), "conv2d_backward_data");
-    if algo == Algo::Winograd {
+    if let Algo::Winograd(tile) = algo {
         assert!(winograd::applies(s), "Winograd on {s:?}");
-        return winograd::backward_data(s, dy, w, dx, accumulate, pool);
+        return winograd::backward_data(s, tile, dy, w, dx, accumulate, pool);
     }
     let hwo = s.h_out() * s.w_out();
     let k = s.k();
@@ -306,9 +313,9 @@ pub fn backward_filter_with<T: Real>(
     pool: &ScratchPool<T>,
 ) {
     check(s, x.len(), dw.len(), dy.len(), "conv2d_backward_filter");
-    if algo == Algo::Winograd {
+    if let Algo::Winograd(tile) = algo {
         assert!(winograd::applies(s), "Winograd on {s:?}");
-        return winograd::backward_filter(s, x, dy, dw, accumulate, pool);
+        return winograd::backward_filter(s, tile, x, dy, dw, accumulate, pool);
     }
     if s.w_len() <= LANES_MAX_WEIGHT {
         backward_filter_lanes(s, x, dy, dw, accumulate, pool);

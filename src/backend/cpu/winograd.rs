@@ -1,10 +1,11 @@
-//! Winograd F(2x2, 3x3) convolution for 3x3 stride-1 pad-1 layers: forward, data and filter
-//! gradients.
+//! Winograd F(2x2, 3x3) and F(4x4, 3x3) convolution for 3x3 stride-1 pad-1 layers: forward,
+//! data and filter gradients.
 //!
-//! Lavin and Gray's minimal filtering: a 2x2 output tile of a 3x3 correlation is
-//! `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A` for the 4x4 input patch d around it, 16 multiplications
-//! instead of 36. Over channels the 16 elementwise products become 16 matrix products, one
-//! per position ξ of the 4x4 transformed tile:
+//! Lavin and Gray's minimal filtering: an m x m output tile of a 3x3 correlation is
+//! `Y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A` for the (m+2) x (m+2) input patch d around it: for m = 2,
+//! 16 multiplications instead of 36; for m = 4, 36 instead of 144. Over channels the
+//! elementwise products become one matrix product per position ξ of the transformed tile
+//! ((m+2)² of them):
 //!
 //! - forward: `M_ξ (c_out, P) = U_ξ (c_out, c_in) · V_ξ (c_in, P)` with `U = G g Gᵀ` per
 //!   filter and `V = Bᵀ d B` per tile (P tiles), then `y = Aᵀ M A` per tile;
@@ -13,17 +14,19 @@
 //! - filter gradient: the forward formula differentiated, `dU_ξ = Σ_tiles dM_ξ Vᵀ_ξ` with
 //!   `dM = A dY Aᵀ`, then `dg = Gᵀ dU G`. Exact in exact arithmetic, like the other two.
 //!
-//! Transformed tiles are stored channel-major, `[c][ξ][p]`, so that each channel's 16 planes
-//! are one contiguous block (a task per channel writes disjoint memory) and `V_ξ` is a matrix
-//! with row stride 16 P. Tiles cover the map in 2x2 steps; a map with an odd side is padded
-//! with zeros and the outputs beyond it are dropped.
+//! Transformed tiles are stored channel-major, `[c][ξ][p]`, so that each channel's planes are
+//! one contiguous block (a task per channel writes disjoint memory) and `V_ξ` is a matrix
+//! with row stride (m+2)² P. Tiles cover the map in m x m steps; a map whose side is not a
+//! multiple of m is padded with zeros and the outputs beyond it are dropped.
 //!
 //! Determinism: groups (forward, data gradient) and chunks (filter gradient) are sized from
 //! the shape only; every output element is produced by one task, and the filter gradient sums
-//! chunk after chunk in order, so results are bit-identical for any thread count.
+//! in a fixed order (lanes or chunks), so results are bit-identical for any thread count.
 //!
-//! Accuracy: the transforms use only ±1 and ±½, so rounding stays within a small factor of
-//! direct convolution's (tested in f64 and f32 against the direct reference).
+//! Accuracy: F(2x2, 3x3)'s transforms use only ±1 and ±½, so its rounding stays within a
+//! small factor of direct convolution's; F(4x4, 3x3)'s (entries up to 8 and 1/24) round about
+//! ten times more. Both are tested in f64 and f32 against the direct reference with stated
+//! bounds (`tests/ops.rs`).
 
 use super::gemm::{matmul, Mat};
 use super::real::Real;
@@ -32,10 +35,38 @@ use super::simd::simd_leaf;
 use crate::ops::Conv2d;
 use rayon::prelude::*;
 
-/// Positions of a transformed 4x4 tile.
-const XI: usize = 16;
-/// Tiles per forward / data-gradient task (about; whole images per task).
-pub const GROUP_TILES: usize = 256;
+/// The Winograd variant: m x m output tiles from (m + 2) x (m + 2) transformed tiles.
+/// F(4x4, 3x3) does 2.25 multiplications per output against F(2x2, 3x3)'s 4 (direct: 9), with
+/// costlier transforms and rounding a few times larger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tile {
+    /// F(2x2, 3x3).
+    F2,
+    /// F(4x4, 3x3).
+    F4,
+}
+
+impl Tile {
+    /// Output tile side m.
+    pub fn m(self) -> usize {
+        match self {
+            Tile::F2 => 2,
+            Tile::F4 => 4,
+        }
+    }
+    /// Positions ξ of a transformed tile, (m + 2)².
+    pub fn xi(self) -> usize {
+        (self.m() + 2) * (self.m() + 2)
+    }
+}
+/// Outputs per forward / data-gradient task (about; whole images per task): 1024, i.e. 256
+/// F(2x2, 3x3) tiles or 64 F(4x4, 3x3) tiles.
+pub const GROUP_OUTPUTS: usize = 1024;
+
+/// Tiles per forward / data-gradient task.
+fn group_tiles(tile: Tile) -> usize {
+    GROUP_OUTPUTS / (tile.m() * tile.m())
+}
 /// Tiles per filter-gradient chunk (about; whole images per chunk).
 pub const CHUNK_TILES: usize = 2048;
 /// Most transformed elements (V and M together) per task or chunk: 4 Mi (16 MiB in f32).
@@ -49,20 +80,20 @@ pub fn applies(s: &Conv2d) -> bool {
 }
 
 /// Tiles per image `(rows, cols)`.
-fn tiles(s: &Conv2d) -> (usize, usize) {
-    (s.h.div_ceil(2), s.w.div_ceil(2))
+fn tiles(s: &Conv2d, tile: Tile) -> (usize, usize) {
+    (s.h.div_ceil(tile.m()), s.w.div_ceil(tile.m()))
 }
 
 /// Images per task: about `target` tiles, at most [`MAX_TRANSFORMED`] transformed elements
 /// where one image allows, and (for `multiple`) a task count that is a multiple of
 /// [`TASK_MULTIPLE`]. Depends only on the shape.
-fn images_per(s: &Conv2d, target: usize, multiple: bool) -> usize {
+fn images_per(s: &Conv2d, tile: Tile, target: usize, multiple: bool) -> usize {
     let n = s.n.max(1);
-    let (th, tw) = tiles(s);
+    let (th, tw) = tiles(s, tile);
     let per_image = th * tw;
     let total = n * per_image;
     let by_tiles = total.div_ceil(target.max(1));
-    let by_memory = (total * XI * (s.c_in + s.c_out)).div_ceil(MAX_TRANSFORMED);
+    let by_memory = (total * tile.xi() * (s.c_in + s.c_out)).div_ceil(MAX_TRANSFORMED);
     let mut groups = by_tiles.max(by_memory).max(1);
     if multiple {
         groups = groups.next_multiple_of(TASK_MULTIPLE);
@@ -91,14 +122,15 @@ fn filter_tile<T: Real>(g: [T; 9], u: &mut [T], stride: usize) {
     }
 }
 
-/// Transformed filters `u (rows, 16, cols)` of `w (c_out, c_in, 3, 3)`: `U_ξ[co][ci]` at
-/// `u[(co * 16 + ξ) * c_in + ci]` for the forward (`flip` false, rows = c_out), or of the
+/// Transformed filters `u (rows, ξ, cols)` of `w (c_out, c_in, 3, 3)`: `U_ξ[co][ci]` at
+/// `u[(co * xi + ξ) * c_in + ci]` for the forward (`flip` false, rows = c_out), or of the
 /// flipped filter, `U_ξ[ci][co]`, for the data gradient (`flip` true, rows = c_in). A task per
 /// row.
-fn transform_filters<T: Real>(s: &Conv2d, w: &[T], flip: bool, u: &mut [T]) {
+fn transform_filters<T: Real>(s: &Conv2d, tile: Tile, w: &[T], flip: bool, u: &mut [T]) {
     let (rows, cols) = if flip { (s.c_in, s.c_out) } else { (s.c_out, s.c_in) };
-    u[..rows * XI * cols]
-        .par_chunks_mut(XI * cols)
+    let xi_n = tile.xi();
+    u[..rows * xi_n * cols]
+        .par_chunks_mut(xi_n * cols)
         .enumerate()
         .for_each(|(r, ur)| {
             for c in 0..cols {
@@ -108,7 +140,10 @@ fn transform_filters<T: Real>(s: &Conv2d, w: &[T], flip: bool, u: &mut [T]) {
                 for (k, v) in g.iter_mut().enumerate() {
                     *v = if flip { f[8 - k] } else { f[k] };
                 }
-                filter_tile(g, &mut ur[c..], cols);
+                match tile {
+                    Tile::F2 => filter_tile(g, &mut ur[c..], cols),
+                    Tile::F4 => filter_tile4(g, &mut ur[c..], cols),
+                }
             }
         });
 }
@@ -246,18 +281,45 @@ fn grad_transform<T: Real>(plane: &[T], h: usize, w: usize, dm: &mut [T], big_p:
 }
 
 /// Scratch elements the per-plane transforms need for an `(h, w)` map.
-fn pad_len(h: usize, w: usize) -> usize {
-    let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
-    (2 * th + 2) * (2 * tw + 2) + 4 * (2 * tw + 2)
+fn pad_len(h: usize, w: usize, tile: Tile) -> usize {
+    let m = tile.m();
+    let (th, tw) = (h.div_ceil(m), w.div_ceil(m));
+    let padded = (m * th + 2) * (m * tw + 2);
+    match tile {
+        Tile::F2 => (padded + 4 * (2 * tw + 2)).max(4 * tw),
+        Tile::F4 => padded,
+    }
+}
+
+/// One input (or, for the filter gradient, output-gradient) plane transformed into `v`.
+#[allow(clippy::too_many_arguments)]
+fn transform_plane<T: Real>(
+    tile: Tile,
+    grad: bool,
+    src: &[T],
+    h: usize,
+    w: usize,
+    v: &mut [T],
+    big_p: usize,
+    p0: usize,
+    aux: &mut [T],
+) {
+    match (tile, grad) {
+        (Tile::F2, false) => input_transform(src, h, w, v, big_p, p0, aux),
+        (Tile::F4, false) => input_transform4(src, h, w, v, big_p, p0, aux),
+        (Tile::F2, true) => grad_transform(src, h, w, v, big_p, p0, aux),
+        (Tile::F4, true) => grad_transform4(src, h, w, v, big_p, p0),
+    }
 }
 
 /// `y (n, c_out, h, w) (+)= conv3x3(x (n, c_in, h, w))` with transformed filters
 /// `u (c_out, 16, c_in)`: the forward pass and (with the flipped filters) the data gradient.
-fn convolve<T: Real>(s: &Conv2d, x: &[T], u: &[T], y: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
-    let (th, tw) = tiles(s);
+fn convolve<T: Real>(s: &Conv2d, tile: Tile, x: &[T], u: &[T], y: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
+    let (th, tw) = tiles(s, tile);
     let per_image = th * tw;
     let hw = s.h * s.w;
-    let g = images_per(s, GROUP_TILES, true);
+    let xi_n = tile.xi();
+    let g = images_per(s, tile, group_tiles(tile), true);
     y[..s.n * s.c_out * hw]
         .par_chunks_mut(g * s.c_out * hw)
         .enumerate()
@@ -265,40 +327,43 @@ fn convolve<T: Real>(s: &Conv2d, x: &[T], u: &[T], y: &mut [T], accumulate: bool
             let b0 = gi * g;
             let nb = yg.len() / (s.c_out * hw);
             let big_p = nb * per_image;
-            let (v_len, m_len) = (s.c_in * XI * big_p, s.c_out * XI * big_p);
-            let aux = pad_len(s.h, s.w).max(4 * tw);
+            let (v_len, m_len) = (s.c_in * xi_n * big_p, s.c_out * xi_n * big_p);
+            let aux = pad_len(s.h, s.w, tile);
             pool.with(v_len + m_len + aux, |buf| {
                 let (v, rest) = buf.split_at_mut(v_len);
                 let (m, aux) = rest.split_at_mut(m_len);
                 for bi in 0..nb {
                     for ci in 0..s.c_in {
                         let src = &x[((b0 + bi) * s.c_in + ci) * hw..][..hw];
-                        let vc = &mut v[ci * XI * big_p..][..XI * big_p];
-                        input_transform(src, s.h, s.w, vc, big_p, bi * per_image, aux);
+                        let vc = &mut v[ci * xi_n * big_p..][..xi_n * big_p];
+                        transform_plane(tile, false, src, s.h, s.w, vc, big_p, bi * per_image, aux);
                     }
                 }
-                for xi in 0..XI {
+                for xi in 0..xi_n {
                     let a = Mat {
                         data: &u[xi * s.c_in..],
                         rows: s.c_out,
                         cols: s.c_in,
-                        rs: XI * s.c_in,
+                        rs: xi_n * s.c_in,
                         cs: 1,
                     };
                     let b = Mat {
                         data: &v[xi * big_p..],
                         rows: s.c_in,
                         cols: big_p,
-                        rs: XI * big_p,
+                        rs: xi_n * big_p,
                         cs: 1,
                     };
-                    matmul(&mut m[xi * big_p..], XI * big_p, a, b, false, 1);
+                    matmul(&mut m[xi * big_p..], xi_n * big_p, a, b, false, 1);
                 }
                 for bi in 0..nb {
                     for co in 0..s.c_out {
-                        let mc = &m[co * XI * big_p..][..XI * big_p];
+                        let mc = &m[co * xi_n * big_p..][..xi_n * big_p];
                         let dst = &mut yg[(bi * s.c_out + co) * hw..][..hw];
-                        output_transform(mc, big_p, bi * per_image, (s.h, s.w), dst, accumulate, aux);
+                        match tile {
+                            Tile::F2 => output_transform(mc, big_p, bi * per_image, (s.h, s.w), dst, accumulate, aux),
+                            Tile::F4 => output_transform4(mc, big_p, bi * per_image, (s.h, s.w), dst, accumulate),
+                        }
                     }
                 }
             });
@@ -306,40 +371,56 @@ fn convolve<T: Real>(s: &Conv2d, x: &[T], u: &[T], y: &mut [T], accumulate: bool
 }
 
 /// Forward: `y = conv(x, w)`. x `(n, c_in, h, w)`, w `(c_out, c_in, 3, 3)`, y `(n, c_out, h, w)`.
-pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {
+pub fn forward<T: Real>(s: &Conv2d, tile: Tile, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {
     debug_assert!(applies(s));
-    pool.with(XI * s.c_out * s.c_in, |u| {
-        transform_filters(s, w, false, u);
-        convolve(s, x, u, y, false, pool);
+    pool.with(tile.xi() * s.c_out * s.c_in, |u| {
+        transform_filters(s, tile, w, false, u);
+        convolve(s, tile, x, u, y, false, pool);
     });
 }
 
 /// Data gradient: `dx (+)= conv_transpose(dy, w)`, as the correlation of dy with the flipped
 /// filter whose channel axes are swapped.
-pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
+pub fn backward_data<T: Real>(
+    s: &Conv2d,
+    tile: Tile,
+    dy: &[T],
+    w: &[T],
+    dx: &mut [T],
+    accumulate: bool,
+    pool: &ScratchPool<T>,
+) {
     debug_assert!(applies(s));
     let t = Conv2d {
         c_in: s.c_out,
         c_out: s.c_in,
         ..*s
     };
-    pool.with(XI * s.c_out * s.c_in, |u| {
-        transform_filters(s, w, true, u);
-        convolve(&t, dy, u, dx, accumulate, pool);
+    pool.with(tile.xi() * s.c_out * s.c_in, |u| {
+        transform_filters(s, tile, w, true, u);
+        convolve(&t, tile, dy, u, dx, accumulate, pool);
     });
 }
 
 /// Filter gradient: `dw (c_out, c_in, 3, 3) (+)= Σ_batch` of the correlation of x with dy.
-pub fn backward_filter<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
+pub fn backward_filter<T: Real>(
+    s: &Conv2d,
+    tile: Tile,
+    x: &[T],
+    dy: &[T],
+    dw: &mut [T],
+    accumulate: bool,
+    pool: &ScratchPool<T>,
+) {
     debug_assert!(applies(s));
     let plane = s.c_out * s.c_in;
-    pool.with(XI * plane, |du| {
-        if LANES * XI * plane <= LANES_MAX {
-            transformed_grad_lanes(s, x, dy, du, pool);
+    pool.with(tile.xi() * plane, |du| {
+        if LANES * tile.xi() * plane <= LANES_MAX {
+            transformed_grad_lanes(s, tile, x, dy, du, pool);
         } else {
-            transformed_grad_chunks(s, x, dy, du, pool);
+            transformed_grad_chunks(s, tile, x, dy, du, pool);
         }
-        untransform_grad(s, du, dw, accumulate);
+        untransform_grad(s, tile, du, dw, accumulate);
     });
 }
 
@@ -353,16 +434,17 @@ const LANES_MAX: usize = 1 << 21;
 /// are dealt to [`LANES`] lanes (group g to lane g mod LANES); each lane transforms its groups
 /// and sums their products in order into a private partial, and the partials are added in
 /// lane order. The transformed tiles stay in cache between transform and product.
-fn transformed_grad_lanes<T: Real>(s: &Conv2d, x: &[T], dy: &[T], du: &mut [T], pool: &ScratchPool<T>) {
-    let (th, tw) = tiles(s);
+fn transformed_grad_lanes<T: Real>(s: &Conv2d, tile: Tile, x: &[T], dy: &[T], du: &mut [T], pool: &ScratchPool<T>) {
+    let (th, tw) = tiles(s, tile);
+    let xi_n = tile.xi();
     let per_image = th * tw;
     let hw = s.h * s.w;
     let plane = s.c_out * s.c_in;
-    let g = images_per(s, GROUP_TILES, true);
+    let g = images_per(s, tile, group_tiles(tile), true);
     let groups = s.n.div_ceil(g);
-    pool.with(LANES * XI * plane, |partials| {
+    pool.with(LANES * xi_n * plane, |partials| {
         partials
-            .par_chunks_mut(XI * plane)
+            .par_chunks_mut(xi_n * plane)
             .enumerate()
             .for_each(|(lane, part)| {
                 part.fill(T::ZERO);
@@ -370,49 +452,56 @@ fn transformed_grad_lanes<T: Real>(s: &Conv2d, x: &[T], dy: &[T], du: &mut [T], 
                     let b0 = gi * g;
                     let nb = g.min(s.n - b0);
                     let big_p = nb * per_image;
-                    let (v_len, m_len) = (s.c_in * XI * big_p, s.c_out * XI * big_p);
-                    pool.with(v_len + m_len + pad_len(s.h, s.w), |buf| {
+                    let (v_len, m_len) = (s.c_in * xi_n * big_p, s.c_out * xi_n * big_p);
+                    pool.with(v_len + m_len + pad_len(s.h, s.w, tile), |buf| {
                         let (v, rest) = buf.split_at_mut(v_len);
                         let (dm, aux) = rest.split_at_mut(m_len);
                         for bi in 0..nb {
                             for ci in 0..s.c_in {
                                 let src = &x[((b0 + bi) * s.c_in + ci) * hw..][..hw];
-                                let vc = &mut v[ci * XI * big_p..][..XI * big_p];
-                                input_transform(src, s.h, s.w, vc, big_p, bi * per_image, aux);
+                                let vc = &mut v[ci * xi_n * big_p..][..xi_n * big_p];
+                                transform_plane(tile, false, src, s.h, s.w, vc, big_p, bi * per_image, aux);
                             }
                             for co in 0..s.c_out {
                                 let src = &dy[((b0 + bi) * s.c_out + co) * hw..][..hw];
-                                let mc = &mut dm[co * XI * big_p..][..XI * big_p];
-                                grad_transform(src, s.h, s.w, mc, big_p, bi * per_image, aux);
+                                let mc = &mut dm[co * xi_n * big_p..][..xi_n * big_p];
+                                transform_plane(tile, true, src, s.h, s.w, mc, big_p, bi * per_image, aux);
                             }
                         }
-                        for xi in 0..XI {
-                            let (a, b) = transformed_pair(s, dm, v, xi, big_p);
+                        for xi in 0..xi_n {
+                            let (a, b) = transformed_pair(s, xi_n, dm, v, xi, big_p);
                             matmul(&mut part[xi * plane..], s.c_in, a, b, true, 1);
                         }
                     });
                 }
             });
-        let (first, rest) = partials.split_at_mut(XI * plane);
+        let (first, rest) = partials.split_at_mut(xi_n * plane);
         first.par_chunks_mut(4096).enumerate().for_each(|(pi, piece)| {
-            for lane in rest.chunks(XI * plane) {
+            for lane in rest.chunks(xi_n * plane) {
                 for (d, &p) in piece.iter_mut().zip(&lane[pi * 4096..]) {
                     *d += p;
                 }
             }
         });
-        du.copy_from_slice(&first[..XI * plane]);
+        du.copy_from_slice(&first[..xi_n * plane]);
     });
 }
 
 /// The operands of `dU_ξ = dM_ξ (c_out, P) · V_ξᵀ (P, c_in)` in transformed tiles stored
 /// `[c][ξ][p]`.
-fn transformed_pair<'a, T>(s: &Conv2d, dm: &'a [T], v: &'a [T], xi: usize, big_p: usize) -> (Mat<'a, T>, Mat<'a, T>) {
+fn transformed_pair<'a, T>(
+    s: &Conv2d,
+    xi_n: usize,
+    dm: &'a [T],
+    v: &'a [T],
+    xi: usize,
+    big_p: usize,
+) -> (Mat<'a, T>, Mat<'a, T>) {
     let a = Mat {
         data: &dm[xi * big_p..],
         rows: s.c_out,
         cols: big_p,
-        rs: XI * big_p,
+        rs: xi_n * big_p,
         cs: 1,
     };
     let b = Mat {
@@ -420,49 +509,50 @@ fn transformed_pair<'a, T>(s: &Conv2d, dm: &'a [T], v: &'a [T], xi: usize, big_p
         rows: big_p,
         cols: s.c_in,
         rs: 1,
-        cs: XI * big_p,
+        cs: xi_n * big_p,
     };
     (a, b)
 }
 
 /// `du (16, c_out, c_in) = Σ_tiles dM Vᵀ` for large filters: chunks of images in order; each
 /// chunk is transformed a task per channel, then its 16 products are added a task per ξ.
-fn transformed_grad_chunks<T: Real>(s: &Conv2d, x: &[T], dy: &[T], du: &mut [T], pool: &ScratchPool<T>) {
-    let (th, tw) = tiles(s);
+fn transformed_grad_chunks<T: Real>(s: &Conv2d, tile: Tile, x: &[T], dy: &[T], du: &mut [T], pool: &ScratchPool<T>) {
+    let (th, tw) = tiles(s, tile);
+    let xi_n = tile.xi();
     let per_image = th * tw;
     let hw = s.h * s.w;
     let plane = s.c_out * s.c_in;
-    let chunk = images_per(s, CHUNK_TILES, false);
+    let chunk = images_per(s, tile, CHUNK_TILES, false);
     du.fill(T::ZERO);
-    let aux_len = pad_len(s.h, s.w);
+    let aux_len = pad_len(s.h, s.w, tile);
     let mut b0 = 0;
     while b0 < s.n {
         let nb = chunk.min(s.n - b0);
         let big_p = nb * per_image;
-        let (v_len, m_len) = (s.c_in * XI * big_p, s.c_out * XI * big_p);
+        let (v_len, m_len) = (s.c_in * xi_n * big_p, s.c_out * xi_n * big_p);
         pool.with(v_len + m_len, |buf| {
             let (v, dm) = buf.split_at_mut(v_len);
             // transform the chunk's inputs and output gradients, a task per channel
-            v.par_chunks_mut(XI * big_p).enumerate().for_each(|(ci, vc)| {
+            v.par_chunks_mut(xi_n * big_p).enumerate().for_each(|(ci, vc)| {
                 pool.with(aux_len, |aux| {
                     for bi in 0..nb {
                         let src = &x[((b0 + bi) * s.c_in + ci) * hw..][..hw];
-                        input_transform(src, s.h, s.w, vc, big_p, bi * per_image, aux);
+                        transform_plane(tile, false, src, s.h, s.w, vc, big_p, bi * per_image, aux);
                     }
                 })
             });
-            dm.par_chunks_mut(XI * big_p).enumerate().for_each(|(co, mc)| {
+            dm.par_chunks_mut(xi_n * big_p).enumerate().for_each(|(co, mc)| {
                 pool.with(aux_len, |aux| {
                     for bi in 0..nb {
                         let src = &dy[((b0 + bi) * s.c_out + co) * hw..][..hw];
-                        grad_transform(src, s.h, s.w, mc, big_p, bi * per_image, aux);
+                        transform_plane(tile, true, src, s.h, s.w, mc, big_p, bi * per_image, aux);
                     }
                 })
             });
             // dU_ξ += dM_ξ (c_out, P) · V_ξᵀ (P, c_in), a task per ξ
             let (v, dm) = (&*v, &*dm);
             du.par_chunks_mut(plane).enumerate().for_each(|(xi, d)| {
-                let (a, b) = transformed_pair(s, dm, v, xi, big_p);
+                let (a, b) = transformed_pair(s, xi_n, dm, v, xi, big_p);
                 matmul(d, s.c_in, a, b, true, 1);
             });
         });
@@ -471,34 +561,229 @@ fn transformed_grad_chunks<T: Real>(s: &Conv2d, x: &[T], dy: &[T], du: &mut [T],
 }
 
 /// `dw (c_out, c_in, 3, 3) (+)= Gᵀ dU G` per filter, from `du (16, c_out, c_in)`.
-fn untransform_grad<T: Real>(s: &Conv2d, du: &[T], dw: &mut [T], accumulate: bool) {
+fn untransform_grad<T: Real>(s: &Conv2d, tile: Tile, du: &[T], dw: &mut [T], accumulate: bool) {
     let plane = s.c_out * s.c_in;
-    let half = T::from_f64(0.5);
     dw[..s.w_len()]
         .par_chunks_mut(s.c_in * 9)
         .enumerate()
         .for_each(|(co, row)| {
             for ci in 0..s.c_in {
                 let d = |xi: usize| du[xi * plane + co * s.c_in + ci];
-                let mut t = [T::ZERO; 12]; // Gᵀ dU: (3, 4)
-                for j in 0..4 {
-                    let (a, b, c, e) = (d(j), d(4 + j), d(8 + j), d(12 + j));
-                    t[j] = a + half * (b + c);
-                    t[4 + j] = half * (b - c);
-                    t[8 + j] = half * (b + c) + e;
-                }
+                let vals = match tile {
+                    Tile::F2 => untransform_tile2(d),
+                    Tile::F4 => untransform_tile4(d),
+                };
                 let out = &mut row[ci * 9..][..9];
-                for i in 0..3 {
-                    let (a, b, c, e) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
-                    let vals = [a + half * (b + c), half * (b - c), half * (b + c) + e];
-                    for (k, val) in vals.into_iter().enumerate() {
-                        if accumulate {
-                            out[3 * i + k] += val;
-                        } else {
-                            out[3 * i + k] = val;
-                        }
-                    }
+                for (o, v) in out.iter_mut().zip(vals) {
+                    *o = if accumulate { *o + v } else { v };
                 }
             }
         });
+}
+
+/// `dg (3x3) = Gᵀ dU G` for one filter's 4x4 transformed gradient `d(ξ)` (F(2x2, 3x3)).
+#[inline]
+fn untransform_tile2<T: Real>(d: impl Fn(usize) -> T) -> [T; 9] {
+    let half = T::from_f64(0.5);
+    let mut t = [T::ZERO; 12]; // Gᵀ dU: (3, 4)
+    for j in 0..4 {
+        let (a, b, c, e) = (d(j), d(4 + j), d(8 + j), d(12 + j));
+        t[j] = a + half * (b + c);
+        t[4 + j] = half * (b - c);
+        t[8 + j] = half * (b + c) + e;
+    }
+    let mut out = [T::ZERO; 9];
+    for i in 0..3 {
+        let (a, b, c, e) = (t[4 * i], t[4 * i + 1], t[4 * i + 2], t[4 * i + 3]);
+        out[3 * i] = a + half * (b + c);
+        out[3 * i + 1] = half * (b - c);
+        out[3 * i + 2] = half * (b + c) + e;
+    }
+    out
+}
+
+// ---- F(4x4, 3x3): 6x6 transformed tiles, interpolation points 0, ±1, ±2, ∞ ----
+//
+// Bᵀ = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1]
+// G  = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1]
+// Aᵀ = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1]
+
+/// `Bᵀ d` for one column (or row) of six values.
+#[inline(always)]
+fn bt6<T: Real>(d: [T; 6]) -> [T; 6] {
+    let (two, four, five) = (T::from_f64(2.0), T::from_f64(4.0), T::from_f64(5.0));
+    [
+        four * d[0] - five * d[2] + d[4],
+        d[3] + d[4] - four * (d[1] + d[2]),
+        four * (d[1] - d[2]) + d[4] - d[3],
+        two * (d[3] - d[1]) + d[4] - d[2],
+        two * (d[1] - d[3]) + d[4] - d[2],
+        four * d[1] - five * d[3] + d[5],
+    ]
+}
+
+/// `G g` for one column (or row) of three filter values.
+#[inline(always)]
+fn g6<T: Real>(g: [T; 3]) -> [T; 6] {
+    let c = |v: f64| T::from_f64(v);
+    [
+        c(0.25) * g[0],
+        c(-1.0 / 6.0) * (g[0] + g[1] + g[2]),
+        c(-1.0 / 6.0) * (g[0] - g[1] + g[2]),
+        c(1.0 / 24.0) * g[0] + c(1.0 / 12.0) * g[1] + c(1.0 / 6.0) * g[2],
+        c(1.0 / 24.0) * g[0] - c(1.0 / 12.0) * g[1] + c(1.0 / 6.0) * g[2],
+        g[2],
+    ]
+}
+
+/// `Aᵀ m` for one column (or row) of six values.
+#[inline(always)]
+fn at6<T: Real>(m: [T; 6]) -> [T; 4] {
+    let (two, four, eight) = (T::from_f64(2.0), T::from_f64(4.0), T::from_f64(8.0));
+    let (s12, d12, s34, d34) = (m[1] + m[2], m[1] - m[2], m[3] + m[4], m[3] - m[4]);
+    [
+        m[0] + s12 + s34,
+        d12 + two * d34,
+        s12 + four * s34,
+        d12 + eight * d34 + m[5],
+    ]
+}
+
+/// `A g` for one column (or row) of four output-gradient values (A = (Aᵀ)ᵀ).
+#[inline(always)]
+fn a6<T: Real>(g: [T; 4]) -> [T; 6] {
+    let (two, four, eight) = (T::from_f64(2.0), T::from_f64(4.0), T::from_f64(8.0));
+    let (e, o) = (g[0] + g[2], g[1] + g[3]);
+    let (e2, o2) = (g[0] + four * g[2], two * g[1] + eight * g[3]);
+    [g[0], e + o, e - o, e2 + o2, e2 - o2, g[3]]
+}
+
+/// `Gᵀ d` for one column (or row) of six transformed-gradient values.
+#[inline(always)]
+fn gt6<T: Real>(d: [T; 6]) -> [T; 3] {
+    let c = |v: f64| T::from_f64(v);
+    [
+        c(0.25) * d[0] - c(1.0 / 6.0) * (d[1] + d[2]) + c(1.0 / 24.0) * (d[3] + d[4]),
+        c(1.0 / 6.0) * (d[2] - d[1]) + c(1.0 / 12.0) * (d[3] - d[4]),
+        c(1.0 / 6.0) * (d[3] + d[4] - d[1] - d[2]) + d[5],
+    ]
+}
+
+/// A 2-D transform `out = L t Rᵀ` of a square tile with the same 1-D map on columns and rows.
+#[inline(always)]
+fn both_axes<T: Real, const I: usize, const O: usize>(t: [[T; I]; I], f: impl Fn([T; I]) -> [T; O]) -> [[T; O]; O] {
+    let mut cols = [[T::ZERO; I]; O]; // cols[o][i]: column i mapped
+    for i in 0..I {
+        let c = f(std::array::from_fn(|r| t[r][i]));
+        for o in 0..O {
+            cols[o][i] = c[o];
+        }
+    }
+    std::array::from_fn(|o| f(cols[o]))
+}
+
+/// `u (6x6) = G g Gᵀ` for a 3x3 filter g (row-major), written at `u[ξ * stride]`.
+#[inline]
+fn filter_tile4<T: Real>(g: [T; 9], u: &mut [T], stride: usize) {
+    let t: [[T; 3]; 3] = std::array::from_fn(|r| [g[3 * r], g[3 * r + 1], g[3 * r + 2]]);
+    let v = both_axes(t, g6);
+    for i in 0..6 {
+        for j in 0..6 {
+            u[(6 * i + j) * stride] = v[i][j];
+        }
+    }
+}
+
+simd_leaf! {
+/// F(4x4, 3x3) input transform: `v[ξ * P + p0 + ty * tw + tx] = (Bᵀ d B)_ξ` for every 6x6
+/// patch d of one channel plane `(h, w)` (tiles every 4 pixels); `pad` holds at least
+/// `(4 th + 2) (4 tw + 2)` elements.
+fn input_transform4<T: Real>(plane: &[T], h: usize, w: usize, v: &mut [T], big_p: usize, p0: usize, pad: &mut [T]) {
+    let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+    let pw = 4 * tw + 2;
+    let img = &mut pad[..(4 * th + 2) * pw];
+    img.fill(T::ZERO);
+    for y in 0..h {
+        img[(y + 1) * pw + 1..][..w].copy_from_slice(&plane[y * w..][..w]);
+    }
+    for ty in 0..th {
+        for tx in 0..tw {
+            let d: [[T; 6]; 6] = std::array::from_fn(|i| std::array::from_fn(|j| img[(4 * ty + i) * pw + 4 * tx + j]));
+            let t = both_axes(d, bt6);
+            let p = p0 + ty * tw + tx;
+            for i in 0..6 {
+                for j in 0..6 {
+                    v[(6 * i + j) * big_p + p] = t[i][j];
+                }
+            }
+        }
+    }
+}
+}
+
+simd_leaf! {
+/// F(4x4, 3x3) output transform: `y (+)= Aᵀ M A` for every tile of one output plane
+/// `(h, w)`, reading `m[ξ * P + p0 + ty * tw + tx]`.
+fn output_transform4<T: Real>(m: &[T], big_p: usize, p0: usize, size: (usize, usize), y: &mut [T], accumulate: bool) {
+    let (h, w) = size;
+    let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+    for ty in 0..th {
+        for tx in 0..tw {
+            let p = p0 + ty * tw + tx;
+            let mm: [[T; 6]; 6] = std::array::from_fn(|i| std::array::from_fn(|j| m[(6 * i + j) * big_p + p]));
+            let out = both_axes(mm, at6);
+            for (a, row) in out.iter().enumerate() {
+                let oy = 4 * ty + a;
+                if oy >= h {
+                    break;
+                }
+                for (b, &val) in row.iter().enumerate() {
+                    let ox = 4 * tx + b;
+                    if ox >= w {
+                        break;
+                    }
+                    let o = &mut y[oy * w + ox];
+                    *o = if accumulate { *o + val } else { val };
+                }
+            }
+        }
+    }
+}
+}
+
+simd_leaf! {
+/// F(4x4, 3x3) output-gradient transform: `dm[ξ * P + p0 + ty * tw + tx] = (A dY Aᵀ)_ξ` for
+/// every 4x4 tile of one plane `(h, w)` (positions beyond the map count as zero).
+fn grad_transform4<T: Real>(plane: &[T], h: usize, w: usize, dm: &mut [T], big_p: usize, p0: usize) {
+    let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
+    for ty in 0..th {
+        for tx in 0..tw {
+            let g: [[T; 4]; 4] = std::array::from_fn(|a| {
+                std::array::from_fn(|b| {
+                    let (oy, ox) = (4 * ty + a, 4 * tx + b);
+                    if oy < h && ox < w {
+                        plane[oy * w + ox]
+                    } else {
+                        T::ZERO
+                    }
+                })
+            });
+            let t = both_axes(g, a6);
+            let p = p0 + ty * tw + tx;
+            for i in 0..6 {
+                for j in 0..6 {
+                    dm[(6 * i + j) * big_p + p] = t[i][j];
+                }
+            }
+        }
+    }
+}
+}
+
+/// `dg (3x3) = Gᵀ dU G` for one filter's 6x6 transformed gradient `d(ξ)`.
+#[inline]
+fn untransform_tile4<T: Real>(d: impl Fn(usize) -> T) -> [T; 9] {
+    let t: [[T; 6]; 6] = std::array::from_fn(|i| std::array::from_fn(|j| d(6 * i + j)));
+    let g = both_axes(t, gt6);
+    std::array::from_fn(|k| g[k / 3][k % 3])
 }
