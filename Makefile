@@ -15,7 +15,7 @@ BENCH_ARGS ?=
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: help deps build run test ci bench doctor fmt lint clean kernels gpu-bundle test-gpu bench-gpu pytorch-check
+.PHONY: help deps build run test ci bench bench-torch doctor fmt lint clean kernels gpu-bundle test-gpu bench-gpu pytorch-check
 
 help: ## List targets (default)
 	@echo "loft make targets:"
@@ -47,6 +47,9 @@ ci: deps lint test ## What CI runs: formatting and clippy checks, then the test 
 bench: ## Print the benchmark Markdown table to stdout (paste into BENCHMARKS.md)
 	@$(MAKE) --no-print-directory build >&2
 	@$(BIN) bench $(BENCH_ARGS)
+
+bench-torch: build ## loft's training step against PyTorch's (base 64, 16, 8; batch 128), one sitting; PyTorch venv on demand
+	bash scripts/bench-vs-torch.sh $(or $(BASES),64,16,8) $(or $(ROUNDS),3)
 
 kernels: build ## Compile every CUDA kernel with NVRTC (no GPU needed): registers, shared memory, spills
 	$(BIN) kernels

@@ -178,11 +178,14 @@ pub enum Algo {
 pub const WINOGRAD_MIN_CHANNELS: usize = 8;
 /// Narrowest channel count for which F(4x4, 3x3) beats F(2x2, 3x3) here.
 pub const WINOGRAD_F4_MIN_CHANNELS: usize = 32;
+/// Smallest map side for F(4x4, 3x3): on a 4x4 map it is one tile per image and no faster
+/// than F(2x2, 3x3), while its transformed filters take 36/16 the memory.
+pub const WINOGRAD_F4_MIN_SIDE: usize = 8;
 
 impl Algo {
     /// The algorithm for this shape: where Winograd applies and both channel counts are at
-    /// least [`WINOGRAD_MIN_CHANNELS`], F(4x4, 3x3) from [`WINOGRAD_F4_MIN_CHANNELS`] up and
-    /// F(2x2, 3x3) below; else im2col. The environment variable `LOFT_CONV` forces one
+    /// least [`WINOGRAD_MIN_CHANNELS`], F(4x4, 3x3) from [`WINOGRAD_F4_MIN_CHANNELS`] up on
+    /// maps of [`WINOGRAD_F4_MIN_SIDE`] or more, else F(2x2, 3x3); else im2col. The environment variable `LOFT_CONV` forces one
     /// (`im2col`, `f2`: no F(4x4, 3x3)) for benchmarks and comparisons.
     pub fn for_shape(s: &Conv2d) -> Algo {
         static FORCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -190,7 +193,7 @@ impl Algo {
         let narrowest = s.c_in.min(s.c_out);
         if force == "im2col" || !winograd::applies(s) || narrowest < WINOGRAD_MIN_CHANNELS {
             Algo::Im2col
-        } else if narrowest >= WINOGRAD_F4_MIN_CHANNELS && force != "f2" {
+        } else if narrowest >= WINOGRAD_F4_MIN_CHANNELS && s.h.min(s.w) >= WINOGRAD_F4_MIN_SIDE && force != "f2" {
             Algo::Winograd(Tile::F4)
         } else {
             Algo::Winograd(Tile::F2)
