@@ -175,7 +175,7 @@ pub enum Algo {
 }
 
 /// Narrowest channel count (input and output) for which Winograd beats im2col here.
-pub const WINOGRAD_MIN_CHANNELS: usize = 8;
+pub const WINOGRAD_MIN_CHANNELS: usize = 16;
 /// Narrowest channel count for which F(4x4, 3x3) beats F(2x2, 3x3) here.
 pub const WINOGRAD_F4_MIN_CHANNELS: usize = 32;
 /// Smallest map side for F(4x4, 3x3): on a 4x4 map it is one tile per image and no faster
