@@ -161,24 +161,44 @@ fn conv_results_do_not_depend_on_thread_count() {
         stride: 1,
         pad: 1,
     };
-    let mut rng = Rng::new(3);
+    same_bits_for_thread_counts(&s, 3, None, &[1, 3]);
+}
+
+/// Forward, data and filter gradients of `s` on random f32 data (from `seed`) give the same
+/// bits on every thread count of `threads`: through the backend (`algo` None: the algorithm
+/// of the shape) or with `algo` forced.
+fn same_bits_for_thread_counts(s: &Conv2d, seed: u64, algo: Option<conv::Algo>, threads: &[usize]) {
+    let mut rng = Rng::new(seed);
     let x: Vec<f32> = rand_vec(&mut rng, s.x_len()).iter().map(|&v| v as f32).collect();
     let w: Vec<f32> = rand_vec(&mut rng, s.w_len()).iter().map(|&v| v as f32).collect();
     let g: Vec<f32> = rand_vec(&mut rng, s.y_len()).iter().map(|&v| v as f32).collect();
     let run = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
-            let be = CpuBackend::<f32>::new();
             let mut y = vec![0f32; s.y_len()];
             let mut dx = vec![0f32; s.x_len()];
             let mut dw = vec![0f32; s.w_len()];
-            be.conv2d_forward(&s, &x, &w, &mut y);
-            be.conv2d_backward_data(&s, &g, &w, &mut dx, false);
-            be.conv2d_backward_filter(&s, &x, &g, &mut dw, false);
+            match algo {
+                None => {
+                    let be = CpuBackend::<f32>::new();
+                    be.conv2d_forward(s, &x, &w, &mut y);
+                    be.conv2d_backward_data(s, &g, &w, &mut dx, false);
+                    be.conv2d_backward_filter(s, &x, &g, &mut dw, false);
+                }
+                Some(algo) => {
+                    let scratch = loft::backend::cpu::scratch::ScratchPool::<f32>::new();
+                    conv::forward_with(algo, s, &x, &w, &mut y, &scratch);
+                    conv::backward_data_with(algo, s, &g, &w, &mut dx, false, &scratch);
+                    conv::backward_filter_with(algo, s, &x, &g, &mut dw, false, &scratch);
+                }
+            }
             (y, dx, dw)
         })
     };
-    assert_eq!(run(1), run(3));
+    let first = run(threads[0]);
+    for &t in &threads[1..] {
+        assert_eq!(first, run(t), "{algo:?} {s:?}: {} threads against {t}", threads[0]);
+    }
 }
 
 #[test]
@@ -648,7 +668,6 @@ fn winograd_results_do_not_depend_on_thread_count() {
 }
 
 fn winograd_threads_case(tile: Tile) {
-    let winograd = conv::Algo::Winograd(tile);
     let s = Conv2d {
         n: 37,
         c_in: 6,
@@ -660,24 +679,5 @@ fn winograd_threads_case(tile: Tile) {
         stride: 1,
         pad: 1,
     };
-    let mut rng = Rng::new(14);
-    let x: Vec<f32> = rand_vec(&mut rng, s.x_len()).iter().map(|&v| v as f32).collect();
-    let w: Vec<f32> = rand_vec(&mut rng, s.w_len()).iter().map(|&v| v as f32).collect();
-    let g: Vec<f32> = rand_vec(&mut rng, s.y_len()).iter().map(|&v| v as f32).collect();
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| {
-            let scratch = loft::backend::cpu::scratch::ScratchPool::<f32>::new();
-            let mut y = vec![0f32; s.y_len()];
-            let mut dx = vec![0f32; s.x_len()];
-            let mut dw = vec![0f32; s.w_len()];
-            conv::forward_with(winograd, &s, &x, &w, &mut y, &scratch);
-            conv::backward_data_with(winograd, &s, &g, &w, &mut dx, false, &scratch);
-            conv::backward_filter_with(winograd, &s, &x, &g, &mut dw, false, &scratch);
-            (y, dx, dw)
-        })
-    };
-    let one = run(1);
-    assert_eq!(one, run(2));
-    assert_eq!(one, run(3));
+    same_bits_for_thread_counts(&s, 14, Some(conv::Algo::Winograd(tile)), &[1, 2, 3]);
 }

@@ -385,17 +385,8 @@ fn backward_filter_lanes<T: Real>(
                 });
             }
         });
-        // Sum the lanes into lane 0 (in lane order, in parallel over contiguous pieces), then
-        // transpose (k, c_out) into dW (c_out, k).
-        let (first, rest) = partials.split_at_mut(wl);
-        first.par_chunks_mut(4096).enumerate().for_each(|(ci, piece)| {
-            for lane in rest.chunks(wl) {
-                for (d, &p) in piece.iter_mut().zip(&lane[ci * 4096..]) {
-                    *d += p;
-                }
-            }
-        });
-        let sum: &[T] = first;
+        // sum the lanes, then transpose (k, c_out) into dW (c_out, k)
+        let sum: &[T] = add_lanes(partials, wl);
         dw[..wl].par_chunks_mut(k).enumerate().for_each(|(co, row)| {
             for (r, d) in row.iter_mut().enumerate() {
                 let v = sum[r * s.c_out + co];
@@ -407,6 +398,21 @@ fn backward_filter_lanes<T: Real>(
             }
         });
     });
+}
+
+/// Add the lanes of `partials` (consecutive runs of `len`) into the first, in lane order and
+/// in parallel over contiguous pieces (each element summed by one task in a fixed order), and
+/// return it.
+pub(super) fn add_lanes<T: Real>(partials: &mut [T], len: usize) -> &[T] {
+    let (first, rest) = partials.split_at_mut(len);
+    first.par_chunks_mut(4096).enumerate().for_each(|(pi, piece)| {
+        for lane in rest.chunks(len) {
+            for (d, &p) in piece.iter_mut().zip(&lane[pi * 4096..]) {
+                *d += p;
+            }
+        }
+    });
+    first
 }
 
 /// Filter gradient for large weights: chunks of images in order; within a chunk the k

@@ -28,6 +28,7 @@
 //! ten times more. Both are tested in f64 and f32 against the direct reference with stated
 //! bounds (`tests/ops.rs`).
 
+use super::conv::add_lanes;
 use super::gemm::{matmul, Mat};
 use super::real::Real;
 use super::scratch::ScratchPool;
@@ -312,6 +313,31 @@ fn transform_plane<T: Real>(
     }
 }
 
+/// The first `nb` images of `src (nb.., c, h, w)` transformed into `dst [c][ξ][p]`, P = nb
+/// tiles per image (`grad`: as output gradients, else as inputs); one task, image by image.
+#[allow(clippy::too_many_arguments)]
+fn transform_images<T: Real>(
+    s: &Conv2d,
+    tile: Tile,
+    grad: bool,
+    src: &[T],
+    c: usize,
+    nb: usize,
+    dst: &mut [T],
+    aux: &mut [T],
+) {
+    let (th, tw) = tiles(s, tile);
+    let (per_image, hw, xi_n) = (th * tw, s.h * s.w, tile.xi());
+    let big_p = nb * per_image;
+    for bi in 0..nb {
+        for ch in 0..c {
+            let plane = &src[(bi * c + ch) * hw..][..hw];
+            let out = &mut dst[ch * xi_n * big_p..][..xi_n * big_p];
+            transform_plane(tile, grad, plane, s.h, s.w, out, big_p, bi * per_image, aux);
+        }
+    }
+}
+
 /// `y (n, c_out, h, w) (+)= conv3x3(x (n, c_in, h, w))` with transformed filters
 /// `u (c_out, 16, c_in)`: the forward pass and (with the flipped filters) the data gradient.
 fn convolve<T: Real>(s: &Conv2d, tile: Tile, x: &[T], u: &[T], y: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
@@ -332,13 +358,7 @@ fn convolve<T: Real>(s: &Conv2d, tile: Tile, x: &[T], u: &[T], y: &mut [T], accu
             pool.with(v_len + m_len + aux, |buf| {
                 let (v, rest) = buf.split_at_mut(v_len);
                 let (m, aux) = rest.split_at_mut(m_len);
-                for bi in 0..nb {
-                    for ci in 0..s.c_in {
-                        let src = &x[((b0 + bi) * s.c_in + ci) * hw..][..hw];
-                        let vc = &mut v[ci * xi_n * big_p..][..xi_n * big_p];
-                        transform_plane(tile, false, src, s.h, s.w, vc, big_p, bi * per_image, aux);
-                    }
-                }
+                transform_images(s, tile, false, &x[b0 * s.c_in * hw..], s.c_in, nb, v, aux);
                 for xi in 0..xi_n {
                     let a = Mat {
                         data: &u[xi * s.c_in..],
@@ -456,18 +476,8 @@ fn transformed_grad_lanes<T: Real>(s: &Conv2d, tile: Tile, x: &[T], dy: &[T], du
                     pool.with(v_len + m_len + pad_len(s.h, s.w, tile), |buf| {
                         let (v, rest) = buf.split_at_mut(v_len);
                         let (dm, aux) = rest.split_at_mut(m_len);
-                        for bi in 0..nb {
-                            for ci in 0..s.c_in {
-                                let src = &x[((b0 + bi) * s.c_in + ci) * hw..][..hw];
-                                let vc = &mut v[ci * xi_n * big_p..][..xi_n * big_p];
-                                transform_plane(tile, false, src, s.h, s.w, vc, big_p, bi * per_image, aux);
-                            }
-                            for co in 0..s.c_out {
-                                let src = &dy[((b0 + bi) * s.c_out + co) * hw..][..hw];
-                                let mc = &mut dm[co * xi_n * big_p..][..xi_n * big_p];
-                                transform_plane(tile, true, src, s.h, s.w, mc, big_p, bi * per_image, aux);
-                            }
-                        }
+                        transform_images(s, tile, false, &x[b0 * s.c_in * hw..], s.c_in, nb, v, aux);
+                        transform_images(s, tile, true, &dy[b0 * s.c_out * hw..], s.c_out, nb, dm, aux);
                         for xi in 0..xi_n {
                             let (a, b) = transformed_pair(s, xi_n, dm, v, xi, big_p);
                             matmul(&mut part[xi * plane..], s.c_in, a, b, true, 1);
@@ -475,15 +485,7 @@ fn transformed_grad_lanes<T: Real>(s: &Conv2d, tile: Tile, x: &[T], dy: &[T], du
                     });
                 }
             });
-        let (first, rest) = partials.split_at_mut(xi_n * plane);
-        first.par_chunks_mut(4096).enumerate().for_each(|(pi, piece)| {
-            for lane in rest.chunks(xi_n * plane) {
-                for (d, &p) in piece.iter_mut().zip(&lane[pi * 4096..]) {
-                    *d += p;
-                }
-            }
-        });
-        du.copy_from_slice(&first[..xi_n * plane]);
+        du.copy_from_slice(add_lanes(partials, xi_n * plane));
     });
 }
 
