@@ -1,6 +1,7 @@
 //! Thin, safe wrapper over the `gemm` crate for row-major and strided matrices.
 
 use super::real::Real;
+use super::sgemm;
 use gemm::Parallelism;
 use std::cell::Cell;
 
@@ -101,6 +102,33 @@ pub fn matmul<T: Real>(dst: &mut [T], ld: usize, a: Mat<'_, T>, b: Mat<'_, T>, a
 /// last index of each operand; no other thread may touch those dst elements meanwhile.
 unsafe fn gemm_raw<T: Real>(dst: *mut T, ld: usize, a: Mat<'_, T>, b: Mat<'_, T>, accumulate: bool, par: Parallelism) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
+    if let (Some(af), Some(bf), true) = (
+        T::as_f32(a.data),
+        T::as_f32(b.data),
+        matches!(par, Parallelism::None) && sgemm::available(),
+    ) {
+        let op = |s: &[f32], rs, cs| sgemm::Strided {
+            ptr: s.as_ptr(),
+            rs,
+            cs,
+        };
+        // SAFETY: T is f32 (as_f32 answered), so dst points at f32; the caller's bounds
+        // contract covers the same elements; AVX-512F is present (`available`).
+        unsafe {
+            sgemm::sgemm(
+                m,
+                n,
+                k,
+                dst as *mut f32,
+                ld,
+                1,
+                op(af, a.rs, a.cs),
+                op(bf, b.rs, b.cs),
+                accumulate,
+            )
+        };
+        return;
+    }
     // SAFETY: forwarded to the caller.
     flagged(|| unsafe {
         gemm::gemm(

@@ -9,6 +9,7 @@ pub mod gemm;
 pub mod norm;
 pub mod real;
 pub mod scratch;
+pub mod sgemm;
 pub mod simd;
 pub mod winograd;
 

@@ -43,26 +43,38 @@ fn plane_grad_sums<T: Real, const MASK: bool>(dy: &[T], x: &[T], y: &[T], mean: 
     let y = if MASK { y } else { dy };
     let (dc, xc, yc) = (dy.chunks_exact(LANES), x.chunks_exact(LANES), y.chunks_exact(LANES));
     let (dr, xr, yr) = (dc.remainder(), xc.remainder(), yc.remainder());
+    for ((d, v), o) in dc.zip(xc).zip(yc) {
+        grad_sums_chunk::<T, MASK>(d, v, o, mean, &mut sg, &mut sgx);
+    }
+    grad_sums_chunk::<T, MASK>(dr, xr, yr, mean, &mut sg, &mut sgx);
+    (fold_lanes(sg), fold_lanes(sgx))
+}
+}
+
+/// One chunk (at most [`LANES`] elements) of [`plane_grad_sums`]: a function forced inline,
+/// not a closure, so that it is compiled into the wide version (a closure called twice
+/// stays a separate function at the baseline width).
+#[inline(always)]
+fn grad_sums_chunk<T: Real, const MASK: bool>(
+    d: &[T],
+    v: &[T],
+    o: &[T],
+    mean: f64,
+    sg: &mut [f64; LANES],
+    sgx: &mut [f64; LANES],
+) {
     // the mask as a bitwise AND in a first loop, the f64 sums in a second: written together
     // the compiler turns the mask into per-element branches, which mispredict (about half
     // the elements are masked, unpredictably)
-    let mut chunk = |d: &[T], v: &[T], o: &[T]| {
-        let mut g = [T::ZERO; LANES];
-        for k in 0..d.len() {
-            g[k] = if MASK { d[k].masked_by(o[k]) } else { d[k] };
-        }
-        for k in 0..d.len() {
-            let gk = g[k].to_f64();
-            sg[k] += gk;
-            sgx[k] += gk * (v[k].to_f64() - mean);
-        }
-    };
-    for ((d, v), o) in dc.zip(xc).zip(yc) {
-        chunk(d, v, o);
+    let mut g = [T::ZERO; LANES];
+    for k in 0..d.len() {
+        g[k] = if MASK { d[k].masked_by(o[k]) } else { d[k] };
     }
-    chunk(dr, xr, yr);
-    (fold_lanes(sg), fold_lanes(sgx))
-}
+    for k in 0..d.len() {
+        let gk = g[k].to_f64();
+        sg[k] += gk;
+        sgx[k] += gk * (v[k].to_f64() - mean);
+    }
 }
 
 /// Per-channel (mean, sum of squared deviations) computed in two passes, in f64.

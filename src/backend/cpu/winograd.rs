@@ -29,7 +29,7 @@
 //! bounds (`tests/ops.rs`).
 
 use super::conv::add_lanes;
-use super::gemm::{matmul, Mat};
+use super::gemm::{matmul, Mat, SendPtr};
 use super::real::Real;
 use super::scratch::ScratchPool;
 use super::simd::simd_leaf;
@@ -123,30 +123,36 @@ fn filter_tile<T: Real>(g: [T; 9], u: &mut [T], stride: usize) {
     }
 }
 
-/// Transformed filters `u (rows, ξ, cols)` of `w (c_out, c_in, 3, 3)`: `U_ξ[co][ci]` at
-/// `u[(co * xi + ξ) * c_in + ci]` for the forward (`flip` false, rows = c_out), or of the
-/// flipped filter, `U_ξ[ci][co]`, for the data gradient (`flip` true, rows = c_in). A task per
-/// row.
+/// Transformed filters `u (ξ, cols, rows)` of `w (c_out, c_in, 3, 3)`: `U_ξ[co][ci]` at
+/// `u[(ξ * c_in + ci) * c_out + co]` for the forward (`flip` false, rows = c_out), or of the
+/// flipped filter, `U_ξ[ci][co]`, for the data gradient (`flip` true, rows = c_in). Each
+/// `U_ξ` is stored transposed, so that a product reads a column of it (the `rows` values of
+/// one input channel) contiguously. A task per column.
 fn transform_filters<T: Real>(s: &Conv2d, tile: Tile, w: &[T], flip: bool, u: &mut [T]) {
     let (rows, cols) = if flip { (s.c_in, s.c_out) } else { (s.c_out, s.c_in) };
     let xi_n = tile.xi();
-    u[..rows * xi_n * cols]
-        .par_chunks_mut(xi_n * cols)
-        .enumerate()
-        .for_each(|(r, ur)| {
-            for c in 0..cols {
-                let (co, ci) = if flip { (c, r) } else { (r, c) };
-                let f = &w[(co * s.c_in + ci) * 9..][..9];
-                let mut g = [T::ZERO; 9];
-                for (k, v) in g.iter_mut().enumerate() {
-                    *v = if flip { f[8 - k] } else { f[k] };
-                }
-                match tile {
-                    Tile::F2 => filter_tile(g, &mut ur[c..], cols),
-                    Tile::F4 => filter_tile4(g, &mut ur[c..], cols),
-                }
+    let u = &mut u[..xi_n * cols * rows];
+    let base = SendPtr(u.as_mut_ptr());
+    (0..cols).into_par_iter().for_each(|c| {
+        for r in 0..rows {
+            let (co, ci) = if flip { (c, r) } else { (r, c) };
+            let f = &w[(co * s.c_in + ci) * 9..][..9];
+            let mut g = [T::ZERO; 9];
+            for (k, v) in g.iter_mut().enumerate() {
+                *v = if flip { f[8 - k] } else { f[k] };
             }
-        });
+            let mut t = [T::ZERO; 36];
+            match tile {
+                Tile::F2 => filter_tile(g, &mut t, 1),
+                Tile::F4 => filter_tile4(g, &mut t, 1),
+            }
+            for (xi, &v) in t[..xi_n].iter().enumerate() {
+                // SAFETY: (ξ cols + c) rows + r < ξ_n cols rows = u.len(); task c alone
+                // writes the elements of column c.
+                unsafe { *base.add((xi * cols + c) * rows + r).0 = v };
+            }
+        }
+    });
 }
 
 simd_leaf! {
@@ -339,7 +345,7 @@ fn transform_images<T: Real>(
 }
 
 /// `y (n, c_out, h, w) (+)= conv3x3(x (n, c_in, h, w))` with transformed filters
-/// `u (c_out, 16, c_in)`: the forward pass and (with the flipped filters) the data gradient.
+/// `u (ξ, c_in, c_out)`: the forward pass and (with the flipped filters) the data gradient.
 fn convolve<T: Real>(s: &Conv2d, tile: Tile, x: &[T], u: &[T], y: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
     let (th, tw) = tiles(s, tile);
     let per_image = th * tw;
@@ -361,11 +367,11 @@ fn convolve<T: Real>(s: &Conv2d, tile: Tile, x: &[T], u: &[T], y: &mut [T], accu
                 transform_images(s, tile, false, &x[b0 * s.c_in * hw..], s.c_in, nb, v, aux);
                 for xi in 0..xi_n {
                     let a = Mat {
-                        data: &u[xi * s.c_in..],
+                        data: &u[xi * s.c_in * s.c_out..],
                         rows: s.c_out,
                         cols: s.c_in,
-                        rs: xi_n * s.c_in,
-                        cs: 1,
+                        rs: 1,
+                        cs: s.c_out,
                     };
                     let b = Mat {
                         data: &v[xi * big_p..],
@@ -676,12 +682,33 @@ fn gt6<T: Real>(d: [T; 6]) -> [T; 3] {
 fn both_axes<T: Real, const I: usize, const O: usize>(t: [[T; I]; I], f: impl Fn([T; I]) -> [T; O]) -> [[T; O]; O] {
     let mut cols = [[T::ZERO; I]; O]; // cols[o][i]: column i mapped
     for i in 0..I {
-        let c = f(std::array::from_fn(|r| t[r][i]));
+        let mut col = [T::ZERO; I];
+        for (r, v) in col.iter_mut().enumerate() {
+            *v = t[r][i];
+        }
+        let c = f(col);
         for o in 0..O {
             cols[o][i] = c[o];
         }
     }
-    std::array::from_fn(|o| f(cols[o]))
+    let mut out = [[T::ZERO; O]; O];
+    for (o, row) in out.iter_mut().enumerate() {
+        *row = f(cols[o]);
+    }
+    out
+}
+
+/// The `N x N` array of `f(i, j)`, written as plain loops: `std::array::from_fn` is not
+/// inlined into the wide versions of the leaves, so its loop would run at the baseline width.
+#[inline(always)]
+fn square<T: Real, const N: usize>(f: impl Fn(usize, usize) -> T) -> [[T; N]; N] {
+    let mut out = [[T::ZERO; N]; N];
+    for (i, row) in out.iter_mut().enumerate() {
+        for (j, v) in row.iter_mut().enumerate() {
+            *v = f(i, j);
+        }
+    }
+    out
 }
 
 /// `u (6x6) = G g Gᵀ` for a 3x3 filter g (row-major), written at `u[ξ * stride]`.
@@ -710,7 +737,7 @@ fn input_transform4<T: Real>(plane: &[T], h: usize, w: usize, v: &mut [T], big_p
     }
     for ty in 0..th {
         for tx in 0..tw {
-            let d: [[T; 6]; 6] = std::array::from_fn(|i| std::array::from_fn(|j| img[(4 * ty + i) * pw + 4 * tx + j]));
+            let d: [[T; 6]; 6] = square(|i, j| img[(4 * ty + i) * pw + 4 * tx + j]);
             let t = both_axes(d, bt6);
             let p = p0 + ty * tw + tx;
             for i in 0..6 {
@@ -732,7 +759,7 @@ fn output_transform4<T: Real>(m: &[T], big_p: usize, p0: usize, size: (usize, us
     for ty in 0..th {
         for tx in 0..tw {
             let p = p0 + ty * tw + tx;
-            let mm: [[T; 6]; 6] = std::array::from_fn(|i| std::array::from_fn(|j| m[(6 * i + j) * big_p + p]));
+            let mm: [[T; 6]; 6] = square(|i, j| m[(6 * i + j) * big_p + p]);
             let out = both_axes(mm, at6);
             for (a, row) in out.iter().enumerate() {
                 let oy = 4 * ty + a;
@@ -760,15 +787,13 @@ fn grad_transform4<T: Real>(plane: &[T], h: usize, w: usize, dm: &mut [T], big_p
     let (th, tw) = (h.div_ceil(4), w.div_ceil(4));
     for ty in 0..th {
         for tx in 0..tw {
-            let g: [[T; 4]; 4] = std::array::from_fn(|a| {
-                std::array::from_fn(|b| {
-                    let (oy, ox) = (4 * ty + a, 4 * tx + b);
-                    if oy < h && ox < w {
-                        plane[oy * w + ox]
-                    } else {
-                        T::ZERO
-                    }
-                })
+            let g: [[T; 4]; 4] = square(|a, b| {
+                let (oy, ox) = (4 * ty + a, 4 * tx + b);
+                if oy < h && ox < w {
+                    plane[oy * w + ox]
+                } else {
+                    T::ZERO
+                }
             });
             let t = both_axes(g, a6);
             let p = p0 + ty * tw + tx;
