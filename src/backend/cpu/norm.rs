@@ -1,5 +1,6 @@
 //! CPU batch normalisation over NCHW tensors (statistics accumulated in f64).
 
+use super::gemm::SendPtr;
 use super::real::Real;
 use super::simd::simd_leaf;
 use crate::backend::SumOverRanks;
@@ -193,32 +194,59 @@ pub fn forward_train<T: Real>(
     sync: SumOverRanks<'_>,
 ) {
     let work = &mut work[..2 * s.c];
+    let invstd_of = |ss: f64, m: f64| 1.0 / (ss / m + s.eps as f64).sqrt();
+    let affine = |c: usize, mean: f64, invstd: f64| {
+        let scale = gamma[c].to_f64() * invstd;
+        (scale, beta[c].to_f64() - mean * scale)
+    };
     let m = match sync {
-        Some(f) => global_moments(s, x, work, f),
+        Some(f) => {
+            let m = global_moments(s, x, work, f);
+            let stats: Vec<(f64, f64)> = work.chunks(2).map(|w| (w[0], w[1])).collect();
+            for (c, &(mean, ss)) in stats.iter().enumerate() {
+                let (a, b) = affine(c, mean, invstd_of(ss, m));
+                work[2 * c] = a;
+                work[2 * c + 1] = b;
+            }
+            normalise(s, x, y, work);
+            for (c, w) in work.chunks_mut(2).enumerate() {
+                (w[0], w[1]) = stats[c];
+            }
+            m
+        }
         None => {
+            // channel by channel, statistics then normalisation, while the channel's planes
+            // are still in cache (one pass over memory instead of three)
+            let m = (s.n * s.hw) as f64;
+            let out = SendPtr(y.as_mut_ptr());
+            assert!(y.len() >= s.len(), "batch norm: output too small");
             work.par_chunks_mut(2).enumerate().for_each(|(c, w)| {
                 let (mean, ss) = channel_moments(s, x, c);
+                let (a, b) = affine(c, mean, invstd_of(ss, m));
+                let (a, b) = (T::from_f64(a), T::from_f64(b));
+                for bi in 0..s.n {
+                    let off = (bi * s.c + c) * s.hw;
+                    // SAFETY: off + hw <= s.len() <= y.len(); the planes of channel c are
+                    // written by this task only.
+                    let yp = unsafe { std::slice::from_raw_parts_mut(out.add(off).0, s.hw) };
+                    normalise_plane(yp, &x[off..off + s.hw], a, b, s.relu);
+                }
                 w[0] = mean;
                 w[1] = ss;
             });
-            (s.n * s.hw) as f64
+            m
         }
     };
     let mom = s.momentum as f64;
     for c in 0..s.c {
         let (mean, ss) = (work[2 * c], work[2 * c + 1]);
         let var = ss / m;
-        let invstd = 1.0 / (var + s.eps as f64).sqrt();
         save_mean[c] = T::from_f64(mean);
-        save_invstd[c] = T::from_f64(invstd);
-        let scale = gamma[c].to_f64() * invstd;
-        work[2 * c] = scale;
-        work[2 * c + 1] = beta[c].to_f64() - mean * scale;
+        save_invstd[c] = T::from_f64(invstd_of(ss, m));
         let unbiased = if m > 1.0 { ss / (m - 1.0) } else { var };
         running_mean[c] = T::from_f64((1.0 - mom) * running_mean[c].to_f64() + mom * mean);
         running_var[c] = T::from_f64((1.0 - mom) * running_var[c].to_f64() + mom * unbiased);
     }
-    normalise(s, x, y, work);
 }
 
 /// Evaluation-mode forward with the running statistics. `work` holds at least `2 c` f64.
@@ -265,7 +293,8 @@ pub fn backward<T: Real>(
 ) {
     let mut m = (s.n * s.hw) as f64;
     let sums = &mut work[..2 * s.c];
-    sums.par_chunks_mut(2).enumerate().for_each(|(c, out)| {
+    // (Σ dy, Σ dy xhat) of channel c over this rank's batch
+    let channel_sums = |c: usize| {
         let (mean, invstd) = (save_mean[c].to_f64(), save_invstd[c].to_f64());
         let (mut sdy, mut sdyx) = (0.0, 0.0);
         for b in 0..s.n {
@@ -279,31 +308,14 @@ pub fn backward<T: Real>(
             sdy += g;
             sdyx += gx;
         }
-        out[0] = sdy;
-        out[1] = sdyx * invstd;
-    });
-    for c in 0..s.c {
-        dbeta[c] = T::from_f64(sums[2 * c]);
-        dgamma[c] = T::from_f64(sums[2 * c + 1]);
-    }
-    if let Some(f) = sync {
-        // (sum dy of every channel, sum dy xhat of every channel, samples) over the ranks
-        let mut v: Vec<f64> = (0..2 * s.c).map(|i| sums[2 * (i % s.c) + i / s.c]).collect();
-        v.push(m);
-        f(&mut v);
-        for c in 0..s.c {
-            sums[2 * c] = v[c];
-            sums[2 * c + 1] = v[s.c + c];
-        }
-        m = v[2 * s.c];
-    }
-    let sums: &[f64] = sums;
-    dx[..s.len()].par_chunks_mut(s.hw).enumerate().for_each(|(p, dxp)| {
+        (sdy, sdyx * invstd)
+    };
+    // dx of one plane p (channel c) from the channel's sums over M samples
+    let dx_of = |p: usize, dxp: &mut [T], sdy: f64, sdyx: f64, m: f64| {
         let c = p % s.c;
         let off = p * s.hw;
         let (mean, invstd) = (save_mean[c].to_f64(), save_invstd[c].to_f64());
         let k = gamma[c].to_f64() * invstd / m;
-        let (sdy, sdyx) = (sums[2 * c], sums[2 * c + 1]);
         // dx = k (M dy - sdy - xhat sdyx) = a dy + b x + c0 with xhat = (x - mean) invstd
         let a = T::from_f64(k * m);
         let bx = T::from_f64(-k * sdyx * invstd);
@@ -312,5 +324,46 @@ pub fn backward<T: Real>(
         let dys = &dy[off..off + s.hw];
         let ys = if s.relu { &y[off..off + s.hw] } else { dys };
         dx_plane(dxp, dys, xs, ys, a, bx, c0, s.relu, accumulate);
+    };
+    let Some(f) = sync else {
+        // channel by channel, sums then dx, while the channel's planes are still in cache
+        let out = SendPtr(dx.as_mut_ptr());
+        assert!(dx.len() >= s.len(), "batch norm: gradient too small");
+        sums.par_chunks_mut(2).enumerate().for_each(|(c, o)| {
+            (o[0], o[1]) = channel_sums(c);
+            for b in 0..s.n {
+                let p = b * s.c + c;
+                // SAFETY: (p + 1) hw <= s.len() <= dx.len(); the planes of channel c are
+                // written by this task only.
+                let dxp = unsafe { std::slice::from_raw_parts_mut(out.add(p * s.hw).0, s.hw) };
+                dx_of(p, dxp, o[0], o[1], m);
+            }
+        });
+        for c in 0..s.c {
+            dbeta[c] = T::from_f64(sums[2 * c]);
+            dgamma[c] = T::from_f64(sums[2 * c + 1]);
+        }
+        return;
+    };
+    sums.par_chunks_mut(2).enumerate().for_each(|(c, o)| {
+        (o[0], o[1]) = channel_sums(c);
+    });
+    for c in 0..s.c {
+        dbeta[c] = T::from_f64(sums[2 * c]);
+        dgamma[c] = T::from_f64(sums[2 * c + 1]);
+    }
+    // (sum dy of every channel, sum dy xhat of every channel, samples) over the ranks
+    let mut v: Vec<f64> = (0..2 * s.c).map(|i| sums[2 * (i % s.c) + i / s.c]).collect();
+    v.push(m);
+    f(&mut v);
+    for c in 0..s.c {
+        sums[2 * c] = v[c];
+        sums[2 * c + 1] = v[s.c + c];
+    }
+    m = v[2 * s.c];
+    let sums: &[f64] = sums;
+    dx[..s.len()].par_chunks_mut(s.hw).enumerate().for_each(|(p, dxp)| {
+        let c = p % s.c;
+        dx_of(p, dxp, sums[2 * c], sums[2 * c + 1], m);
     });
 }

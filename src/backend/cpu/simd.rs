@@ -61,3 +61,24 @@ macro_rules! simd_leaf {
     };
 }
 pub(crate) use simd_leaf;
+
+/// `dst.copy_from_slice(src)` for short rows (a feature map's row: 4 to 32 values), inlined as
+/// 16- and 4-element block moves: `copy_from_slice` calls `memcpy`, whose call and dispatch
+/// cost as much as the copy itself at these lengths.
+#[inline(always)]
+pub fn copy_row<T: Copy>(dst: &mut [T], src: &[T]) {
+    assert_eq!(dst.len(), src.len(), "copy_row: lengths differ");
+    let (d16, dr) = dst.as_chunks_mut::<16>();
+    let (s16, sr) = src.as_chunks::<16>();
+    for (d, s) in d16.iter_mut().zip(s16) {
+        *d = *s;
+    }
+    let (d4, dr) = dr.as_chunks_mut::<4>();
+    let (s4, sr) = sr.as_chunks::<4>();
+    for (d, s) in d4.iter_mut().zip(s4) {
+        *d = *s;
+    }
+    for (d, s) in dr.iter_mut().zip(sr) {
+        *d = *s;
+    }
+}

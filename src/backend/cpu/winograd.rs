@@ -32,7 +32,7 @@ use super::conv::add_lanes;
 use super::gemm::{matmul, Mat, SendPtr};
 use super::real::Real;
 use super::scratch::ScratchPool;
-use super::simd::simd_leaf;
+use super::simd::{copy_row, simd_leaf};
 use crate::ops::Conv2d;
 use rayon::prelude::*;
 
@@ -165,7 +165,7 @@ fn input_transform<T: Real>(plane: &[T], h: usize, w: usize, v: &mut [T], big_p:
     let (img, cols) = pad.split_at_mut(ph * pw);
     img.fill(T::ZERO);
     for y in 0..h {
-        img[(y + 1) * pw + 1..][..w].copy_from_slice(&plane[y * w..][..w]);
+        copy_row(&mut img[(y + 1) * pw + 1..][..w], &plane[y * w..][..w]);
     }
     let (c0, rest) = cols[..4 * pw].split_at_mut(pw);
     let (c1, rest) = rest.split_at_mut(pw);
@@ -248,7 +248,7 @@ fn output_transform<T: Real>(
                     *d += s;
                 }
             } else {
-                dst.copy_from_slice(&src[..w]);
+                copy_row(dst, &src[..w]);
             }
         }
     }
@@ -266,7 +266,7 @@ fn grad_transform<T: Real>(plane: &[T], h: usize, w: usize, dm: &mut [T], big_p:
         img.fill(T::ZERO);
     }
     for y in 0..h {
-        img[y * pw..][..w].copy_from_slice(&plane[y * w..][..w]);
+        copy_row(&mut img[y * pw..][..w], &plane[y * w..][..w]);
     }
     for ty in 0..th {
         let g0 = &img[2 * ty * pw..][..pw];
@@ -733,7 +733,7 @@ fn input_transform4<T: Real>(plane: &[T], h: usize, w: usize, v: &mut [T], big_p
     let img = &mut pad[..(4 * th + 2) * pw];
     img.fill(T::ZERO);
     for y in 0..h {
-        img[(y + 1) * pw + 1..][..w].copy_from_slice(&plane[y * w..][..w]);
+        copy_row(&mut img[(y + 1) * pw + 1..][..w], &plane[y * w..][..w]);
     }
     for ty in 0..th {
         for tx in 0..tw {
