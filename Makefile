@@ -10,6 +10,8 @@ RUN_ARGS  ?= --arch preresnet18 --base-width 8 --dataset fashion-mnist --train-s
              --rounds 15 --local-steps 16 --batch-size 128 --record-every 3 \
              --ratios 0.3,0.5,0.8 --finetune-epochs 2 --seed 1 --progress lines --out $(RUN_DIR)
 BENCH_ARGS ?=
+BASES     ?= 64,16,8
+ROUNDS    ?= 3
 
 # Lets the MPI launcher run as root (containers, CI) for MPI-based tests.
 export OMPI_ALLOW_RUN_AS_ROOT := 1
@@ -48,8 +50,8 @@ bench: ## Print the benchmark Markdown table to stdout (paste into BENCHMARKS.md
 	@$(MAKE) --no-print-directory build >&2
 	@$(BIN) bench $(BENCH_ARGS)
 
-bench-torch: build ## loft's training step against PyTorch's (base 64, 16, 8; batch 128), one sitting; PyTorch venv on demand
-	bash scripts/bench-vs-torch.sh $(or $(BASES),64,16,8) $(or $(ROUNDS),3)
+bench-torch: build ## loft's training step against PyTorch's (BASES=64,16,8; batch 128), one sitting; PyTorch venv on demand
+	bash scripts/bench-vs-torch.sh $(BASES) $(ROUNDS)
 
 kernels: build ## Compile every CUDA kernel with NVRTC (no GPU needed): registers, shared memory, spills
 	$(BIN) kernels

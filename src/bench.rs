@@ -185,7 +185,12 @@ pub fn run<B: Backend>(be: Arc<B>, opts: &BenchOptions) -> Result<()> {
     eprintln!("sgemm 1024^3 ...");
     let g1 = sgemm_gflops(1024, 1);
     let gt = sgemm_gflops(1024, threads);
-    println!("### SGEMM (gemm crate, 1024 x 1024 x 1024)\n");
+    let kernel = if crate::backend::cpu::sgemm::available() {
+        "loft's AVX-512 kernel"
+    } else {
+        "gemm crate"
+    };
+    println!("### SGEMM ({kernel}, 1024 x 1024 x 1024)\n");
     println!("| threads | GFLOP/s |\n|---:|---:|");
     println!("| 1 | {g1:.1} |\n| {threads} | {gt:.1} |\n");
 
