@@ -462,10 +462,30 @@ mod dot {
 
     /// Rows and columns of C per register tile (24 accumulators, 10 loads per 16 k).
     const TR: usize = 4;
+    const _: () = assert!(TR == 4, "sum4 reduces four rows");
     const TC: usize = 6;
     /// K per block: a tile's 6 columns of B (24 KiB) stay in L1, the block of A in L2;
     /// each block's dot products are reduced and added to C.
     const KB: usize = 1024;
+
+    /// The lane sums of four vectors, `[Σa, Σb, Σc, Σd]`, by a transposing add tree (about
+    /// three instructions per sum instead of ten for four separate reductions).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn sum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
+        // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d
+        let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+        // per 128-bit lane: [a, b, c, d], each the sum of its four values
+        let s = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b01_00_01_00>(ab, cd),
+            _mm512_shuffle_ps::<0b11_10_11_10>(ab, cd),
+        );
+        // the four 128-bit lanes added
+        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s)));
+        let s8 = _mm256_add_ps(_mm512_castps512_ps256(s), hi);
+        _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8))
+    }
 
     /// `C (m, n) (+)= A (m, k) B (k, n)` with `a.cs == 1` and `b.rs == 1`.
     ///
@@ -512,9 +532,11 @@ mod dot {
                             }
                         }
                     }
-                    for (r, row) in acc.iter().enumerate().take(rows) {
-                        for (s, &v) in row.iter().enumerate().take(cols) {
-                            let sum = _mm512_reduce_add_ps(v);
+                    for s in 0..cols {
+                        let mut sums = [0.0f32; TR];
+                        // SAFETY: sums holds the 4 floats of one __m128.
+                        unsafe { _mm_storeu_ps(sums.as_mut_ptr(), sum4(acc[0][s], acc[1][s], acc[2][s], acc[3][s])) };
+                        for (r, &sum) in sums.iter().enumerate().take(rows) {
                             // SAFETY: (i0 + r, j0 + s) is inside C.
                             unsafe {
                                 let dst = c.add((i0 + r) * rs_c + (j0 + s) * cs_c);
