@@ -532,10 +532,12 @@ mod dot {
                             }
                         }
                     }
-                    for s in 0..cols {
+                    let [r0, r1, r2, r3] = &acc;
+                    let columns = r0.iter().zip(r1).zip(r2).zip(r3);
+                    for (s, (((&v0, &v1), &v2), &v3)) in columns.enumerate().take(cols) {
                         let mut sums = [0.0f32; TR];
                         // SAFETY: sums holds the 4 floats of one __m128.
-                        unsafe { _mm_storeu_ps(sums.as_mut_ptr(), sum4(acc[0][s], acc[1][s], acc[2][s], acc[3][s])) };
+                        unsafe { _mm_storeu_ps(sums.as_mut_ptr(), sum4(v0, v1, v2, v3)) };
                         for (r, &sum) in sums.iter().enumerate().take(rows) {
                             // SAFETY: (i0 + r, j0 + s) is inside C.
                             unsafe {
