@@ -62,6 +62,10 @@ const DOT_MIN_K: usize = 128;
 /// products pack (their packing is amortised over many rows and columns).
 const DOT_MAX_MN: usize = 384;
 
+/// Above this many rows of C, B is packed even when its rows are contiguous: each strip is
+/// then reused by more than a few row strips of A.
+const PACK_B_FROM_M: usize = 48;
+
 /// K per block for a tile `NV` vectors wide: a B strip of `KC x 16 NV` floats is 24 KiB,
 /// half of L1.
 const fn kc_for(nv: usize) -> usize {
@@ -219,7 +223,8 @@ unsafe fn blocked_nv<const MR: usize, const NV: usize>(
     let kc_max = kc_for(NV);
     let mc_max = MC / MR * MR;
     reserve(abuf, mc_max.min(m.div_ceil(MR) * MR) * kc_max.min(k));
-    if b.cs != 1 {
+    let b_in_place = b.cs == 1 && m <= PACK_B_FROM_M;
+    if !b_in_place {
         reserve(bbuf, NC.min(n.div_ceil(nr) * nr) * kc_max.min(k));
     }
     let ap = abuf.as_mut_ptr() as *mut f32;
@@ -230,9 +235,10 @@ unsafe fn blocked_nv<const MR: usize, const NV: usize>(
         for pc in (0..k).step_by(kc_max) {
             let kc = kc_max.min(k - pc);
             let load = accumulate || pc > 0;
-            // B's rows are read in place when contiguous (packing would cost as much as the
-            // product when m is small), else packed into strips
-            let direct = b.cs == 1;
+            // B's rows are read in place when contiguous and m is small (packing would cost
+            // as much as the product), else packed into strips: a strip read in place from
+            // rows a multiple of 4 KiB apart maps onto two L1 sets and thrashes them
+            let direct = b_in_place;
             let bsrc = b.ptr.wrapping_add(pc * b.rs + jc * b.cs);
             if !direct {
                 // SAFETY: the block lies inside B; bbuf holds ceil(nc / nr) nr kc floats.
