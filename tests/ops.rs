@@ -58,6 +58,10 @@ fn conv_shapes() -> Vec<Conv2d> {
         c(2, 2, 11, 9, 3, 7, 2, 3),
         c(2, 5, 5, 5, 3, 1, 1, 0),
         c(1, 1, 4, 4, 2, 3, 1, 1),
+        // fewer output than input channels, stride 1, "same": the data gradient runs as a
+        // forward convolution with flipped filters
+        c(2, 6, 7, 9, 4, 3, 1, 1),
+        c(2, 4, 9, 8, 3, 7, 1, 3),
     ]
 }
 

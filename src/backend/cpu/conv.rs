@@ -256,6 +256,13 @@ pub fn forward_with<T: Real>(algo: Algo, s: &Conv2d, x: &[T], w: &[T], y: &mut [
         });
 }
 
+/// Whether im2col's data gradient runs as a forward convolution (flipped filters, channels
+/// swapped): stride 1, odd square kernel, "same" padding, and fewer output than input
+/// channels (otherwise col2im's columns are the fewer).
+fn transposes_to_forward(s: &Conv2d) -> bool {
+    s.stride == 1 && s.kh == s.kw && s.kh % 2 == 1 && s.kh > 1 && s.pad == s.kh / 2 && s.c_out < s.c_in
+}
+
 /// Data gradient: dx (+)= conv_transpose(dy, w).
 pub fn backward_data_with<T: Real>(
     algo: Algo,
@@ -270,6 +277,29 @@ pub fn backward_data_with<T: Real>(
     if let Algo::Winograd(tile) = algo {
         assert!(winograd::applies(s), "Winograd on {s:?}");
         return winograd::backward_data(s, tile, dy, w, dx, accumulate, pool);
+    }
+    if transposes_to_forward(s) && !accumulate {
+        // a stride-1 "same" convolution's data gradient is the forward convolution of dy
+        // with the flipped filters, channels swapped: im2col of dy has c_out k² rows, fewer
+        // than the c_in k² rows col2im would write and read back
+        let t = Conv2d {
+            c_in: s.c_out,
+            c_out: s.c_in,
+            ..*s
+        };
+        return pool.with(s.w_len(), |wf| {
+            let kk = s.kh * s.kw;
+            for co in 0..s.c_out {
+                for ci in 0..s.c_in {
+                    let from = &w[(co * s.c_in + ci) * kk..][..kk];
+                    let to = &mut wf[(ci * s.c_out + co) * kk..][..kk];
+                    for (d, &v) in to.iter_mut().zip(from.iter().rev()) {
+                        *d = v;
+                    }
+                }
+            }
+            forward_with(Algo::Im2col, &t, dy, wf, dx, pool)
+        });
     }
     let hwo = s.h_out() * s.w_out();
     let k = s.k();
