@@ -1,4 +1,6 @@
-//! Thin, safe wrapper over the `gemm` crate for row-major and strided matrices.
+//! Thin, safe wrapper over the matrix products for row-major and strided matrices: loft's own
+//! AVX-512 SGEMM (`sgemm.rs`) for single-threaded f32 products where the CPU has it, else the
+//! `gemm` crate.
 
 use super::real::Real;
 use super::sgemm;

@@ -199,20 +199,29 @@ pub fn forward_train<T: Real>(
         let scale = gamma[c].to_f64() * invstd;
         (scale, beta[c].to_f64() - mean * scale)
     };
-    let m = match sync {
+    // saved and running statistics from the (mean, squared deviations) pairs of `work`
+    let mom = s.momentum as f64;
+    let mut record = |work: &[f64], m: f64| {
+        for c in 0..s.c {
+            let (mean, ss) = (work[2 * c], work[2 * c + 1]);
+            let var = ss / m;
+            save_mean[c] = T::from_f64(mean);
+            save_invstd[c] = T::from_f64(invstd_of(ss, m));
+            let unbiased = if m > 1.0 { ss / (m - 1.0) } else { var };
+            running_mean[c] = T::from_f64((1.0 - mom) * running_mean[c].to_f64() + mom * mean);
+            running_var[c] = T::from_f64((1.0 - mom) * running_var[c].to_f64() + mom * unbiased);
+        }
+    };
+    match sync {
         Some(f) => {
             let m = global_moments(s, x, work, f);
-            let stats: Vec<(f64, f64)> = work.chunks(2).map(|w| (w[0], w[1])).collect();
-            for (c, &(mean, ss)) in stats.iter().enumerate() {
-                let (a, b) = affine(c, mean, invstd_of(ss, m));
+            record(work, m);
+            for c in 0..s.c {
+                let (a, b) = affine(c, work[2 * c], invstd_of(work[2 * c + 1], m));
                 work[2 * c] = a;
                 work[2 * c + 1] = b;
             }
             normalise(s, x, y, work);
-            for (c, w) in work.chunks_mut(2).enumerate() {
-                (w[0], w[1]) = stats[c];
-            }
-            m
         }
         None => {
             // channel by channel, statistics then normalisation, while the channel's planes
@@ -234,18 +243,8 @@ pub fn forward_train<T: Real>(
                 w[0] = mean;
                 w[1] = ss;
             });
-            m
+            record(work, m);
         }
-    };
-    let mom = s.momentum as f64;
-    for c in 0..s.c {
-        let (mean, ss) = (work[2 * c], work[2 * c + 1]);
-        let var = ss / m;
-        save_mean[c] = T::from_f64(mean);
-        save_invstd[c] = T::from_f64(invstd_of(ss, m));
-        let unbiased = if m > 1.0 { ss / (m - 1.0) } else { var };
-        running_mean[c] = T::from_f64((1.0 - mom) * running_mean[c].to_f64() + mom * mean);
-        running_var[c] = T::from_f64((1.0 - mom) * running_var[c].to_f64() + mom * unbiased);
     }
 }
 

@@ -242,14 +242,14 @@ unsafe fn blocked_nv<const MR: usize, const NV: usize>(
             let bsrc = b.ptr.wrapping_add(pc * b.rs + jc * b.cs);
             if !direct {
                 // SAFETY: the block lies inside B; bbuf holds ceil(nc / nr) nr kc floats.
-                unsafe { pack_b(kc, nc, nr, bsrc, b.rs, b.cs, bp) };
+                unsafe { pack(kc, nc, nr, bsrc, b.rs, b.cs, bp) };
             }
             for ic in (0..m).step_by(mc_max) {
                 let mc = mc_max.min(m - ic);
                 let asrc = a.ptr.wrapping_add(ic * a.rs + pc * a.cs);
                 if !direct_a {
                     // SAFETY: the block lies inside A; abuf holds ceil(mc / MR) MR kc floats.
-                    unsafe { pack_a(kc, mc, MR, asrc, a.rs, a.cs, ap) };
+                    unsafe { pack(kc, mc, MR, asrc, a.cs, a.rs, ap) };
                 }
                 for jr in (0..nc).step_by(nr) {
                     let cols = nr.min(nc - jr);
@@ -268,7 +268,7 @@ unsafe fn blocked_nv<const MR: usize, const NV: usize>(
                             (asrc.wrapping_add(ir), a.cs)
                         } else {
                             // SAFETY: rows ir.. < mc of the block; abuf holds MR kc floats.
-                            unsafe { pack_a(kc, rows, MR, asrc.add(ir), 1, a.cs, ap) };
+                            unsafe { pack(kc, rows, MR, asrc.add(ir), a.cs, 1, ap) };
                             (ap as *const f32, MR)
                         };
                         // SAFETY: the strips are inside the packed blocks; the C tile's
@@ -295,77 +295,41 @@ unsafe fn blocked_nv<const MR: usize, const NV: usize>(
     }
 }
 
-/// Pack rows `0..mc` of a `(mc, kc)` block into strips of `mr` rows: strip s holds, for each
-/// p, the `mr` values `A[s mr + i][p]` (zero past row mc). A column of a strip is one masked
-/// load when A's columns are contiguous (`rs == 1`), else one gather per 16 rows.
+/// Pack a block into strips of `width` lanes along one direction, for `kc` steps along the
+/// other: strip s holds, for each step p, the `width` values at `src + p step + (s width +
+/// i) lane` (zero past lane `len`). B packs as (rows p, columns lanes): `step = rs`, `lane =
+/// cs`; A as (columns p, rows lanes): `step = cs`, `lane = rs`. Each 16 lanes are one masked
+/// load when the lanes are contiguous (`lane == 1`), else one gather.
 ///
 /// # Safety
-/// Every `src[i rs + p cs]` with i < mc, p < kc must be readable; `dst` must hold
-/// `ceil(mc / mr) mr kc` floats; `mr <= 32` and `mr rs < 2^31`.
+/// Every `src[p step + j lane]` with p < kc, j < len must be readable; `dst` must hold
+/// `ceil(len / width) width kc` floats; `16 lane < 2^31`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn pack_a(kc: usize, mc: usize, mr: usize, src: *const f32, rs: usize, cs: usize, dst: *mut f32) {
+unsafe fn pack(kc: usize, len: usize, width: usize, src: *const f32, step: usize, lane: usize, dst: *mut f32) {
     use std::arch::x86_64::*;
     let index = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(rs as i32),
+        _mm512_set1_epi32(lane as i32),
     );
-    for (s, i0) in (0..mc).step_by(mr).enumerate() {
-        let rows = mr.min(mc - i0);
+    for (s, j0) in (0..len).step_by(width).enumerate() {
+        let lanes = width.min(len - j0);
         // SAFETY: strip s is inside dst (caller's size).
-        let strip = unsafe { dst.add(s * mr * kc) };
-        for h in (0..mr).step_by(16) {
-            let keep = lane_mask(mr, h);
-            let valid = lane_mask(rows, h);
-            for p in 0..kc {
-                // SAFETY: the valid lanes address rows i0 + h.. < i0 + rows, column p < kc
-                // of the block; the kept lanes are inside the strip's column p.
-                unsafe {
-                    let base = src.add((i0 + h) * rs + p * cs);
-                    let v = if rs == 1 {
-                        _mm512_maskz_loadu_ps(valid, base)
-                    } else {
-                        _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), valid, index, base)
-                    };
-                    _mm512_mask_storeu_ps(strip.add(p * mr + h), keep, v);
-                }
-            }
-        }
-    }
-}
-
-/// Pack a `(kc, nc)` block of B into strips of `nr` columns: strip s holds, for each p, the
-/// `nr` values `B[p][s nr + j]` (zero past column nc): masked loads when B's rows are
-/// contiguous (`cs == 1`), else gathers.
-///
-/// # Safety
-/// Every `src[p rs + j cs]` with p < kc, j < nc must be readable; `dst` must hold
-/// `ceil(nc / nr) nr kc` floats; `nr` is a multiple of 16 and `nr cs < 2^31`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_b(kc: usize, nc: usize, nr: usize, src: *const f32, rs: usize, cs: usize, dst: *mut f32) {
-    use std::arch::x86_64::*;
-    let index = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(cs as i32),
-    );
-    for (s, j0) in (0..nc).step_by(nr).enumerate() {
-        let cols = nr.min(nc - j0);
-        // SAFETY: strip s is inside dst (caller's size).
-        let strip = unsafe { dst.add(s * nr * kc) };
+        let strip = unsafe { dst.add(s * width * kc) };
         for p in 0..kc {
-            for h in (0..nr).step_by(16) {
-                let valid = lane_mask(cols, h);
-                // SAFETY: the valid lanes address row p < kc, columns j0 + h.. < j0 + cols
-                // of the block; the 16 lanes at p nr + h are inside the strip.
+            for h in (0..width).step_by(16) {
+                let keep = lane_mask(width, h);
+                let valid = lane_mask(lanes, h);
+                // SAFETY: the valid lanes address step p < kc, lanes j0 + h.. < j0 + lanes
+                // of the block; the kept lanes at p width + h are inside the strip.
                 unsafe {
-                    let base = src.add(p * rs + (j0 + h) * cs);
-                    let v = if cs == 1 {
+                    let base = src.add(p * step + (j0 + h) * lane);
+                    let v = if lane == 1 {
                         _mm512_maskz_loadu_ps(valid, base)
                     } else {
                         _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), valid, index, base)
                     };
-                    _mm512_storeu_ps(strip.add(p * nr + h), v);
+                    _mm512_mask_storeu_ps(strip.add(p * width + h), keep, v);
                 }
             }
         }
