@@ -685,3 +685,103 @@ fn winograd_threads_case(tile: Tile) {
     };
     same_bits_for_thread_counts(&s, 14, Some(conv::Algo::Winograd(tile)), &[1, 2, 3]);
 }
+
+/// The direct convolution's f32 bound, as im2col's: every output within `1e-6 Σ|terms|` of
+/// the exact value.
+const DIRECT_F32_BOUND: f64 = 1e-6;
+
+/// The direct convolution (f32, AVX-512) against the f64 gradients of the backend (im2col
+/// and Winograd, checked by finite differences above) on every pass, with and without
+/// accumulation, on shapes that hit its edges: batch 1, 1x1 and odd maps, channel counts off
+/// its 8-row and 6-column tiles, a last register tile past the map, a 4x4 map, a wide layer.
+#[test]
+fn direct_convolution_matches_the_f64_gradients_within_the_f32_bound() {
+    let c = |n, c_in, h, w, c_out| Conv2d {
+        n,
+        c_in,
+        h,
+        w,
+        c_out,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pad: 1,
+    };
+    let shapes = [
+        c(1, 1, 1, 1, 1),
+        c(2, 3, 7, 9, 4),
+        c(3, 5, 6, 6, 13),
+        c(1, 16, 32, 32, 32),
+        c(9, 32, 16, 16, 16),
+        c(2, 17, 5, 31, 9),
+        c(4, 256, 4, 4, 128),
+        c(11, 8, 8, 8, 16),
+    ];
+    if !loft::backend::cpu::direct::applies(&shapes[0]) {
+        eprintln!("no AVX-512F here: the direct convolution does not run on this CPU");
+        return;
+    }
+    let be = B::new();
+    let pool = loft::backend::cpu::scratch::ScratchPool::<f32>::new();
+    let mut rng = Rng::new(21);
+    for s in shapes {
+        let x = rand_vec(&mut rng, s.x_len());
+        let w = rand_vec(&mut rng, s.w_len());
+        let g = rand_vec(&mut rng, s.y_len());
+        let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+        let abs = |v: &[f64]| v.iter().map(|a| a.abs()).collect::<Vec<f64>>();
+        let exact = |x: &[f64], w: &[f64], g: &[f64]| {
+            let y = conv::reference_forward(&s, x, w);
+            let mut dx = vec![0.0; s.x_len()];
+            let mut dw = vec![0.0; s.w_len()];
+            be.conv2d_backward_data(&s, g, w, &mut dx, false);
+            be.conv2d_backward_filter(&s, x, g, &mut dw, false);
+            [y, dx, dw]
+        };
+        let want = exact(&x, &w, &g);
+        let mag = exact(&abs(&x), &abs(&w), &abs(&g));
+        for acc in [false, true] {
+            // accumulation adds onto 0.5 (exact in f32)
+            let start = if acc { 0.5f32 } else { f32::NAN };
+            let mut y = vec![f32::NAN; s.y_len()];
+            let mut dx = vec![start; s.x_len()];
+            let mut dw = vec![start; s.w_len()];
+            conv::forward_with(conv::Algo::Direct, &s, &f(&x), &f(&w), &mut y, &pool);
+            conv::backward_data_with(conv::Algo::Direct, &s, &f(&g), &f(&w), &mut dx, acc, &pool);
+            conv::backward_filter_with(conv::Algo::Direct, &s, &f(&x), &f(&g), &mut dw, acc, &pool);
+            for (pass, got) in [y, dx, dw].iter().enumerate() {
+                let offset = if acc && pass > 0 { 0.5 } else { 0.0 };
+                let worst = got
+                    .iter()
+                    .zip(&want[pass])
+                    .zip(&mag[pass])
+                    .map(|((&a, b), m)| (a as f64 - offset - b).abs() / (m + offset).max(1e-30))
+                    .fold(0.0, f64::max);
+                assert!(
+                    worst <= DIRECT_F32_BOUND,
+                    "{s:?} pass {pass} (accumulate {acc}): error {worst:e} of the magnitude sum"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn direct_convolution_results_do_not_depend_on_thread_count() {
+    let s = Conv2d {
+        n: 37,
+        c_in: 6,
+        h: 9,
+        w: 10,
+        c_out: 5,
+        kh: 3,
+        kw: 3,
+        stride: 1,
+        pad: 1,
+    };
+    if loft::backend::cpu::direct::applies(&s) {
+        same_bits_for_thread_counts(&s, 15, Some(conv::Algo::Direct), &[1, 2, 3]);
+    } else {
+        eprintln!("no AVX-512F here: the direct convolution does not run on this CPU");
+    }
+}

@@ -11,6 +11,7 @@
 //! output element is summed by one task in a fixed order: results are bit-identical for any
 //! number of threads.
 
+use super::direct;
 use super::gemm::{matmul, matmul_into_block, Mat, SendPtr};
 use super::real::Real;
 use super::scratch::ScratchPool;
@@ -172,6 +173,9 @@ pub enum Algo {
     /// Winograd F(2x2, 3x3) or F(4x4, 3x3) (3x3 stride-1 pad-1 only; see
     /// [`super::winograd`]).
     Winograd(Tile),
+    /// Direct implicit GEMM over padded images (3x3 stride-1 pad-1, f32 on AVX-512 CPUs;
+    /// see [`super::direct`]). Other scalar types take [`Algo::transformed`]'s choice.
+    Direct,
 }
 
 /// Narrowest channel count (input and output) for which Winograd beats im2col here.
@@ -183,13 +187,23 @@ pub const WINOGRAD_F4_MIN_CHANNELS: usize = 32;
 pub const WINOGRAD_F4_MIN_SIDE: usize = 8;
 
 impl Algo {
-    /// The algorithm for this shape: where Winograd applies and both channel counts are at
-    /// least [`WINOGRAD_MIN_CHANNELS`], F(4x4, 3x3) from [`WINOGRAD_F4_MIN_CHANNELS`] up on
-    /// maps of [`WINOGRAD_F4_MIN_SIDE`] or more, else F(2x2, 3x3); else im2col. The environment variable `LOFT_CONV` forces one
-    /// (`im2col`, `f2`: no F(4x4, 3x3)) for benchmarks and comparisons.
+    /// The algorithm for this shape: the direct convolution where it applies and pays
+    /// ([`direct_pays`]), else [`Algo::transformed`]: where Winograd applies and both channel
+    /// counts are at least [`WINOGRAD_MIN_CHANNELS`], F(4x4, 3x3) from
+    /// [`WINOGRAD_F4_MIN_CHANNELS`] up on maps of [`WINOGRAD_F4_MIN_SIDE`] or more, else
+    /// F(2x2, 3x3); else im2col. `LOFT_CONV` forces a choice ([`forced`]).
     pub fn for_shape(s: &Conv2d) -> Algo {
-        static FORCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-        let force = FORCE.get_or_init(|| std::env::var("LOFT_CONV").unwrap_or_default());
+        let force = forced();
+        if direct::applies(s) && (force == "direct" || (force.is_empty() && direct_pays(s))) {
+            Algo::Direct
+        } else {
+            Algo::transformed(s)
+        }
+    }
+
+    /// The choice among im2col and Winograd alone (f64, and CPUs without AVX-512).
+    pub fn transformed(s: &Conv2d) -> Algo {
+        let force = forced();
         let narrowest = s.c_in.min(s.c_out);
         if force == "im2col" || !winograd::applies(s) || narrowest < WINOGRAD_MIN_CHANNELS {
             Algo::Im2col
@@ -200,6 +214,21 @@ impl Algo {
         }
     }
 }
+
+/// `LOFT_CONV`, read once: `im2col`, `f2` (no F(4x4, 3x3)), `direct` (wherever it applies)
+/// or `winograd` (no direct convolution) force a choice for benchmarks and comparisons.
+fn forced() -> &'static str {
+    static FORCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FORCE.get_or_init(|| std::env::var("LOFT_CONV").unwrap_or_default())
+}
+
+/// Whether the direct convolution beats Winograd and im2col on this 3x3 stride-1 shape.
+fn direct_pays(s: &Conv2d) -> bool {
+    s.w >= DIRECT_MIN_SIDE
+}
+
+/// Narrowest map on which the direct convolution runs (its padded width costs `(w + 2) / w`).
+pub const DIRECT_MIN_SIDE: usize = 16;
 
 /// Forward with the algorithm of [`Algo::for_shape`].
 pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {
@@ -220,6 +249,13 @@ pub fn backward_filter<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], acc
 /// Panics if `algo` is Winograd and the shape is not 3x3 stride 1 pad 1.
 pub fn forward_with<T: Real>(algo: Algo, s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {
     check(s, x.len(), w.len(), y.len(), "conv2d_forward");
+    if algo == Algo::Direct {
+        assert!(direct::applies(s), "direct convolution on {s:?}");
+        return match (T::as_f32(x), T::as_f32(w), T::as_f32_mut(y)) {
+            (Some(x), Some(w), Some(y)) => direct::forward(s, x, w, y),
+            _ => forward_with(Algo::transformed(s), s, x, w, y, pool),
+        };
+    }
     if let Algo::Winograd(tile) = algo {
         assert!(winograd::applies(s), "Winograd on {s:?}");
         return winograd::forward(s, tile, x, w, y, pool);
@@ -274,6 +310,13 @@ pub fn backward_data_with<T: Real>(
     pool: &ScratchPool<T>,
 ) {
     check(s, dx.len(), w.len(), dy.len(), "conv2d_backward_data");
+    if algo == Algo::Direct {
+        assert!(direct::applies(s), "direct convolution on {s:?}");
+        return match (T::as_f32(dy), T::as_f32(w), T::as_f32_mut(dx)) {
+            (Some(dy), Some(w), Some(dx)) => direct::backward_data(s, dy, w, dx, accumulate),
+            _ => backward_data_with(Algo::transformed(s), s, dy, w, dx, accumulate, pool),
+        };
+    }
     if let Algo::Winograd(tile) = algo {
         assert!(winograd::applies(s), "Winograd on {s:?}");
         return winograd::backward_data(s, tile, dy, w, dx, accumulate, pool);
@@ -346,6 +389,13 @@ pub fn backward_filter_with<T: Real>(
     pool: &ScratchPool<T>,
 ) {
     check(s, x.len(), dw.len(), dy.len(), "conv2d_backward_filter");
+    if algo == Algo::Direct {
+        assert!(direct::applies(s), "direct convolution on {s:?}");
+        return match (T::as_f32(x), T::as_f32(dy), T::as_f32_mut(dw)) {
+            (Some(x), Some(dy), Some(dw)) => direct::backward_filter(s, x, dy, dw, accumulate),
+            _ => backward_filter_with(Algo::transformed(s), s, x, dy, dw, accumulate, pool),
+        };
+    }
     if let Algo::Winograd(tile) = algo {
         assert!(winograd::applies(s), "Winograd on {s:?}");
         return winograd::backward_filter(s, tile, x, dy, dw, accumulate, pool);

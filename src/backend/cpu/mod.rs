@@ -4,6 +4,7 @@
 //! gradient checks. Buffers are plain `Vec<T>`; views are slices.
 
 pub mod conv;
+pub mod direct;
 pub mod elementwise;
 pub mod gemm;
 pub mod norm;
