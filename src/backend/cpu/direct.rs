@@ -27,7 +27,7 @@
 //! task in a fixed order; the filter gradient deals images to [`LANES`] fixed partial sums
 //! added in order. The bits depend on the shape only, never on the thread count.
 
-use super::sgemm;
+use super::sgemm::{self, aligned, Line};
 use crate::ops::Conv2d;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -72,9 +72,9 @@ impl Geometry {
         }
     }
     /// Floats of a padded image of `c` channels, with slack past the last plane for the
-    /// reads of the last register tile's padding positions.
+    /// reads of the last register tile's padding positions (a multiple of 16).
     fn padded_len(&self, c: usize) -> usize {
-        c * self.plane + NR + 2 * self.pw + 2
+        (c * self.plane + NR + 2 * self.pw + 2).next_multiple_of(16)
     }
     /// Offset of the input of tap `p = 9 ci + 3 ky + kx` from the output position.
     fn offset(&self, p: usize) -> u32 {
@@ -108,8 +108,8 @@ impl Geometry {
 }
 
 thread_local! {
-    /// This thread's padded image and widened gradient, kept between calls.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// This thread's padded images and widened gradients, kept between calls.
+    static SCRATCH: RefCell<(Vec<Line>, Vec<Line>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Filters `f(row, channel, tap)` of a `(m, c, 3, 3)` convolution packed in strips of [`MR`]
@@ -160,8 +160,8 @@ fn convolve(s: &Conv2d, x: &[f32], a: &[f32], y: &mut [f32], accumulate: bool) {
         .zip(x[..s.n * img_in].par_chunks(img_in))
         .for_each(|(yi, xi)| {
             SCRATCH.with(|sc| {
-                let xp = &mut sc.borrow_mut().0;
-                xp.resize(geo.padded_len(s.c_in), 0.0);
+                let mut bufs = sc.borrow_mut();
+                let xp = aligned(&mut bufs.0, geo.padded_len(s.c_in));
                 geo.pad(xi, s.c_in, xp);
                 // SAFETY: AVX-512F is present (applies); xp holds the padded image with its
                 // slack, a the packed strips, yi the image's c_out planes.
@@ -295,6 +295,8 @@ unsafe fn tile(
 }
 
 /// Filter gradient: `dw (c_out, c_in, 3, 3) (+)= Σ_batch` of the correlation of x with dy.
+/// Groups of [`images_per_dot`] images are dealt to [`LANES`] partial sums (group g to lane g
+/// mod LANES), each summed in order; the partials are added in lane order.
 pub fn backward_filter(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32], accumulate: bool) {
     debug_assert!(applies(s));
     let geo = Geometry::new(s.h, s.w);
@@ -303,19 +305,33 @@ pub fn backward_filter(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32], accumu
     let offs: Vec<u32> = (0..k).map(|p| geo.offset(p)).collect();
     let (img_in, img_out) = (s.c_in * s.h * s.w, s.c_out * s.h * s.w);
     let q16 = geo.q.next_multiple_of(16);
+    let (xs, gs) = (geo.padded_len(s.c_in), s.c_out * q16);
+    let per = images_per_dot(q16);
+    let groups = s.n.div_ceil(per);
     let mut partials = vec![0.0f32; LANES * wl];
     partials.par_chunks_mut(wl).enumerate().for_each(|(lane, part)| {
         SCRATCH.with(|sc| {
-            let (xp, gp) = &mut *sc.borrow_mut();
-            xp.resize(geo.padded_len(s.c_in), 0.0);
-            gp.resize(s.c_out * q16, 0.0);
-            for b in (lane..s.n).step_by(LANES) {
-                geo.pad(&x[b * img_in..][..img_in], s.c_in, xp);
-                geo.widen(&dy[b * img_out..][..img_out], s.c_out, gp);
-                // SAFETY: AVX-512F is present (applies); gp holds c_out rows of q16 floats,
-                // every column's run of q16 floats from its offset lies inside xp (its
-                // slack covers the rounding), part holds c_out x k floats.
-                unsafe { dot_image(s.c_out, k, q16, gp, xp, &offs, part) };
+            let (xbuf, gbuf) = &mut *sc.borrow_mut();
+            let xp = aligned(xbuf, per * xs);
+            let gp = aligned(gbuf, per * gs);
+            for gi in (lane..groups).step_by(LANES) {
+                let b0 = gi * per;
+                let nb = per.min(s.n - b0);
+                for i in 0..nb {
+                    geo.pad(&x[(b0 + i) * img_in..][..img_in], s.c_in, &mut xp[i * xs..][..xs]);
+                    geo.widen(&dy[(b0 + i) * img_out..][..img_out], s.c_out, &mut gp[i * gs..][..gs]);
+                }
+                let images = Images {
+                    count: nb,
+                    g: gp,
+                    g_stride: gs,
+                    x: xp,
+                    x_stride: xs,
+                };
+                // SAFETY: AVX-512F is present (applies); each image's gp holds c_out rows of
+                // q16 floats, every column's run of q16 floats from its offset lies inside
+                // that image's xp (its slack covers the rounding), part holds c_out x k.
+                unsafe { dot_images(s.c_out, k, q16, &images, &offs, part) };
             }
         })
     });
@@ -330,36 +346,60 @@ pub fn backward_filter(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32], accumu
     }
 }
 
+/// Images per filter-gradient group: about 1024 positions in all (a register tile's dot
+/// products run over every image of its group before they are reduced), at most 16.
+fn images_per_dot(q16: usize) -> usize {
+    (1024 / q16).clamp(1, 16)
+}
+
+/// A group of images prepared for the filter gradient: widened output gradients `g` and
+/// padded inputs `x`, image i at `i g_stride` and `i x_stride`.
+struct Images<'a> {
+    count: usize,
+    g: &'a [f32],
+    g_stride: usize,
+    x: &'a [f32],
+    x_stride: usize,
+}
+
 /// Rows and columns of the filter gradient's register tile (24 accumulators).
 const TR: usize = 4;
 const TC: usize = 6;
 
-/// `part (m, k) += G (m, q) · Xᵀ` where column j of X is the run of q floats at
-/// `xp[offs[j]..]` and G's rows are `q` floats apart (q a multiple of 16).
+/// `part (m, k) += Σ_images G (m, q) · Xᵀ` where column j of an image's X is the run of q
+/// floats at `x[offs[j]..]` and G's rows are `q` floats apart (q a multiple of 16).
 ///
 /// # Safety
 /// AVX-512F; as stated for the operands.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dot_image(m: usize, k: usize, q: usize, g: &[f32], xp: &[f32], offs: &[u32], part: &mut [f32]) {
+unsafe fn dot_images(m: usize, k: usize, q: usize, im: &Images, offs: &[u32], part: &mut [f32]) {
     use std::arch::x86_64::*;
     for j0 in (0..k).step_by(TC) {
         let cols = TC.min(k - j0);
-        // columns past the edge repeat the last one; they are not stored
-        let bc: [*const f32; TC] =
-            std::array::from_fn(|c| xp.as_ptr().wrapping_add(offs[j0 + c.min(cols - 1)] as usize));
         for i0 in (0..m).step_by(TR) {
             let rows = TR.min(m - i0);
-            let ar: [*const f32; TR] = std::array::from_fn(|r| g.as_ptr().wrapping_add((i0 + r.min(rows - 1)) * q));
             let mut acc = [[_mm512_setzero_ps(); TC]; TR];
-            for e in (0..q).step_by(16) {
-                // SAFETY: e + 16 <= q: inside row i of G and column run c of xp.
-                unsafe {
-                    let av: [__m512; TR] = std::array::from_fn(|r| _mm512_loadu_ps(ar[r].add(e)));
-                    for (c, &col) in bc.iter().enumerate() {
-                        let bv = _mm512_loadu_ps(col.add(e));
-                        for r in 0..TR {
-                            acc[r][c] = _mm512_fmadd_ps(av[r], bv, acc[r][c]);
+            for img in 0..im.count {
+                // rows and columns past the edge repeat the last one; they are not stored
+                let xi = im.x.as_ptr().wrapping_add(img * im.x_stride);
+                let gi = im.g.as_ptr().wrapping_add(img * im.g_stride);
+                let bc: [*const f32; TC] = std::array::from_fn(|c| xi.wrapping_add(offs[j0 + c.min(cols - 1)] as usize));
+                let ar: [*const f32; TR] = std::array::from_fn(|r| gi.wrapping_add((i0 + r.min(rows - 1)) * q));
+                for e in (0..q).step_by(16) {
+                    // SAFETY: e + 16 <= q: inside row i of G and column run c of x.
+                    unsafe {
+                        let av: [__m512; TR] = [
+                            _mm512_load_ps(ar[0].add(e)),
+                            _mm512_load_ps(ar[1].add(e)),
+                            _mm512_load_ps(ar[2].add(e)),
+                            _mm512_load_ps(ar[3].add(e)),
+                        ];
+                        for (c, &col) in bc.iter().enumerate() {
+                            let bv = _mm512_loadu_ps(col.add(e));
+                            for r in 0..TR {
+                                acc[r][c] = _mm512_fmadd_ps(av[r], bv, acc[r][c]);
+                            }
                         }
                     }
                 }
@@ -379,6 +419,6 @@ unsafe fn dot_image(m: usize, k: usize, q: usize, g: &[f32], xp: &[f32], offs: &
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_image(_: usize, _: usize, _: usize, _: &[f32], _: &[f32], _: &[u32], _: &mut [f32]) {
+unsafe fn dot_images(_: usize, _: usize, _: usize, _: &Images, _: &[u32], _: &mut [f32]) {
     unreachable!("direct convolution: AVX-512 only")
 }
