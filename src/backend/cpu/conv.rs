@@ -187,17 +187,30 @@ pub const WINOGRAD_F4_MIN_CHANNELS: usize = 32;
 pub const WINOGRAD_F4_MIN_SIDE: usize = 8;
 
 impl Algo {
-    /// The algorithm for this shape: the direct convolution where it applies and pays
-    /// ([`direct_pays`]), else [`Algo::transformed`]: where Winograd applies and both channel
+    /// The algorithm for this shape: the direct convolution wherever it applies, unless
+    /// F(4x4, 3x3) does and the narrowest channel count times the map side is at least
+    /// [`F4_OVER_DIRECT`]; else [`Algo::transformed`]: where Winograd applies and both channel
     /// counts are at least [`WINOGRAD_MIN_CHANNELS`], F(4x4, 3x3) from
     /// [`WINOGRAD_F4_MIN_CHANNELS`] up on maps of [`WINOGRAD_F4_MIN_SIDE`] or more, else
     /// F(2x2, 3x3); else im2col. `LOFT_CONV` forces a choice ([`forced`]).
     pub fn for_shape(s: &Conv2d) -> Algo {
         let force = forced();
-        if direct::applies(s) && (force == "direct" || (force.is_empty() && direct_pays(s))) {
+        let f4_wins =
+            Algo::transformed(s) == Algo::Winograd(Tile::F4) && s.c_in.min(s.c_out) * s.h.min(s.w) >= F4_OVER_DIRECT;
+        if direct::applies(s) && (force == "direct" || (force.is_empty() && !f4_wins)) {
             Algo::Direct
         } else {
             Algo::transformed(s)
+        }
+    }
+
+    /// The algorithm of this shape's filter gradient: as [`Algo::for_shape`], except that
+    /// the direct convolution's (dot products, whose reductions and masked loads cost more
+    /// than the forward's broadcasts) pays only on maps of [`DIRECT_FILTER_MIN_SIDE`] and up.
+    pub fn for_filter_gradient(s: &Conv2d) -> Algo {
+        match Algo::for_shape(s) {
+            Algo::Direct if forced() != "direct" && s.w.min(s.h) < DIRECT_FILTER_MIN_SIDE => Algo::transformed(s),
+            algo => algo,
         }
     }
 
@@ -222,13 +235,14 @@ fn forced() -> &'static str {
     FORCE.get_or_init(|| std::env::var("LOFT_CONV").unwrap_or_default())
 }
 
-/// Whether the direct convolution beats Winograd and im2col on this 3x3 stride-1 shape.
-fn direct_pays(s: &Conv2d) -> bool {
-    s.w >= DIRECT_MIN_SIDE
-}
+/// From this product of the narrowest channel count and the map side on, F(4x4, 3x3) beats
+/// the direct convolution (measured by `loft bench` on the CIFAR networks: the direct one
+/// wins on 16 channels at 32x32, 32 at 16x16, 64 at 8x8 and on every 4x4 layer; F(4x4, 3x3)
+/// on 64 at 32x32, 128 at 16x16 and 256 at 8x8, by up to 1.6x).
+pub const F4_OVER_DIRECT: usize = 1024;
 
-/// Narrowest map on which the direct convolution runs (its padded width costs `(w + 2) / w`).
-pub const DIRECT_MIN_SIDE: usize = 16;
+/// Smallest map side on which the direct filter gradient beats Winograd's and im2col's.
+pub const DIRECT_FILTER_MIN_SIDE: usize = 32;
 
 /// Forward with the algorithm of [`Algo::for_shape`].
 pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {
@@ -242,7 +256,7 @@ pub fn backward_data<T: Real>(s: &Conv2d, dy: &[T], w: &[T], dx: &mut [T], accum
 
 /// Filter gradient with the algorithm of [`Algo::for_shape`].
 pub fn backward_filter<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], accumulate: bool, pool: &ScratchPool<T>) {
-    backward_filter_with(Algo::for_shape(s), s, x, dy, dw, accumulate, pool)
+    backward_filter_with(Algo::for_filter_gradient(s), s, x, dy, dw, accumulate, pool)
 }
 
 /// Forward: y = conv(x, w). x `(n, c_in, h, w)`, w `(c_out, k)`, y `(n, c_out, ho, wo)`.

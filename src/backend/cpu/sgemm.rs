@@ -75,16 +75,7 @@ const fn kc_for(nv: usize) -> usize {
 /// A cache-line-aligned unit of packing buffer.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-pub(crate) struct Line([f32; 16]);
-
-/// The first `floats` floats of `buf`, grown (zero-filled) to hold them: cache-line-aligned
-/// scratch kept between calls.
-pub(crate) fn aligned(buf: &mut Vec<Line>, floats: usize) -> &mut [f32] {
-    reserve(buf, floats);
-    // SAFETY: buf holds at least floats.div_ceil(16) lines of 16 f32 each, contiguous
-    // (repr(C) arrays), borrowed mutably for the result's lifetime.
-    unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut f32, floats) }
-}
+struct Line([f32; 16]);
 
 thread_local! {
     /// This thread's packing buffers (A block, B block), kept between calls.
