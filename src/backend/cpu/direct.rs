@@ -252,18 +252,17 @@ unsafe fn tile_forward(kc: usize, pl: &Plane, t: &Tile, load: bool) {
         }
     }
     for (i, row) in acc.iter().enumerate().take(t.rows) {
-        for v in 0..NV {
-            let mask = t.stores[v];
+        for ((&sum, &mask), &out) in row.iter().zip(&t.stores).zip(&t.ys) {
             if mask == 0 {
                 continue;
             }
             // SAFETY: the stored lanes are positions of output row i of the vector's image.
             unsafe {
-                let dst = t.ys[v].add(i * hw);
+                let dst = out.add(i * hw);
                 let val = if load {
-                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), row[v])
+                    _mm512_add_ps(_mm512_maskz_loadu_ps(mask, dst), sum)
                 } else {
-                    row[v]
+                    sum
                 };
                 _mm512_mask_storeu_ps(dst, mask, val);
             }
