@@ -205,8 +205,8 @@ impl Algo {
     }
 
     /// The algorithm of this shape's filter gradient: as [`Algo::for_shape`], except that
-    /// the direct convolution's (dot products, whose reductions and masked loads cost more
-    /// than the forward's broadcasts) pays only on maps of [`DIRECT_FILTER_MIN_SIDE`] and up.
+    /// the direct convolution's (outer products over the padded width, `(w + 2) / w` of the
+    /// work) pays only on maps of [`DIRECT_FILTER_MIN_SIDE`] and up.
     pub fn for_filter_gradient(s: &Conv2d) -> Algo {
         match Algo::for_shape(s) {
             Algo::Direct if forced() != "direct" && s.w.min(s.h) < DIRECT_FILTER_MIN_SIDE => Algo::transformed(s),
@@ -242,7 +242,7 @@ fn forced() -> &'static str {
 pub const F4_OVER_DIRECT: usize = 1024;
 
 /// Smallest map side on which the direct filter gradient beats Winograd's and im2col's.
-pub const DIRECT_FILTER_MIN_SIDE: usize = 32;
+pub const DIRECT_FILTER_MIN_SIDE: usize = 8;
 
 /// Forward with the algorithm of [`Algo::for_shape`].
 pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {

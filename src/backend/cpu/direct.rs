@@ -13,17 +13,17 @@
 //!   input channels, stored whole;
 //! - data gradient: the forward pass of dy with the filters flipped and their channel axes
 //!   swapped (a 3x3 stride-1 pad-1 transposed convolution is that correlation);
-//! - filter gradient: `dw[co][ci][tap] = Σ_{images, v} dy[co][v] · load(mask(v, tap), x[ci] + v +
-//!   shift(tap))`: dot products, 4 x 6 per register tile, each run over a group of images
-//!   before its lanes are reduced.
+//! - filter gradient: outer products over the padded width (see [`backward_filter`]): per
+//!   position, the 9 taps of an input channel broadcast against one or two vectors of output
+//!   channels of dy transposed, `(w + 2) / w` of the work.
 //!
 //! Against Winograd (2.25x fewer multiplications on F(2x2, 3x3)) this wins where Winograd's
 //! transforms and their memory traffic dominate: few channels, or small maps
 //! ([`super::conv::Algo::for_shape`] decides by shape).
 //!
 //! Determinism: forward and data-gradient tasks are whole images, each output summed by one
-//! task in a fixed order; the filter gradient deals image groups to [`LANES`] fixed partial
-//! sums added in order. The bits depend on the shape only, never on the thread count.
+//! task in a fixed order; the filter gradient deals images to [`LANES`] fixed partial sums
+//! added in order. The bits depend on the shape only, never on the thread count.
 
 use super::sgemm;
 use crate::ops::Conv2d;
@@ -36,9 +36,9 @@ const NV: usize = 3;
 /// Input channels per block of the forward's k loop (a block of a filter strip is
 /// `9 KB MR` floats, 18 KiB, in L1 with its three vectors' inputs).
 const KB: usize = 64;
-/// Positions per forward task (about; whole images), and per filter-gradient group.
+/// Positions per forward task (about; whole images).
 const TASK_POSITIONS: usize = 1024;
-/// Fixed partial sums of the filter gradient (image groups dealt round-robin).
+/// Fixed partial sums of the filter gradient (images dealt round-robin).
 const LANES: usize = 8;
 
 /// Whether this file computes the convolution: 3x3, stride 1, pad 1, on a CPU with the
@@ -270,95 +270,183 @@ unsafe fn tile_forward(kc: usize, pl: &Plane, t: &Tile, load: bool) {
     }
 }
 
-/// Filter gradient: `dw (c_out, c_in, 3, 3) (+)= Σ_batch` of the correlation of x with dy.
-/// Groups of whole images (about [`TASK_POSITIONS`] positions) are dealt to [`LANES`]
-/// partial sums (group g to lane g mod LANES), each summed in order; the partials are added
-/// in lane order.
+/// Filter gradient: `dw (c_out, c_in, 3, 3) (+)= Σ_batch` of the correlation of x with dy,
+/// as outer products: per image, x is copied into zero-bordered planes of `(h + 2) x (w + 2)`
+/// and dy transposed into `(Q, c_out)` rows over the padded width (`Q = h (w + 2)`, zero in
+/// the two padding columns), so that for each position the 9 taps of an input channel are
+/// scalars at fixed offsets and the output channels one or two vectors:
+/// `dwᵀ[(ci, tap)][co] += x̃[ci][q + off(tap)] · dyᵀ[q][co]`. Images are dealt to [`LANES`]
+/// partial sums (image b to lane b mod LANES), each summed in order, added in lane order.
 pub fn backward_filter(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32], accumulate: bool) {
     debug_assert!(applies(s));
-    let plane = Plane::new(s.h, s.w);
+    let (h, w) = (s.h, s.w);
+    let pw = w + 2;
+    let plane = (h + 2) * pw;
+    let q = h * pw;
+    let cp = s.c_out.next_multiple_of(16);
     let k = 9 * s.c_in;
-    let wl = s.c_out * k;
-    let per = images_per(plane.hw);
-    let groups = s.n.div_ceil(per);
-    let mut partials = vec![0.0f32; LANES * wl];
-    partials.par_chunks_mut(wl).enumerate().for_each(|(lane, part)| {
-        for gi in (lane..groups).step_by(LANES) {
-            let b0 = gi * per;
-            let nb = per.min(s.n - b0);
-            let xg = &x[b0 * s.c_in * plane.hw..][..nb * s.c_in * plane.hw];
-            let gg = &dy[b0 * s.c_out * plane.hw..][..nb * s.c_out * plane.hw];
-            // SAFETY: AVX-512F is present (applies); xg and gg hold the group's nb images
-            // of x and dy, part c_out x 9 c_in floats.
-            unsafe { dot_group(&plane, s.c_in, s.c_out, nb, gg, xg, part) };
+    let (img_in, img_out) = (s.c_in * h * w, s.c_out * h * w);
+    // the last plane's taps read up to 2 floats past it
+    let xlen = s.c_in * plane + 16;
+    let mut partials = vec![0.0f32; LANES * k * cp];
+    partials.par_chunks_mut(k * cp).enumerate().for_each(|(lane, part)| {
+        let mut xbuf = vec![Line::default(); xlen.div_ceil(16)];
+        let mut gbuf = vec![Line::default(); (q * cp).div_ceil(16)];
+        let xp = floats(&mut xbuf);
+        for b in (lane..s.n).step_by(LANES) {
+            let xi = &x[b * img_in..][..img_in];
+            for ci in 0..s.c_in {
+                let dst = &mut xp[ci * plane..][..plane];
+                for y in 0..h {
+                    dst[(y + 1) * pw + 1..][..w].copy_from_slice(&xi[(ci * h + y) * w..][..w]);
+                }
+            }
+            let gt = floats(&mut gbuf);
+            let gi = &dy[b * img_out..][..img_out];
+            for y in 0..h {
+                for xx in 0..w {
+                    let row = &mut gt[(y * pw + xx) * cp..][..s.c_out];
+                    for (co, d) in row.iter_mut().enumerate() {
+                        *d = gi[(co * h + y) * w + xx];
+                    }
+                }
+            }
+            // SAFETY: AVX-512F is present (applies); xp holds c_in zero-bordered planes and
+            // their slack, gt Q rows of cp floats (64-byte aligned, cp a multiple of 16),
+            // part k rows of cp floats.
+            unsafe { outer_image(s.c_in, plane, pw, q, cp, xp, gt, part) };
         }
     });
-    let (first, rest) = partials.split_at_mut(wl);
-    for part in rest.chunks_exact(wl) {
+    let (first, rest) = partials.split_at_mut(k * cp);
+    for part in rest.chunks_exact(k * cp) {
         for (d, &v) in first.iter_mut().zip(part) {
             *d += v;
         }
     }
-    for (d, &v) in dw[..wl].iter_mut().zip(first.iter()) {
-        *d = if accumulate { *d + v } else { v };
+    for (co, row) in dw[..s.c_out * k].chunks_exact_mut(k).enumerate() {
+        for (p, d) in row.iter_mut().enumerate() {
+            let v = first[p * cp + co];
+            *d = if accumulate { *d + v } else { v };
+        }
     }
 }
 
-/// Rows and columns of the filter gradient's register tile (24 accumulators).
-const TR: usize = 4;
-const TC: usize = 6;
+/// A cache-line-aligned run of 16 floats (scratch storage).
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
 
-/// `part (c_out, 9 c_in) += Σ_{images, vectors} dy · x(tap)` for one group of `nb` images.
+/// The floats of aligned scratch.
+fn floats(lines: &mut [Line]) -> &mut [f32] {
+    // SAFETY: Line is repr(C) around [f32; 16]: the lines are 16 len contiguous floats,
+    // borrowed mutably for the result's lifetime.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut f32, 16 * lines.len()) }
+}
+
+/// One image's outer products: `part[(9 ci + tap) cp + co] += Σ_q xp[ci plane + off(tap) + q]
+/// gt[q cp + co]`, output channels by blocks of 32 (a last block of 16 takes two input
+/// channels per tile).
 ///
 /// # Safety
-/// AVX-512F; `g` holds `nb c_out hw` floats, `x` `nb c_in hw`, `part` `c_out 9 c_in`.
+/// AVX-512F; `xp` holds `c_in` planes of `plane` floats and 16 more, `gt` `q cp` floats from
+/// a 64-byte boundary, `part` `9 c_in cp`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f")]
+unsafe fn outer_image(
+    c_in: usize,
+    plane: usize,
+    pw: usize,
+    q: usize,
+    cp: usize,
+    xp: &[f32],
+    gt: &[f32],
+    part: &mut [f32],
+) {
+    let geo = Outer { pw, q, cp };
+    let x = |ci: usize| xp.as_ptr().wrapping_add(ci * plane);
+    let mut co0 = 0;
+    // SAFETY: every tile reads channels ci < c_in and columns co0.. < cp, inside the
+    // operands as the caller guarantees.
+    unsafe {
+        while co0 + 32 <= cp {
+            for ci in 0..c_in {
+                outer_tile::<1, 2>(
+                    &geo,
+                    [x(ci)],
+                    gt.as_ptr().add(co0),
+                    part.as_mut_ptr().add(9 * ci * cp + co0),
+                );
+            }
+            co0 += 32;
+        }
+        if co0 < cp {
+            let mut ci = 0;
+            while ci + 2 <= c_in {
+                outer_tile::<2, 1>(
+                    &geo,
+                    [x(ci), x(ci + 1)],
+                    gt.as_ptr().add(co0),
+                    part.as_mut_ptr().add(9 * ci * cp + co0),
+                );
+                ci += 2;
+            }
+            if ci < c_in {
+                outer_tile::<1, 1>(
+                    &geo,
+                    [x(ci)],
+                    gt.as_ptr().add(co0),
+                    part.as_mut_ptr().add(9 * ci * cp + co0),
+                );
+            }
+        }
+    }
+}
+
+/// The padded-width geometry of the outer products.
+struct Outer {
+    pw: usize,
+    q: usize,
+    cp: usize,
+}
+
+/// `out[(9 c + tap) cp + 16 v] += Σ_q xs[c][off(tap) + q] · gt[q cp + 16 v]` for CI input
+/// channels and NV vectors of output channels: `9 CI NV` accumulators.
+///
+/// # Safety
+/// AVX-512F; each `xs[c]` is a zero-bordered plane with 2 readable floats past it, `gt`
+/// `q` rows `cp` apart of `16 NV` floats from a 64-byte boundary, `out` `9 CI` rows `cp`
+/// apart of `16 NV` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn dot_group(pl: &Plane, c_in: usize, c_out: usize, nb: usize, g: &[f32], x: &[f32], part: &mut [f32]) {
+unsafe fn outer_tile<const CI: usize, const NV: usize>(g: &Outer, xs: [*const f32; CI], gt: *const f32, out: *mut f32) {
     use std::arch::x86_64::*;
-    let k = 9 * c_in;
-    let hw = pl.hw;
-    for j0 in (0..k).step_by(TC) {
-        let cols = TC.min(k - j0);
-        // columns past the edge repeat the last one; they are not stored
-        let col = |c: usize| j0 + c.min(cols - 1);
-        let taps: [usize; TC] = std::array::from_fn(|c| col(c) % 9);
-        let xoff: [isize; TC] = std::array::from_fn(|c| ((col(c) / 9) * hw) as isize + pl.shift[taps[c]]);
-        for i0 in (0..c_out).step_by(TR) {
-            let rows = TR.min(c_out - i0);
-            let mut acc = [[_mm512_setzero_ps(); TC]; TR];
-            for b in 0..nb {
-                let xi = x.as_ptr().wrapping_add(b * c_in * hw);
-                let gi = g.as_ptr().wrapping_add((b * c_out + i0) * hw);
-                let row = |r: usize| gi.wrapping_add(r.min(rows - 1) * hw);
-                for (v, (masks, &inside)) in pl.mask.iter().zip(&pl.inside).enumerate() {
-                    let p = 16 * v;
-                    // SAFETY: the loaded lanes are positions of the image's planes (inside
-                    // for dy, the tap masks for x, which drop inputs outside the map).
-                    unsafe {
-                        let av: [__m512; TR] = [
-                            _mm512_maskz_loadu_ps(inside, row(0).add(p)),
-                            _mm512_maskz_loadu_ps(inside, row(1).add(p)),
-                            _mm512_maskz_loadu_ps(inside, row(2).add(p)),
-                            _mm512_maskz_loadu_ps(inside, row(3).add(p)),
-                        ];
-                        for c in 0..TC {
-                            let bv = _mm512_maskz_loadu_ps(masks[taps[c]], xi.wrapping_offset(xoff[c] + p as isize));
-                            for r in 0..TR {
-                                acc[r][c] = _mm512_fmadd_ps(av[r], bv, acc[r][c]);
-                            }
-                        }
+    let mut acc = [[[_mm512_setzero_ps(); NV]; 9]; CI];
+    for e in 0..g.q {
+        // SAFETY: row e < q of gt; taps at e + ky pw + kx inside each plane (+2 slack).
+        unsafe {
+            let row = gt.add(e * g.cp);
+            let mut bv = [_mm512_setzero_ps(); NV];
+            for (v, b) in bv.iter_mut().enumerate() {
+                *b = _mm512_load_ps(row.add(16 * v));
+            }
+            for (c, taps) in acc.iter_mut().enumerate() {
+                for (t, tap) in taps.iter_mut().enumerate() {
+                    let a = _mm512_set1_ps(*xs[c].add(e + (t / 3) * g.pw + t % 3));
+                    for (v, sum) in tap.iter_mut().enumerate() {
+                        *sum = _mm512_fmadd_ps(a, bv[v], *sum);
                     }
                 }
             }
-            let [r0, r1, r2, r3] = &acc;
-            let columns = r0.iter().zip(r1).zip(r2).zip(r3);
-            for (c, (((&v0, &v1), &v2), &v3)) in columns.enumerate().take(cols) {
-                let mut sums = [0.0f32; TR];
-                // SAFETY: sums holds the 4 floats of one __m128.
-                unsafe { _mm_storeu_ps(sums.as_mut_ptr(), sgemm::sum4(v0, v1, v2, v3)) };
-                for (r, &sum) in sums.iter().enumerate().take(rows) {
-                    part[(i0 + r) * k + j0 + c] += sum;
+        }
+    }
+    for (c, taps) in acc.iter().enumerate() {
+        for (t, tap) in taps.iter().enumerate() {
+            for (v, &sum) in tap.iter().enumerate() {
+                // SAFETY: row 9 c + t, vector v of out (caller's contract).
+                unsafe {
+                    let dst = out.add((9 * c + t) * g.cp + 16 * v);
+                    _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), sum));
                 }
             }
         }
@@ -366,6 +454,7 @@ unsafe fn dot_group(pl: &Plane, c_in: usize, c_out: usize, nb: usize, g: &[f32],
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn dot_group(_: &Plane, _: usize, _: usize, _: usize, _: &[f32], _: &[f32], _: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn outer_image(_: usize, _: usize, _: usize, _: usize, _: usize, _: &[f32], _: &[f32], _: &mut [f32]) {
     unreachable!("direct convolution: AVX-512 only")
 }

@@ -425,9 +425,6 @@ fn lane_mask(cols: usize, j: usize) -> u16 {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use dot::sum4;
-
-#[cfg(target_arch = "x86_64")]
 mod dot {
     //! `A Bᵀ` with both operands contiguous along k: each element of C a dot product.
     use super::{lane_mask, Strided};
@@ -445,7 +442,7 @@ mod dot {
     /// three instructions per sum instead of ten for four separate reductions).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(crate) fn sum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
+    fn sum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
         // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3] and the same for c, d
         let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
         let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
