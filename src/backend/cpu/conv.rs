@@ -242,7 +242,7 @@ fn forced() -> &'static str {
 pub const F4_OVER_DIRECT: usize = 1024;
 
 /// Smallest map side on which the direct filter gradient beats Winograd's and im2col's.
-pub const DIRECT_FILTER_MIN_SIDE: usize = 8;
+pub const DIRECT_FILTER_MIN_SIDE: usize = 4;
 
 /// Forward with the algorithm of [`Algo::for_shape`].
 pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {

@@ -271,43 +271,61 @@ unsafe fn tile_forward(kc: usize, pl: &Plane, t: &Tile, load: bool) {
 }
 
 /// Filter gradient: `dw (c_out, c_in, 3, 3) (+)= Σ_batch` of the correlation of x with dy,
-/// as outer products: per image, x is copied into zero-bordered planes of `(h + 2) x (w + 2)`
-/// and dy transposed into `(Q, c_out)` rows over the padded width (`Q = h (w + 2)`, zero in
-/// the two padding columns), so that for each position the 9 taps of an input channel are
-/// scalars at fixed offsets and the output channels one or two vectors:
-/// `dwᵀ[(ci, tap)][co] += x̃[ci][q + off(tap)] · dyᵀ[q][co]`. Images are dealt to [`LANES`]
-/// partial sums (image b to lane b mod LANES), each summed in order, added in lane order.
+/// as outer products. A group of G images ([`images_side_by_side`]) is laid side by side
+/// with one zero column between neighbours and a zero border: planes of `(h + 2) x PW`,
+/// `PW = G (w + 1) + 1`; dy is transposed into `(Q, c_out)` rows over the same width
+/// (`Q = h PW`, zero at the separating columns). For each position the 9 taps of an input
+/// channel are then scalars at fixed offsets and the output channels one or two vectors:
+/// `dwᵀ[(ci, tap)][co] += x̃[ci][q + off(tap)] · dyᵀ[q][co]`, `(w + 1) / w` of the work
+/// plus a row per group. Groups are dealt to [`LANES`] partial sums (group g to lane
+/// g mod LANES), each summed in order, added in lane order.
 pub fn backward_filter(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32], accumulate: bool) {
     debug_assert!(applies(s));
     let (h, w) = (s.h, s.w);
-    let pw = w + 2;
-    let plane = (h + 2) * pw;
-    let q = h * pw;
+    let per = images_side_by_side(w);
+    let groups = s.n.div_ceil(per);
+    let pw_max = per * (w + 1) + 1;
     let cp = s.c_out.next_multiple_of(16);
     let k = 9 * s.c_in;
     let (img_in, img_out) = (s.c_in * h * w, s.c_out * h * w);
-    // the last plane's taps read up to 2 floats past it
-    let xlen = s.c_in * plane + 16;
     let mut partials = vec![0.0f32; LANES * k * cp];
     partials.par_chunks_mut(k * cp).enumerate().for_each(|(lane, part)| {
-        let mut xbuf = vec![Line::default(); xlen.div_ceil(16)];
-        let mut gbuf = vec![Line::default(); (q * cp).div_ceil(16)];
-        let xp = floats(&mut xbuf);
-        for b in (lane..s.n).step_by(LANES) {
-            let xi = &x[b * img_in..][..img_in];
-            for ci in 0..s.c_in {
-                let dst = &mut xp[ci * plane..][..plane];
-                for y in 0..h {
-                    dst[(y + 1) * pw + 1..][..w].copy_from_slice(&xi[(ci * h + y) * w..][..w]);
+        // the last plane's taps read up to 2 floats past it
+        let mut xbuf = vec![Line::default(); (s.c_in * (h + 2) * pw_max + 16).div_ceil(16)];
+        let mut gbuf = vec![Line::default(); (h * pw_max * cp).div_ceil(16)];
+        // the borders and separating columns are zero from the first group of a layout on:
+        // later groups of the same size write the same positions
+        let mut layout = 0;
+        for gi in (lane..groups).step_by(LANES) {
+            let b0 = gi * per;
+            let nb = per.min(s.n - b0);
+            let pw = nb * (w + 1) + 1;
+            let plane = (h + 2) * pw;
+            let q = h * pw;
+            if nb != layout {
+                floats(&mut xbuf).fill(0.0);
+                floats(&mut gbuf).fill(0.0);
+                layout = nb;
+            }
+            let xp = floats(&mut xbuf);
+            for i in 0..nb {
+                let xi = &x[(b0 + i) * img_in..][..img_in];
+                for ci in 0..s.c_in {
+                    for y in 0..h {
+                        let at = ci * plane + (y + 1) * pw + i * (w + 1) + 1;
+                        xp[at..][..w].copy_from_slice(&xi[(ci * h + y) * w..][..w]);
+                    }
                 }
             }
             let gt = floats(&mut gbuf);
-            let gi = &dy[b * img_out..][..img_out];
-            for y in 0..h {
-                for xx in 0..w {
-                    let row = &mut gt[(y * pw + xx) * cp..][..s.c_out];
-                    for (co, d) in row.iter_mut().enumerate() {
-                        *d = gi[(co * h + y) * w + xx];
+            for i in 0..nb {
+                let gi = &dy[(b0 + i) * img_out..][..img_out];
+                for y in 0..h {
+                    for xx in 0..w {
+                        let row = &mut gt[(y * pw + i * (w + 1) + xx) * cp..][..s.c_out];
+                        for (co, d) in row.iter_mut().enumerate() {
+                            *d = gi[(co * h + y) * w + xx];
+                        }
                     }
                 }
             }
@@ -329,6 +347,12 @@ pub fn backward_filter(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32], accumu
             *d = if accumulate { *d + v } else { v };
         }
     }
+}
+
+/// Images side by side per filter-gradient group: about 64 columns in all (32x32 maps one
+/// image, 16x16 three, 8x8 seven, 4x4 twelve). Depends on the shape only.
+fn images_side_by_side(w: usize) -> usize {
+    (64 / (w + 1)).max(1)
 }
 
 /// A cache-line-aligned run of 16 floats (scratch storage).
