@@ -205,8 +205,9 @@ impl Algo {
     }
 
     /// The algorithm of this shape's filter gradient: as [`Algo::for_shape`], except that
-    /// the direct convolution's (outer products over the padded width, `(w + 2) / w` of the
-    /// work) pays only on maps of [`DIRECT_FILTER_MIN_SIDE`] and up.
+    /// the direct convolution's (outer products over images side by side, `(w + 1) / w` of
+    /// the work, and per-lane partial sums of the whole filter) pays only on maps of
+    /// [`DIRECT_FILTER_MIN_SIDE`] and up.
     pub fn for_filter_gradient(s: &Conv2d) -> Algo {
         match Algo::for_shape(s) {
             Algo::Direct if forced() != "direct" && s.w.min(s.h) < DIRECT_FILTER_MIN_SIDE => Algo::transformed(s),
@@ -241,8 +242,9 @@ fn forced() -> &'static str {
 /// on 64 at 32x32, 128 at 16x16 and 256 at 8x8, by up to 1.6x).
 pub const F4_OVER_DIRECT: usize = 1024;
 
-/// Smallest map side on which the direct filter gradient beats Winograd's and im2col's.
-pub const DIRECT_FILTER_MIN_SIDE: usize = 4;
+/// Smallest map side on which the direct filter gradient beats Winograd's and im2col's: on
+/// 4x4 maps it is level with F(2x2, 3x3) at 128-256 channels and 3x slower at 512-1024.
+pub const DIRECT_FILTER_MIN_SIDE: usize = 8;
 
 /// Forward with the algorithm of [`Algo::for_shape`].
 pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {
