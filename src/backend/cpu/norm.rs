@@ -2,7 +2,7 @@
 
 use super::gemm::SendPtr;
 use super::real::Real;
-use super::simd::simd_leaf;
+use super::simd::{prefetch, simd_leaf};
 use crate::backend::SumOverRanks;
 use crate::ops::BatchNorm;
 use rayon::prelude::*;
@@ -88,7 +88,12 @@ fn channel_moments<T: Real>(s: &BatchNorm, x: &[T], c: usize) -> (f64, f64) {
 /// The sum over the channel's elements, in f64 (plane by plane, in order).
 fn channel_sum<T: Real>(s: &BatchNorm, x: &[T], c: usize) -> f64 {
     (0..s.n)
-        .map(|b| plane_sum(&x[(b * s.c + c) * s.hw..][..s.hw], |v| v))
+        .map(|b| {
+            if b + 1 < s.n {
+                prefetch(&x[((b + 1) * s.c + c) * s.hw..][..s.hw]);
+            }
+            plane_sum(&x[(b * s.c + c) * s.hw..][..s.hw], |v| v)
+        })
         .sum()
 }
 
@@ -298,6 +303,14 @@ pub fn backward<T: Real>(
         let (mut sdy, mut sdyx) = (0.0, 0.0);
         for b in 0..s.n {
             let off = (b * s.c + c) * s.hw;
+            if b + 1 < s.n {
+                let next = off + s.c * s.hw;
+                prefetch(&dy[next..next + s.hw]);
+                prefetch(&x[next..next + s.hw]);
+                if s.relu {
+                    prefetch(&y[next..next + s.hw]);
+                }
+            }
             let (dys, xs) = (&dy[off..off + s.hw], &x[off..off + s.hw]);
             let (g, gx) = if s.relu {
                 plane_grad_sums::<T, true>(dys, xs, &y[off..off + s.hw], mean)
