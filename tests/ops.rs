@@ -785,3 +785,53 @@ fn direct_convolution_results_do_not_depend_on_thread_count() {
         eprintln!("no AVX-512F here: the direct convolution does not run on this CPU");
     }
 }
+
+/// The direct forward pass of 3x3 stride-2 layers (input split into phase planes) against the
+/// f64 reference within the f32 bound, on even maps from 2x2 up, channel counts off the tiles,
+/// batch 1; and through the backend (the direct forward, im2col gradients) bit-identical for
+/// any thread count.
+#[test]
+fn direct_stride_2_forward_matches_the_reference_within_the_f32_bound() {
+    let c = |n, c_in, h, w, c_out| Conv2d {
+        n,
+        c_in,
+        h,
+        w,
+        c_out,
+        kh: 3,
+        kw: 3,
+        stride: 2,
+        pad: 1,
+    };
+    let shapes = [
+        c(1, 3, 2, 2, 5),
+        c(2, 5, 6, 10, 13),
+        c(3, 16, 32, 32, 64),
+        c(2, 7, 4, 4, 9),
+        c(5, 32, 16, 16, 128),
+    ];
+    if !loft::backend::cpu::direct::applies_forward(&shapes[0]) {
+        eprintln!("no AVX-512F here: the direct convolution does not run on this CPU");
+        return;
+    }
+    let pool = loft::backend::cpu::scratch::ScratchPool::<f32>::new();
+    let mut rng = Rng::new(22);
+    for s in shapes {
+        let x = rand_vec(&mut rng, s.x_len());
+        let w = rand_vec(&mut rng, s.w_len());
+        let want = conv::reference_forward(&s, &x, &w);
+        let abs = |v: &[f64]| v.iter().map(|a| a.abs()).collect::<Vec<f64>>();
+        let mag = conv::reference_forward(&s, &abs(&x), &abs(&w));
+        let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+        let mut y = vec![f32::NAN; s.y_len()];
+        conv::forward_with(conv::Algo::Direct, &s, &f(&x), &f(&w), &mut y, &pool);
+        let worst = y
+            .iter()
+            .zip(&want)
+            .zip(&mag)
+            .map(|((&a, b), m)| (a as f64 - b).abs() / m.max(1e-30))
+            .fold(0.0, f64::max);
+        assert!(worst <= DIRECT_F32_BOUND, "{s:?}: error {worst:e} of the magnitude sum");
+    }
+    same_bits_for_thread_counts(&c(37, 6, 10, 8, 5), 16, None, &[1, 2, 3]);
+}

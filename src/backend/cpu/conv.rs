@@ -204,6 +204,18 @@ impl Algo {
         }
     }
 
+    /// The algorithm of this shape's forward pass: as [`Algo::for_shape`], and the direct
+    /// convolution also for 3x3 stride-2 layers on maps of even sides (where im2col would
+    /// otherwise run; their gradients stay with im2col).
+    pub fn for_forward(s: &Conv2d) -> Algo {
+        let force = forced();
+        if s.stride == 2 && direct::applies_forward(s) && (force.is_empty() || force == "direct") {
+            Algo::Direct
+        } else {
+            Algo::for_shape(s)
+        }
+    }
+
     /// The algorithm of this shape's filter gradient: as [`Algo::for_shape`], except that
     /// the direct convolution's (outer products over images side by side, `(w + 1) / w` of
     /// the work, and per-lane partial sums of the whole filter) pays only on maps of
@@ -248,7 +260,7 @@ pub const DIRECT_FILTER_MIN_SIDE: usize = 8;
 
 /// Forward with the algorithm of [`Algo::for_shape`].
 pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {
-    forward_with(Algo::for_shape(s), s, x, w, y, pool)
+    forward_with(Algo::for_forward(s), s, x, w, y, pool)
 }
 
 /// Data gradient with the algorithm of [`Algo::for_shape`].
@@ -266,7 +278,7 @@ pub fn backward_filter<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], acc
 pub fn forward_with<T: Real>(algo: Algo, s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {
     check(s, x.len(), w.len(), y.len(), "conv2d_forward");
     if algo == Algo::Direct {
-        assert!(direct::applies(s), "direct convolution on {s:?}");
+        assert!(direct::applies_forward(s), "direct convolution on {s:?}");
         return match (T::as_f32(x), T::as_f32(w), T::as_f32_mut(y)) {
             (Some(x), Some(w), Some(y)) => direct::forward(s, x, w, y),
             _ => forward_with(Algo::transformed(s), s, x, w, y, pool),

@@ -41,18 +41,28 @@ const TASK_POSITIONS: usize = 1024;
 /// Fixed partial sums of the filter gradient (images dealt round-robin).
 const LANES: usize = 8;
 
-/// Whether this file computes the convolution: 3x3, stride 1, pad 1, on a CPU with the
-/// AVX-512 product ([`sgemm::available`]).
+/// Whether this file computes the convolution (all three passes): 3x3, stride 1, pad 1, on a
+/// CPU with the AVX-512 product ([`sgemm::available`]).
 pub fn applies(s: &Conv2d) -> bool {
     s.kh == 3 && s.kw == 3 && s.stride == 1 && s.pad == 1 && sgemm::available()
 }
 
-/// The vectors of one `(h, w)` plane and their tap masks.
+/// Whether this file computes the forward pass: as [`applies`], or stride 2 on a map of
+/// even sides (its input split into four phase planes, see [`Plane::new`]).
+pub fn applies_forward(s: &Conv2d) -> bool {
+    applies(s)
+        || (s.kh == 3 && s.kw == 3 && s.stride == 2 && s.pad == 1 && s.h % 2 == 0 && s.w % 2 == 0 && sgemm::available())
+}
+
+/// The vectors of one output plane and their tap masks.
 struct Plane {
+    /// Output positions per plane.
     hw: usize,
+    /// Floats per input channel as the kernel reads it (`h w`).
+    in_hw: usize,
     /// Vectors per plane, `ceil(hw / 16)`.
     vectors: usize,
-    /// Per tap, the offset of its input from the output position, `(ky - 1) w + kx - 1`.
+    /// Per tap, the offset of its input from the output position.
     shift: [isize; 9],
     /// Per vector and tap, the lanes whose tap input lies inside the map.
     mask: Vec<[u16; 9]>,
@@ -61,10 +71,31 @@ struct Plane {
 }
 
 impl Plane {
-    fn new(h: usize, w: usize) -> Plane {
-        let hw = h * w;
+    /// Stride 1: tap (ky, kx) reads the input `(ky - 1, kx - 1)` from the output position.
+    /// Stride 2 reads a copy of the input split into four phase planes of `(h/2, w/2)`
+    /// (even rows and columns, even rows and odd columns, ...; [`split_phases`]): tap
+    /// (ky, kx) reads phase plane `((ky + 1) % 2, (kx + 1) % 2)` at `(-1 if ky = 0 else 0,
+    /// -1 if kx = 0 else 0)` from the output position, so both strides are stride-1 reads.
+    fn new(s: &Conv2d) -> Plane {
+        let (ho, wo) = (s.h_out(), s.w_out());
+        let hw = ho * wo;
         let vectors = hw.div_ceil(16);
-        let shift = std::array::from_fn(|t| (t / 3) as isize * w as isize - w as isize + (t % 3) as isize - 1);
+        // per tap: (row, column) displacement and the phase plane's offset
+        let step = |k: usize| -> (isize, usize) {
+            if s.stride == 1 {
+                (k as isize - 1, 0)
+            } else {
+                (if k == 0 { -1 } else { 0 }, (k + 1) % 2)
+            }
+        };
+        let tap = |t: usize| {
+            let ((dy, py), (dx, px)) = (step(t / 3), step(t % 3));
+            (dy, dx, (2 * py + px) * hw)
+        };
+        let shift = std::array::from_fn(|t| {
+            let (dy, dx, base) = tap(t);
+            base as isize + dy * wo as isize + dx
+        });
         let mut mask = vec![[0u16; 9]; vectors];
         let mut inside = vec![0u16; vectors];
         for (v, (m, ins)) in mask.iter_mut().zip(&mut inside).enumerate() {
@@ -74,10 +105,11 @@ impl Plane {
                     break;
                 }
                 *ins |= 1 << l;
-                let (y, x) = ((p / w) as isize, (p % w) as isize);
+                let (y, x) = ((p / wo) as isize, (p % wo) as isize);
                 for (t, bits) in m.iter_mut().enumerate() {
-                    let (iy, ix) = (y + (t / 3) as isize - 1, x + (t % 3) as isize - 1);
-                    if iy >= 0 && iy < h as isize && ix >= 0 && ix < w as isize {
+                    let (dy, dx, _) = tap(t);
+                    let (iy, ix) = (y + dy, x + dx);
+                    if iy >= 0 && iy < ho as isize && ix >= 0 && ix < wo as isize {
                         *bits |= 1 << l;
                     }
                 }
@@ -85,10 +117,32 @@ impl Plane {
         }
         Plane {
             hw,
+            in_hw: s.h * s.w,
             vectors,
             shift,
             mask,
             inside,
+        }
+    }
+}
+
+/// `dst (c, 4, h/2, w/2)`: the planes of `x (c, h, w)` split by row and column parity,
+/// phase `2 (row % 2) + column % 2`.
+fn split_phases(x: &[f32], c: usize, h: usize, w: usize, dst: &mut [f32]) {
+    let (ho, wo) = (h / 2, w / 2);
+    for ch in 0..c {
+        let src = &x[ch * h * w..][..h * w];
+        let out = &mut dst[ch * h * w..][..h * w];
+        for (y, row) in src.chunks_exact(w).enumerate() {
+            let (i, py) = (y / 2, y % 2);
+            for (b, phase) in out[2 * py * ho * wo..][..2 * ho * wo]
+                .chunks_exact_mut(ho * wo)
+                .enumerate()
+            {
+                for (j, d) in phase[i * wo..][..wo].iter_mut().enumerate() {
+                    *d = row[2 * j + b];
+                }
+            }
         }
     }
 }
@@ -111,7 +165,7 @@ fn pack_filters(m: usize, c: usize, f: impl Fn(usize, usize, usize) -> f32) -> V
 
 /// Forward: `y (n, c_out, h, w) = conv3x3(x (n, c_in, h, w), w (c_out, c_in, 3, 3))`.
 pub fn forward(s: &Conv2d, x: &[f32], w: &[f32], y: &mut [f32]) {
-    debug_assert!(applies(s));
+    debug_assert!(applies_forward(s));
     let a = pack_filters(s.c_out, s.c_in, |co, ci, t| w[(co * s.c_in + ci) * 9 + t]);
     convolve(s, x, &a, y, false);
 }
@@ -137,17 +191,36 @@ fn images_per(hw: usize) -> usize {
 /// `y (+)= ` the convolution of x with the packed filters `a` (see [`pack_filters`]), one
 /// task per group of whole images.
 fn convolve(s: &Conv2d, x: &[f32], a: &[f32], y: &mut [f32], accumulate: bool) {
-    let plane = Plane::new(s.h, s.w);
-    let (img_in, img_out) = (s.c_in * plane.hw, s.c_out * plane.hw);
+    let plane = Plane::new(s);
+    let (img_in, img_out) = (s.c_in * plane.in_hw, s.c_out * plane.hw);
     let per = images_per(plane.hw);
     y[..s.n * img_out]
         .par_chunks_mut(per * img_out)
         .zip(x[..s.n * img_in].par_chunks(per * img_in))
         .for_each(|(yg, xg)| {
-            // SAFETY: AVX-512F is present (applies); xg and yg hold the same whole images of
-            // x and y, a the packed strips of c_out rows and 9 c_in columns.
-            unsafe { group_forward(&plane, s.c_in, s.c_out, a, xg, yg, accumulate) };
+            let nb = xg.len() / (s.c_in * s.h * s.w);
+            let mut run = |xg: &[f32]| {
+                // SAFETY: AVX-512F is present (applies_forward); xg and yg hold the same
+                // whole images of x (phase-split for stride 2) and y, a the packed strips of
+                // c_out rows and 9 c_in columns.
+                unsafe { group_forward(&plane, s.c_in, s.c_out, a, xg, yg, accumulate) };
+            };
+            if s.stride == 1 {
+                run(xg);
+            } else {
+                PHASES.with(|buf| {
+                    let mut buf = buf.borrow_mut();
+                    buf.resize(xg.len(), 0.0);
+                    split_phases(xg, nb * s.c_in, s.h, s.w, &mut buf);
+                    run(&buf);
+                });
+            }
         });
+}
+
+thread_local! {
+    /// This thread's phase-split input of a stride-2 forward task, kept between calls.
+    static PHASES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// One group of images: every register tile of `y (nb, c_out, h, w)`, block of input
@@ -173,7 +246,7 @@ unsafe fn group_forward(pl: &Plane, c_in: usize, c_out: usize, a: &[f32], x: &[f
             };
             let xs: [*const f32; NV] = std::array::from_fn(|j| {
                 let (b, v) = vec_of(j);
-                x.as_ptr().wrapping_add((b * c_in + c0) * pl.hw + 16 * v)
+                x.as_ptr().wrapping_add((b * c_in + c0) * pl.in_hw + 16 * v)
             });
             let masks: [&[u16; 9]; NV] = std::array::from_fn(|j| &pl.mask[vec_of(j).1]);
             let stores: [u16; NV] = std::array::from_fn(|j| if g0 + j < total { pl.inside[vec_of(j).1] } else { 0 });
@@ -232,7 +305,7 @@ unsafe fn tile_forward(kc: usize, pl: &Plane, t: &Tile, load: bool) {
     let hw = pl.hw;
     for c in 0..kc {
         for tap in 0..9 {
-            let shift = pl.shift[tap] + (c * hw) as isize;
+            let shift = pl.shift[tap] + (c * pl.in_hw) as isize;
             // SAFETY: the masked lanes are inside plane c of the vector's image (the masks
             // drop every tap input outside the map); the strip holds 9 kc MR floats.
             unsafe {
