@@ -51,7 +51,13 @@ pub fn applies(s: &Conv2d) -> bool {
 /// even sides (its input split into four phase planes, see [`Plane::new`]).
 pub fn applies_forward(s: &Conv2d) -> bool {
     applies(s)
-        || (s.kh == 3 && s.kw == 3 && s.stride == 2 && s.pad == 1 && s.h % 2 == 0 && s.w % 2 == 0 && sgemm::available())
+        || (s.kh == 3
+            && s.kw == 3
+            && s.stride == 2
+            && s.pad == 1
+            && s.h.is_multiple_of(2)
+            && s.w.is_multiple_of(2)
+            && sgemm::available())
 }
 
 /// The vectors of one output plane and their tap masks.
