@@ -786,12 +786,12 @@ fn direct_convolution_results_do_not_depend_on_thread_count() {
     }
 }
 
-/// The direct forward pass of 3x3 stride-2 layers (input split into phase planes) against the
-/// f64 reference within the f32 bound, on even maps from 2x2 up, channel counts off the tiles,
-/// batch 1; and through the backend (the direct forward, im2col gradients) bit-identical for
-/// any thread count.
+/// The direct forward pass and filter gradient of 3x3 stride-2 layers (input split into
+/// phase planes) against the f64 reference within the f32 bound, on even maps from 2x2 up,
+/// channel counts off the tiles, batch 1; and through the backend (direct forward and filter
+/// gradient, im2col data gradient) bit-identical for any thread count.
 #[test]
-fn direct_stride_2_forward_matches_the_reference_within_the_f32_bound() {
+fn direct_stride_2_matches_the_reference_within_the_f32_bound() {
     let c = |n, c_in, h, w, c_out| Conv2d {
         n,
         c_in,
@@ -832,6 +832,29 @@ fn direct_stride_2_forward_matches_the_reference_within_the_f32_bound() {
             .map(|((&a, b), m)| (a as f64 - b).abs() / m.max(1e-30))
             .fold(0.0, f64::max);
         assert!(worst <= DIRECT_F32_BOUND, "{s:?}: error {worst:e} of the magnitude sum");
+        // the filter gradient against the f64 backend's (im2col, finite-difference checked)
+        let g = rand_vec(&mut rng, s.y_len());
+        let be = B::new();
+        let mut want = vec![0.0; s.w_len()];
+        let mut mag = vec![0.0; s.w_len()];
+        be.conv2d_backward_filter(&s, &x, &g, &mut want, false);
+        be.conv2d_backward_filter(&s, &abs(&x), &abs(&g), &mut mag, false);
+        for acc in [false, true] {
+            let start = if acc { 0.5f32 } else { f32::NAN };
+            let mut dw = vec![start; s.w_len()];
+            conv::backward_filter_with(conv::Algo::Direct, &s, &f(&x), &f(&g), &mut dw, acc, &pool);
+            let offset = if acc { 0.5 } else { 0.0 };
+            let worst = dw
+                .iter()
+                .zip(&want)
+                .zip(&mag)
+                .map(|((&a, b), m)| (a as f64 - offset - b).abs() / (m + offset).max(1e-30))
+                .fold(0.0, f64::max);
+            assert!(
+                worst <= DIRECT_F32_BOUND,
+                "{s:?} filter gradient (accumulate {acc}): error {worst:e} of the magnitude sum"
+            );
+        }
     }
     same_bits_for_thread_counts(&c(37, 6, 10, 8, 5), 16, None, &[1, 2, 3]);
 }

@@ -206,7 +206,7 @@ impl Algo {
 
     /// The algorithm of this shape's forward pass: as [`Algo::for_shape`], and the direct
     /// convolution also for 3x3 stride-2 layers on maps of even sides (where im2col would
-    /// otherwise run; their gradients stay with im2col).
+    /// otherwise run; their data gradient stays with im2col).
     pub fn for_forward(s: &Conv2d) -> Algo {
         let force = forced();
         if s.stride == 2 && direct::applies_forward(s) && (force.is_empty() || force == "direct") {
@@ -216,13 +216,15 @@ impl Algo {
         }
     }
 
-    /// The algorithm of this shape's filter gradient: as [`Algo::for_shape`], except that
+    /// The algorithm of this shape's filter gradient: as [`Algo::for_forward`], except that
     /// the direct convolution's (outer products over images side by side, `(w + 1) / w` of
-    /// the work, and per-lane partial sums of the whole filter) pays only on maps of
+    /// the work, and per-lane partial sums of the whole filter) pays only on output maps of
     /// [`DIRECT_FILTER_MIN_SIDE`] and up.
     pub fn for_filter_gradient(s: &Conv2d) -> Algo {
-        match Algo::for_shape(s) {
-            Algo::Direct if forced() != "direct" && s.w.min(s.h) < DIRECT_FILTER_MIN_SIDE => Algo::transformed(s),
+        match Algo::for_forward(s) {
+            Algo::Direct if forced() != "direct" && s.w_out().min(s.h_out()) < DIRECT_FILTER_MIN_SIDE => {
+                Algo::transformed(s)
+            }
             algo => algo,
         }
     }
@@ -254,8 +256,9 @@ fn forced() -> &'static str {
 /// on 64 at 32x32, 128 at 16x16 and 256 at 8x8, by up to 1.6x).
 pub const F4_OVER_DIRECT: usize = 1024;
 
-/// Smallest map side on which the direct filter gradient beats Winograd's and im2col's: on
-/// 4x4 maps it is level with F(2x2, 3x3) at 128-256 channels and 3x slower at 512-1024.
+/// Smallest output map side on which the direct filter gradient beats Winograd's and
+/// im2col's: on 4x4 outputs it is level with F(2x2, 3x3) and im2col at 128-256 channels and
+/// 3x slower at 512-1024.
 pub const DIRECT_FILTER_MIN_SIDE: usize = 8;
 
 /// Forward with the algorithm of [`Algo::for_shape`].
@@ -418,7 +421,7 @@ pub fn backward_filter_with<T: Real>(
 ) {
     check(s, x.len(), dw.len(), dy.len(), "conv2d_backward_filter");
     if algo == Algo::Direct {
-        assert!(direct::applies(s), "direct convolution on {s:?}");
+        assert!(direct::applies_forward(s), "direct convolution on {s:?}");
         return match (T::as_f32(x), T::as_f32(dy), T::as_f32_mut(dw)) {
             (Some(x), Some(dy), Some(dw)) => direct::backward_filter(s, x, dy, dw, accumulate),
             _ => backward_filter_with(Algo::transformed(s), s, x, dy, dw, accumulate, pool),

@@ -47,8 +47,9 @@ pub fn applies(s: &Conv2d) -> bool {
     s.kh == 3 && s.kw == 3 && s.stride == 1 && s.pad == 1 && sgemm::available()
 }
 
-/// Whether this file computes the forward pass: as [`applies`], or stride 2 on a map of
-/// even sides (its input split into four phase planes, see [`Plane::new`]).
+/// Whether this file computes the forward pass and the filter gradient: as [`applies`], or
+/// stride 2 on a map of even sides (its input split into four phase planes, see
+/// [`Plane::new`] and [`tap_read`]).
 pub fn applies_forward(s: &Conv2d) -> bool {
     applies(s)
         || (s.kh == 3
@@ -359,59 +360,81 @@ unsafe fn tile_forward(kc: usize, pl: &Plane, t: &Tile, load: bool) {
 /// plus a row per group. Groups are dealt to [`LANES`] partial sums (group g to lane
 /// g mod LANES), each summed in order, added in lane order.
 pub fn backward_filter(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32], accumulate: bool) {
-    debug_assert!(applies(s));
-    let (h, w) = (s.h, s.w);
-    let per = images_side_by_side(w);
+    debug_assert!(applies_forward(s));
+    let (h, w, ho, wo) = (s.h, s.w, s.h_out(), s.w_out());
+    let per = images_side_by_side(wo);
     let groups = s.n.div_ceil(per);
-    let pw_max = per * (w + 1) + 1;
     let cp = s.c_out.next_multiple_of(16);
     let k = 9 * s.c_in;
-    let (img_in, img_out) = (s.c_in * h * w, s.c_out * h * w);
+    let (img_in, img_out) = (s.c_in * h * w, s.c_out * ho * wo);
+    // stride 1: one plane of (h + 2) rows per channel; stride 2: four phase planes of
+    // (h/2 + 1) rows (a zero row above, a zero column left of each image)
+    let (rows, phases) = if s.stride == 1 { (h + 2, 1) } else { (ho + 1, 4) };
+    let pw_max = per * (wo + 1) + 1;
     let mut partials = vec![0.0f32; LANES * k * cp];
     partials.par_chunks_mut(k * cp).enumerate().for_each(|(lane, part)| {
         // the last plane's taps read up to 2 floats past it
-        let mut xbuf = vec![Line::default(); (s.c_in * (h + 2) * pw_max + 16).div_ceil(16)];
-        let mut gbuf = vec![Line::default(); (h * pw_max * cp).div_ceil(16)];
+        let mut xbuf = vec![Line::default(); (s.c_in * phases * rows * pw_max + 16).div_ceil(16)];
+        let mut gbuf = vec![Line::default(); (ho * pw_max * cp).div_ceil(16)];
         // the borders and separating columns are zero from the first group of a layout on:
         // later groups of the same size write the same positions
         let mut layout = 0;
         for gi in (lane..groups).step_by(LANES) {
             let b0 = gi * per;
             let nb = per.min(s.n - b0);
-            let pw = nb * (w + 1) + 1;
-            let plane = (h + 2) * pw;
-            let q = h * pw;
+            let pw = nb * (wo + 1) + 1;
+            let geo = Outer {
+                pw,
+                pp: rows * pw,
+                q: ho * pw,
+                cp,
+            };
             if nb != layout {
                 floats(&mut xbuf).fill(0.0);
                 floats(&mut gbuf).fill(0.0);
                 layout = nb;
             }
             let xp = floats(&mut xbuf);
+            let plane = phases * geo.pp;
             for i in 0..nb {
                 let xi = &x[(b0 + i) * img_in..][..img_in];
+                let left = i * (wo + 1) + 1;
                 for ci in 0..s.c_in {
-                    for y in 0..h {
-                        let at = ci * plane + (y + 1) * pw + i * (w + 1) + 1;
-                        xp[at..][..w].copy_from_slice(&xi[(ci * h + y) * w..][..w]);
+                    for (y, src) in xi[ci * h * w..][..h * w].chunks_exact(w).enumerate() {
+                        if s.stride == 1 {
+                            xp[ci * plane + (y + 1) * pw + left..][..w].copy_from_slice(src);
+                        } else {
+                            let at = ci * plane + (y % 2) * 2 * geo.pp + (y / 2 + 1) * pw + left;
+                            for (j, pair) in src.chunks_exact(2).enumerate() {
+                                xp[at + j] = pair[0];
+                                xp[at + geo.pp + j] = pair[1];
+                            }
+                        }
                     }
                 }
             }
             let gt = floats(&mut gbuf);
             for i in 0..nb {
                 let gi = &dy[(b0 + i) * img_out..][..img_out];
-                for y in 0..h {
-                    for xx in 0..w {
-                        let row = &mut gt[(y * pw + i * (w + 1) + xx) * cp..][..s.c_out];
+                for y in 0..ho {
+                    for xx in 0..wo {
+                        let row = &mut gt[(y * pw + i * (wo + 1) + xx) * cp..][..s.c_out];
                         for (co, d) in row.iter_mut().enumerate() {
-                            *d = gi[(co * h + y) * w + xx];
+                            *d = gi[(co * ho + y) * wo + xx];
                         }
                     }
                 }
             }
-            // SAFETY: AVX-512F is present (applies); xp holds c_in zero-bordered planes and
-            // their slack, gt Q rows of cp floats (64-byte aligned, cp a multiple of 16),
-            // part k rows of cp floats.
-            unsafe { outer_image(s.c_in, plane, pw, q, cp, xp, gt, part) };
+            // SAFETY: AVX-512F is present (applies_forward); xp holds c_in planes laid out
+            // as geo says and their slack, gt Q rows of cp floats (64-byte aligned, cp a
+            // multiple of 16), part k rows of cp floats.
+            unsafe {
+                if s.stride == 1 {
+                    outer_image::<1>(s.c_in, &geo, xp, gt, part)
+                } else {
+                    outer_image::<2>(s.c_in, &geo, xp, gt, part)
+                }
+            };
         }
     });
     let (first, rest) = partials.split_at_mut(k * cp);
@@ -446,36 +469,27 @@ fn floats(lines: &mut [Line]) -> &mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut f32, 16 * lines.len()) }
 }
 
-/// One image's outer products: `part[(9 ci + tap) cp + co] += Σ_q xp[ci plane + off(tap) + q]
-/// gt[q cp + co]`, output channels by blocks of 32 (a last block of 16 takes two input
-/// channels per tile).
+/// One group's outer products: `part[(9 ci + tap) cp + co] += Σ_q x̃[ci][tap][q]
+/// gt[q cp + co]`, output channels by blocks of 32; a last block of 16 takes two input
+/// channels per tile at stride 1 (six row pointers, as one channel does at stride 2).
 ///
 /// # Safety
-/// AVX-512F; `xp` holds `c_in` planes of `plane` floats and 16 more, `gt` `q cp` floats from
-/// a 64-byte boundary, `part` `9 c_in cp`.
+/// AVX-512F; `xp` holds `c_in` planes as `g` lays them out and 16 floats more, `gt` `q cp`
+/// floats from a 64-byte boundary, `part` `9 c_in cp`.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f")]
-unsafe fn outer_image(
-    c_in: usize,
-    plane: usize,
-    pw: usize,
-    q: usize,
-    cp: usize,
-    xp: &[f32],
-    gt: &[f32],
-    part: &mut [f32],
-) {
-    let geo = Outer { pw, q, cp };
+unsafe fn outer_image<const S: usize>(c_in: usize, g: &Outer, xp: &[f32], gt: &[f32], part: &mut [f32]) {
+    let plane = if S == 1 { g.pp } else { 4 * g.pp };
     let x = |ci: usize| xp.as_ptr().wrapping_add(ci * plane);
+    let cp = g.cp;
     let mut co0 = 0;
     // SAFETY: every tile reads channels ci < c_in and columns co0.. < cp, inside the
     // operands as the caller guarantees.
     unsafe {
         while co0 + 32 <= cp {
             for ci in 0..c_in {
-                outer_tile::<1, 2>(
-                    &geo,
+                outer_tile::<1, 2, S>(
+                    g,
                     [x(ci)],
                     gt.as_ptr().add(co0),
                     part.as_mut_ptr().add(9 * ci * cp + co0),
@@ -485,18 +499,18 @@ unsafe fn outer_image(
         }
         if co0 < cp {
             let mut ci = 0;
-            while ci + 2 <= c_in {
-                outer_tile::<2, 1>(
-                    &geo,
+            while S == 1 && ci + 2 <= c_in {
+                outer_tile::<2, 1, S>(
+                    g,
                     [x(ci), x(ci + 1)],
                     gt.as_ptr().add(co0),
                     part.as_mut_ptr().add(9 * ci * cp + co0),
                 );
                 ci += 2;
             }
-            if ci < c_in {
-                outer_tile::<1, 1>(
-                    &geo,
+            for ci in ci..c_in {
+                outer_tile::<1, 1, S>(
+                    g,
                     [x(ci)],
                     gt.as_ptr().add(co0),
                     part.as_mut_ptr().add(9 * ci * cp + co0),
@@ -506,27 +520,51 @@ unsafe fn outer_image(
     }
 }
 
-/// The padded-width geometry of the outer products.
+/// The side-by-side layout of a filter-gradient group.
 struct Outer {
+    /// Row length: the images' columns, one zero column between and around them.
     pw: usize,
+    /// Floats per (phase) plane.
+    pp: usize,
+    /// Output positions, output rows times `pw`.
     q: usize,
+    /// Row length of the transposed dy (output channels rounded up to 16).
     cp: usize,
 }
 
-/// `out[(9 c + tap) cp + 16 v] += Σ_q xs[c][off(tap) + q] · gt[q cp + 16 v]` for CI input
-/// channels and NV vectors of output channels: `9 CI NV` accumulators.
+/// Where stride `S`'s tap t reads from the output position: (phase plane, row, column).
+/// Stride 1: row ky, column kx of the zero-bordered plane. Stride 2: phase
+/// `2 ((ky + 1) % 2) + (kx + 1) % 2`, one row (column) down unless ky (kx) is 0, the zero
+/// row and column of each phase plane standing for the input above and left of the map.
+#[inline(always)]
+const fn tap_read<const S: usize>(t: usize) -> (usize, usize, usize) {
+    let (ky, kx) = (t / 3, t % 3);
+    if S == 1 {
+        (0, ky, kx)
+    } else {
+        (2 * ((ky + 1) % 2) + (kx + 1) % 2, (ky > 0) as usize, (kx > 0) as usize)
+    }
+}
+
+/// `out[(9 c + tap) cp + 16 v] += Σ_q x̃[c][tap][q] · gt[q cp + 16 v]` for CI input channels
+/// and NV vectors of output channels: `9 CI NV` accumulators.
 ///
 /// # Safety
-/// AVX-512F; each `xs[c]` is a zero-bordered plane with 2 readable floats past it, `gt`
-/// `q` rows `cp` apart of `16 NV` floats from a 64-byte boundary, `out` `9 CI` rows `cp`
-/// apart of `16 NV` floats.
+/// AVX-512F; each `xs[c]` is a channel's planes laid out as `g` says with 2 readable floats
+/// past them, `gt` `q` rows `cp` apart of `16 NV` floats from a 64-byte boundary, `out` `9
+/// CI` rows `cp` apart of `16 NV` floats.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn outer_tile<const CI: usize, const NV: usize>(g: &Outer, xs: [*const f32; CI], gt: *const f32, out: *mut f32) {
+unsafe fn outer_tile<const CI: usize, const NV: usize, const S: usize>(
+    g: &Outer,
+    xs: [*const f32; CI],
+    gt: *const f32,
+    out: *mut f32,
+) {
     use std::arch::x86_64::*;
     let mut acc = [[[_mm512_setzero_ps(); NV]; 9]; CI];
     for e in 0..g.q {
-        // SAFETY: row e < q of gt; taps at e + ky pw + kx inside each plane (+2 slack).
+        // SAFETY: row e < q of gt; every tap's read lies inside the channel's planes (+2).
         unsafe {
             let row = gt.add(e * g.cp);
             let mut bv = [_mm512_setzero_ps(); NV];
@@ -535,7 +573,8 @@ unsafe fn outer_tile<const CI: usize, const NV: usize>(g: &Outer, xs: [*const f3
             }
             for (c, taps) in acc.iter_mut().enumerate() {
                 for (t, tap) in taps.iter_mut().enumerate() {
-                    let a = _mm512_set1_ps(*xs[c].add(e + (t / 3) * g.pw + t % 3));
+                    let (phase, r, col) = tap_read::<S>(t);
+                    let a = _mm512_set1_ps(*xs[c].add(phase * g.pp + r * g.pw + col + e));
                     for (v, sum) in tap.iter_mut().enumerate() {
                         *sum = _mm512_fmadd_ps(a, bv[v], *sum);
                     }
@@ -557,7 +596,6 @@ unsafe fn outer_tile<const CI: usize, const NV: usize>(g: &Outer, xs: [*const f3
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-#[allow(clippy::too_many_arguments)]
-unsafe fn outer_image(_: usize, _: usize, _: usize, _: usize, _: usize, _: &[f32], _: &[f32], _: &mut [f32]) {
+unsafe fn outer_image<const S: usize>(_: usize, _: &Outer, _: &[f32], _: &[f32], _: &mut [f32]) {
     unreachable!("direct convolution: AVX-512 only")
 }
