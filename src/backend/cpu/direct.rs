@@ -28,6 +28,8 @@
 use super::sgemm;
 use crate::ops::Conv2d;
 use rayon::prelude::*;
+use std::cell::RefCell;
+use std::thread::LocalKey;
 
 /// Output channels per register tile.
 const MR: usize = 8;
@@ -49,7 +51,7 @@ pub fn applies(s: &Conv2d) -> bool {
 
 /// Whether this file computes the forward pass and the filter gradient: as [`applies`], or
 /// stride 2 on a map of even sides (its input split into four phase planes, see
-/// [`Plane::new`] and [`tap_read`]).
+/// [`Plane::fill`] and [`tap_read`]).
 pub fn applies_forward(s: &Conv2d) -> bool {
     applies(s)
         || (s.kh == 3
@@ -62,6 +64,7 @@ pub fn applies_forward(s: &Conv2d) -> bool {
 }
 
 /// The vectors of one output plane and their tap masks.
+#[derive(Default)]
 struct Plane {
     /// Output positions per plane.
     hw: usize,
@@ -83,7 +86,7 @@ impl Plane {
     /// (even rows and columns, even rows and odd columns, ...; [`split_phases`]): tap
     /// (ky, kx) reads phase plane `((ky + 1) % 2, (kx + 1) % 2)` at `(-1 if ky = 0 else 0,
     /// -1 if kx = 0 else 0)` from the output position, so both strides are stride-1 reads.
-    fn new(s: &Conv2d) -> Plane {
+    fn fill(&mut self, s: &Conv2d) {
         let (ho, wo) = (s.h_out(), s.w_out());
         let hw = ho * wo;
         let vectors = hw.div_ceil(16);
@@ -103,9 +106,13 @@ impl Plane {
             let (dy, dx, base) = tap(t);
             base as isize + dy * wo as isize + dx
         });
-        let mut mask = vec![[0u16; 9]; vectors];
-        let mut inside = vec![0u16; vectors];
-        for (v, (m, ins)) in mask.iter_mut().zip(&mut inside).enumerate() {
+        // the tables are reused between calls (no allocation once grown)
+        let (mask, inside) = (&mut self.mask, &mut self.inside);
+        mask.clear();
+        mask.resize(vectors, [0; 9]);
+        inside.clear();
+        inside.resize(vectors, 0);
+        for (v, (m, ins)) in mask.iter_mut().zip(inside.iter_mut()).enumerate() {
             for l in 0..16 {
                 let p = 16 * v + l;
                 if p >= hw {
@@ -122,14 +129,10 @@ impl Plane {
                 }
             }
         }
-        Plane {
-            hw,
-            in_hw: s.h * s.w,
-            vectors,
-            shift,
-            mask,
-            inside,
-        }
+        self.hw = hw;
+        self.in_hw = s.h * s.w;
+        self.vectors = vectors;
+        self.shift = shift;
     }
 }
 
@@ -156,10 +159,11 @@ fn split_phases(x: &[f32], c: usize, h: usize, w: usize, dst: &mut [f32]) {
 
 /// Filters `f(row, channel, tap)` of a `(m, c, 3, 3)` convolution packed in strips of [`MR`]
 /// rows: `a[(s 9c + p) MR + i] = f(s MR + i, p / 9, p % 9)`, zero for rows past m.
-fn pack_filters(m: usize, c: usize, f: impl Fn(usize, usize, usize) -> f32) -> Vec<f32> {
+fn pack_filters(a: &mut Vec<f32>, m: usize, c: usize, f: impl Fn(usize, usize, usize) -> f32) {
     let k = 9 * c;
     let strips = m.div_ceil(MR);
-    let mut a = vec![0.0f32; strips * k * MR];
+    a.clear();
+    a.resize(strips * k * MR, 0.0);
     for s in 0..strips {
         for p in 0..k {
             for i in 0..MR.min(m - s * MR) {
@@ -167,14 +171,35 @@ fn pack_filters(m: usize, c: usize, f: impl Fn(usize, usize, usize) -> f32) -> V
             }
         }
     }
-    a
+}
+
+thread_local! {
+    /// This thread's packed filters, output-plane tables, phase-split input (stride-2 forward
+    /// tasks), filter-gradient partial sums and per-lane layouts: kept between calls, so a
+    /// training step allocates nothing once they have grown.
+    static FILTERS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PLANE: RefCell<Plane> = RefCell::new(Plane::default());
+    static PHASES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static LAYOUT: RefCell<(Vec<Line>, Vec<Line>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `f` on this thread's cached `key` (on a fresh value if that one is in use further up
+/// this thread's stack, as when a waiting rayon worker runs another task).
+fn with_cached<V: Default + 'static, R>(key: &'static LocalKey<RefCell<V>>, f: impl FnOnce(&mut V) -> R) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => f(&mut v),
+        Err(_) => f(&mut V::default()),
+    })
 }
 
 /// Forward: `y (n, c_out, h, w) = conv3x3(x (n, c_in, h, w), w (c_out, c_in, 3, 3))`.
 pub fn forward(s: &Conv2d, x: &[f32], w: &[f32], y: &mut [f32]) {
     debug_assert!(applies_forward(s));
-    let a = pack_filters(s.c_out, s.c_in, |co, ci, t| w[(co * s.c_in + ci) * 9 + t]);
-    convolve(s, x, &a, y, false);
+    with_cached(&FILTERS, |a| {
+        pack_filters(a, s.c_out, s.c_in, |co, ci, t| w[(co * s.c_in + ci) * 9 + t]);
+        convolve(s, x, a, y, false);
+    });
 }
 
 /// Data gradient: `dx (+)= conv_transpose(dy, w)`, the forward pass of dy with the filters
@@ -186,8 +211,10 @@ pub fn backward_data(s: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32], accumula
         c_out: s.c_in,
         ..*s
     };
-    let a = pack_filters(s.c_in, s.c_out, |ci, co, tap| w[(co * s.c_in + ci) * 9 + 8 - tap]);
-    convolve(&t, dy, &a, dx, accumulate);
+    with_cached(&FILTERS, |a| {
+        pack_filters(a, s.c_in, s.c_out, |ci, co, tap| w[(co * s.c_in + ci) * 9 + 8 - tap]);
+        convolve(&t, dy, a, dx, accumulate);
+    });
 }
 
 /// Images per task or group: about [`TASK_POSITIONS`] positions, at least one image.
@@ -198,36 +225,33 @@ fn images_per(hw: usize) -> usize {
 /// `y (+)= ` the convolution of x with the packed filters `a` (see [`pack_filters`]), one
 /// task per group of whole images.
 fn convolve(s: &Conv2d, x: &[f32], a: &[f32], y: &mut [f32], accumulate: bool) {
-    let plane = Plane::new(s);
-    let (img_in, img_out) = (s.c_in * plane.in_hw, s.c_out * plane.hw);
-    let per = images_per(plane.hw);
-    y[..s.n * img_out]
-        .par_chunks_mut(per * img_out)
-        .zip(x[..s.n * img_in].par_chunks(per * img_in))
-        .for_each(|(yg, xg)| {
-            let nb = xg.len() / (s.c_in * s.h * s.w);
-            let mut run = |xg: &[f32]| {
-                // SAFETY: AVX-512F is present (applies_forward); xg and yg hold the same
-                // whole images of x (phase-split for stride 2) and y, a the packed strips of
-                // c_out rows and 9 c_in columns.
-                unsafe { group_forward(&plane, s.c_in, s.c_out, a, xg, yg, accumulate) };
-            };
-            if s.stride == 1 {
-                run(xg);
-            } else {
-                PHASES.with(|buf| {
-                    let mut buf = buf.borrow_mut();
-                    buf.resize(xg.len(), 0.0);
-                    split_phases(xg, nb * s.c_in, s.h, s.w, &mut buf);
-                    run(&buf);
-                });
-            }
-        });
-}
-
-thread_local! {
-    /// This thread's phase-split input of a stride-2 forward task, kept between calls.
-    static PHASES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    with_cached(&PLANE, |plane| {
+        plane.fill(s);
+        let plane = &*plane;
+        let (img_in, img_out) = (s.c_in * plane.in_hw, s.c_out * plane.hw);
+        let per = images_per(plane.hw);
+        y[..s.n * img_out]
+            .par_chunks_mut(per * img_out)
+            .zip(x[..s.n * img_in].par_chunks(per * img_in))
+            .for_each(|(yg, xg)| {
+                let nb = xg.len() / (s.c_in * s.h * s.w);
+                let mut run = |xg: &[f32]| {
+                    // SAFETY: AVX-512F is present (applies_forward); xg and yg hold the same
+                    // whole images of x (phase-split for stride 2) and y, a the packed strips
+                    // of c_out rows and 9 c_in columns.
+                    unsafe { group_forward(plane, s.c_in, s.c_out, a, xg, yg, accumulate) };
+                };
+                if s.stride == 1 {
+                    run(xg);
+                } else {
+                    with_cached(&PHASES, |buf| {
+                        buf.resize(xg.len(), 0.0);
+                        split_phases(xg, nb * s.c_in, s.h, s.w, buf);
+                        run(buf);
+                    });
+                }
+            });
+    });
 }
 
 /// One group of images: every register tile of `y (nb, c_out, h, w)`, block of input
@@ -371,84 +395,89 @@ pub fn backward_filter(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32], accumu
     // (h/2 + 1) rows (a zero row above, a zero column left of each image)
     let (rows, phases) = if s.stride == 1 { (h + 2, 1) } else { (ho + 1, 4) };
     let pw_max = per * (wo + 1) + 1;
-    let mut partials = vec![0.0f32; LANES * k * cp];
-    partials.par_chunks_mut(k * cp).enumerate().for_each(|(lane, part)| {
-        // the last plane's taps read up to 2 floats past it
-        let mut xbuf = vec![Line::default(); (s.c_in * phases * rows * pw_max + 16).div_ceil(16)];
-        let mut gbuf = vec![Line::default(); (ho * pw_max * cp).div_ceil(16)];
-        // the borders and separating columns are zero from the first group of a layout on:
-        // later groups of the same size write the same positions
-        let mut layout = 0;
-        for gi in (lane..groups).step_by(LANES) {
-            let b0 = gi * per;
-            let nb = per.min(s.n - b0);
-            let pw = nb * (wo + 1) + 1;
-            let geo = Outer {
-                pw,
-                pp: rows * pw,
-                q: ho * pw,
-                cp,
-            };
-            if nb != layout {
-                floats(&mut xbuf).fill(0.0);
-                floats(&mut gbuf).fill(0.0);
-                layout = nb;
-            }
-            let xp = floats(&mut xbuf);
-            let plane = phases * geo.pp;
-            for i in 0..nb {
-                let xi = &x[(b0 + i) * img_in..][..img_in];
-                let left = i * (wo + 1) + 1;
-                for ci in 0..s.c_in {
-                    for (y, src) in xi[ci * h * w..][..h * w].chunks_exact(w).enumerate() {
-                        if s.stride == 1 {
-                            xp[ci * plane + (y + 1) * pw + left..][..w].copy_from_slice(src);
-                        } else {
-                            let at = ci * plane + (y % 2) * 2 * geo.pp + (y / 2 + 1) * pw + left;
-                            for (j, pair) in src.chunks_exact(2).enumerate() {
-                                xp[at + j] = pair[0];
-                                xp[at + geo.pp + j] = pair[1];
+    with_cached(&PARTIALS, |partials| {
+        partials.clear();
+        partials.resize(LANES * k * cp, 0.0);
+        partials.par_chunks_mut(k * cp).enumerate().for_each(|(lane, part)| {
+            with_cached(&LAYOUT, |(xbuf, gbuf)| {
+                // the last plane's taps read up to 2 floats past it
+                xbuf.resize((s.c_in * phases * rows * pw_max + 16).div_ceil(16), Line::default());
+                gbuf.resize((ho * pw_max * cp).div_ceil(16), Line::default());
+                // the borders and separating columns are zero from the first group of a layout on:
+                // later groups of the same size write the same positions
+                let mut layout = 0;
+                for gi in (lane..groups).step_by(LANES) {
+                    let b0 = gi * per;
+                    let nb = per.min(s.n - b0);
+                    let pw = nb * (wo + 1) + 1;
+                    let geo = Outer {
+                        pw,
+                        pp: rows * pw,
+                        q: ho * pw,
+                        cp,
+                    };
+                    if nb != layout {
+                        floats(xbuf).fill(0.0);
+                        floats(gbuf).fill(0.0);
+                        layout = nb;
+                    }
+                    let xp = floats(xbuf);
+                    let plane = phases * geo.pp;
+                    for i in 0..nb {
+                        let xi = &x[(b0 + i) * img_in..][..img_in];
+                        let left = i * (wo + 1) + 1;
+                        for ci in 0..s.c_in {
+                            for (y, src) in xi[ci * h * w..][..h * w].chunks_exact(w).enumerate() {
+                                if s.stride == 1 {
+                                    xp[ci * plane + (y + 1) * pw + left..][..w].copy_from_slice(src);
+                                } else {
+                                    let at = ci * plane + (y % 2) * 2 * geo.pp + (y / 2 + 1) * pw + left;
+                                    for (j, pair) in src.chunks_exact(2).enumerate() {
+                                        xp[at + j] = pair[0];
+                                        xp[at + geo.pp + j] = pair[1];
+                                    }
+                                }
                             }
                         }
                     }
-                }
-            }
-            let gt = floats(&mut gbuf);
-            for i in 0..nb {
-                let gi = &dy[(b0 + i) * img_out..][..img_out];
-                for y in 0..ho {
-                    for xx in 0..wo {
-                        let row = &mut gt[(y * pw + i * (wo + 1) + xx) * cp..][..s.c_out];
-                        for (co, d) in row.iter_mut().enumerate() {
-                            *d = gi[(co * ho + y) * wo + xx];
+                    let gt = floats(gbuf);
+                    for i in 0..nb {
+                        let gi = &dy[(b0 + i) * img_out..][..img_out];
+                        for y in 0..ho {
+                            for xx in 0..wo {
+                                let row = &mut gt[(y * pw + i * (wo + 1) + xx) * cp..][..s.c_out];
+                                for (co, d) in row.iter_mut().enumerate() {
+                                    *d = gi[(co * ho + y) * wo + xx];
+                                }
+                            }
                         }
                     }
+                    // SAFETY: AVX-512F is present (applies_forward); xp holds c_in planes laid out
+                    // as geo says and their slack, gt Q rows of cp floats (64-byte aligned, cp a
+                    // multiple of 16), part k rows of cp floats.
+                    unsafe {
+                        if s.stride == 1 {
+                            outer_image::<1>(s.c_in, &geo, xp, gt, part)
+                        } else {
+                            outer_image::<2>(s.c_in, &geo, xp, gt, part)
+                        }
+                    };
                 }
+            })
+        });
+        let (first, rest) = partials.split_at_mut(k * cp);
+        for part in rest.chunks_exact(k * cp) {
+            for (d, &v) in first.iter_mut().zip(part) {
+                *d += v;
             }
-            // SAFETY: AVX-512F is present (applies_forward); xp holds c_in planes laid out
-            // as geo says and their slack, gt Q rows of cp floats (64-byte aligned, cp a
-            // multiple of 16), part k rows of cp floats.
-            unsafe {
-                if s.stride == 1 {
-                    outer_image::<1>(s.c_in, &geo, xp, gt, part)
-                } else {
-                    outer_image::<2>(s.c_in, &geo, xp, gt, part)
-                }
-            };
+        }
+        for (co, row) in dw[..s.c_out * k].chunks_exact_mut(k).enumerate() {
+            for (p, d) in row.iter_mut().enumerate() {
+                let v = first[p * cp + co];
+                *d = if accumulate { *d + v } else { v };
+            }
         }
     });
-    let (first, rest) = partials.split_at_mut(k * cp);
-    for part in rest.chunks_exact(k * cp) {
-        for (d, &v) in first.iter_mut().zip(part) {
-            *d += v;
-        }
-    }
-    for (co, row) in dw[..s.c_out * k].chunks_exact_mut(k).enumerate() {
-        for (p, d) in row.iter_mut().enumerate() {
-            let v = first[p * cp + co];
-            *d = if accumulate { *d + v } else { v };
-        }
-    }
 }
 
 /// Images side by side per filter-gradient group: about 64 columns in all (32x32 maps one
