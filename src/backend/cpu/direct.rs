@@ -381,13 +381,14 @@ unsafe fn tile_forward(kc: usize, pl: &Plane, t: &Tile, load: bool) {
 /// (`Q = h PW`, zero at the separating columns). For each position the 9 taps of an input
 /// channel are then scalars at fixed offsets and the output channels one or two vectors:
 /// `dwᵀ[(ci, tap)][co] += x̃[ci][q + off(tap)] · dyᵀ[q][co]`, `(w + 1) / w` of the work
-/// plus a row per group. Groups are dealt to [`LANES`] partial sums (group g to lane
-/// g mod LANES), each summed in order, added in lane order.
+/// plus a row per group. The batch is cut into [`LANES`] equal runs of images, one partial
+/// sum each (equal work per lane, so threads that take equal numbers of lanes finish
+/// together), each run into near-equal groups summed in order; the partials are added in
+/// lane order.
 pub fn backward_filter(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32], accumulate: bool) {
     debug_assert!(applies_forward(s));
     let (h, w, ho, wo) = (s.h, s.w, s.h_out(), s.w_out());
     let per = images_side_by_side(wo);
-    let groups = s.n.div_ceil(per);
     let cp = s.c_out.next_multiple_of(16);
     let k = 9 * s.c_in;
     let (img_in, img_out) = (s.c_in * h * w, s.c_out * ho * wo);
@@ -406,9 +407,13 @@ pub fn backward_filter(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32], accumu
                 // the borders and separating columns are zero from the first group of a layout on:
                 // later groups of the same size write the same positions
                 let mut layout = 0;
-                for gi in (lane..groups).step_by(LANES) {
-                    let b0 = gi * per;
-                    let nb = per.min(s.n - b0);
+                let (lo, hi) = (lane * s.n / LANES, (lane + 1) * s.n / LANES);
+                let groups = (hi - lo).div_ceil(per);
+                for gi in 0..groups {
+                    // near-equal groups: the first (hi - lo) % groups take one image more
+                    let (base, extra) = ((hi - lo) / groups, (hi - lo) % groups);
+                    let b0 = lo + gi * base + gi.min(extra);
+                    let nb = base + usize::from(gi < extra);
                     let pw = nb * (wo + 1) + 1;
                     let geo = Outer {
                         pw,
