@@ -1,5 +1,7 @@
-//! CPU convolution: im2col + GEMM fused per task, col2im for the data gradient; 3x3 stride-1
-//! layers go to Winograd F(2x2, 3x3) ([`super::winograd`]) by [`Algo::for_shape`].
+//! CPU convolution: im2col + GEMM fused per task, col2im for the data gradient; 3x3 layers go
+//! to the direct convolution ([`super::direct`], AVX-512 CPUs: narrow stride-1 layers and
+//! stride 2) or to Winograd ([`super::winograd`]: wide stride-1 layers), pass by pass, as
+//! [`Algo::for_forward`], [`Algo::for_shape`] and [`Algo::for_filter_gradient`] choose.
 //!
 //! Forward and data-gradient passes split the batch into groups of whole images (about
 //! [`GROUP_COLS`] output pixels per group); each rayon task builds its group's im2col matrix
