@@ -169,7 +169,7 @@ fn fashion_mnist_subset_learns() {
         "--epochs",
         "2",
         "--train-subset",
-        "3000",
+        "6000",
         "--test-subset",
         "1000",
         "--lr",
@@ -182,7 +182,9 @@ fn fashion_mnist_subset_learns() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let m = metrics_without_timings(&out_dir);
     let acc = m.last().unwrap()["test_acc"].as_f64().unwrap();
-    assert!(acc > 60.0, "test accuracy {acc}% after 2 epochs on 3000 images");
+    // seeds 1-5 end at 67-74% with every convolution algorithm (on 3000 images the spread
+    // was 58-67%, too close to this bound: rounding differences alone moved runs across it)
+    assert!(acc > 60.0, "test accuracy {acc}% after 2 epochs on 6000 images");
 }
 
 #[test]
