@@ -1,6 +1,6 @@
-//! Direct 3x3 stride-1 pad-1 convolution on AVX-512 CPUs (f32): forward, data and filter
-//! gradients as implicit GEMMs read straight from the NCHW tensors, no im2col, no padded
-//! copies, no transforms.
+//! Direct 3x3 pad-1 convolution on AVX-512 CPUs (f32): forward, data and filter gradients of
+//! stride-1 layers, forward and filter gradient of stride-2 ones, as implicit GEMMs over the
+//! NCHW tensors: no im2col, no transforms.
 //!
 //! Each channel plane is cut into vectors of 16 consecutive positions (the last one of a
 //! plane partial). For tap (ky, kx) the inputs of a vector's outputs are the 16 floats
@@ -13,17 +13,20 @@
 //!   input channels, stored whole;
 //! - data gradient: the forward pass of dy with the filters flipped and their channel axes
 //!   swapped (a 3x3 stride-1 pad-1 transposed convolution is that correlation);
-//! - filter gradient: outer products over the padded width (see [`backward_filter`]): per
-//!   position, the 9 taps of an input channel broadcast against one or two vectors of output
-//!   channels of dy transposed, `(w + 2) / w` of the work.
+//! - stride 2: the forward reads a copy of the input split into four phase planes (even and
+//!   odd rows and columns), where every tap is again a stride-1 read ([`Plane::fill`]);
+//! - filter gradient: outer products over images laid side by side with zero columns between
+//!   them (see [`backward_filter`]): per position, the 9 taps of an input channel broadcast
+//!   against one or two vectors of output channels of dy transposed, `(w + 1) / w` of the
+//!   work.
 //!
 //! Against Winograd (2.25x fewer multiplications on F(2x2, 3x3)) this wins where Winograd's
 //! transforms and their memory traffic dominate: few channels, or small maps
-//! ([`super::conv::Algo::for_shape`] decides by shape).
+//! ([`super::conv::Algo`] decides per pass by shape).
 //!
 //! Determinism: forward and data-gradient tasks are whole images, each output summed by one
-//! task in a fixed order; the filter gradient deals images to [`LANES`] fixed partial sums
-//! added in order. The bits depend on the shape only, never on the thread count.
+//! task in a fixed order; the filter gradient cuts the batch into [`LANES`] fixed runs of
+//! images, one partial sum each, added in order. The bits depend on the shape only, never on the thread count.
 
 use super::sgemm;
 use crate::ops::Conv2d;
@@ -40,7 +43,7 @@ const NV: usize = 3;
 const KB: usize = 64;
 /// Positions per forward task (about; whole images).
 const TASK_POSITIONS: usize = 1024;
-/// Fixed partial sums of the filter gradient (images dealt round-robin).
+/// Fixed partial sums of the filter gradient (equal runs of images).
 const LANES: usize = 8;
 
 /// Whether this file computes the convolution (all three passes): 3x3, stride 1, pad 1, on a
