@@ -194,7 +194,7 @@ impl Algo {
     /// [`F4_OVER_DIRECT`]; else [`Algo::transformed`]: where Winograd applies and both channel
     /// counts are at least [`WINOGRAD_MIN_CHANNELS`], F(4x4, 3x3) from
     /// [`WINOGRAD_F4_MIN_CHANNELS`] up on maps of [`WINOGRAD_F4_MIN_SIDE`] or more, else
-    /// F(2x2, 3x3); else im2col. `LOFT_CONV` forces a choice ([`forced`]).
+    /// F(2x2, 3x3); else im2col. `LOFT_CONV` forces a choice (`forced`).
     pub fn for_shape(s: &Conv2d) -> Algo {
         let force = forced();
         let f4_wins =

@@ -14,7 +14,7 @@
 //! - data gradient: the forward pass of dy with the filters flipped and their channel axes
 //!   swapped (a 3x3 stride-1 pad-1 transposed convolution is that correlation);
 //! - stride 2: the forward reads a copy of the input split into four phase planes (even and
-//!   odd rows and columns), where every tap is again a stride-1 read ([`Plane::fill`]);
+//!   odd rows and columns), where every tap is again a stride-1 read (`Plane::fill`);
 //! - filter gradient: outer products over images laid side by side with zero columns between
 //!   them (see [`backward_filter`]): per position, the 9 taps of an input channel broadcast
 //!   against one or two vectors of output channels of dy transposed, `(w + 1) / w` of the
@@ -25,7 +25,7 @@
 //! ([`super::conv::Algo`] decides per pass by shape).
 //!
 //! Determinism: forward and data-gradient tasks are whole images, each output summed by one
-//! task in a fixed order; the filter gradient cuts the batch into [`LANES`] fixed runs of
+//! task in a fixed order; the filter gradient cuts the batch into `LANES` fixed runs of
 //! images, one partial sum each, added in order. The bits depend on the shape only, never on the thread count.
 
 use super::sgemm;
