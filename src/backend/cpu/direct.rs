@@ -54,7 +54,7 @@ pub fn applies(s: &Conv2d) -> bool {
 
 /// Whether this file computes the forward pass and the filter gradient: as [`applies`], or
 /// stride 2 on a map of even sides (its input split into four phase planes, see
-/// [`Plane::fill`] and [`tap_read`]).
+/// `Plane::fill` and `tap_read`).
 pub fn applies_forward(s: &Conv2d) -> bool {
     applies(s)
         || (s.kh == 3
@@ -378,13 +378,13 @@ unsafe fn tile_forward(kc: usize, pl: &Plane, t: &Tile, load: bool) {
 }
 
 /// Filter gradient: `dw (c_out, c_in, 3, 3) (+)= Σ_batch` of the correlation of x with dy,
-/// as outer products. A group of G images ([`images_side_by_side`]) is laid side by side
+/// as outer products. A group of G images (`images_side_by_side`) is laid side by side
 /// with one zero column between neighbours and a zero border: planes of `(h + 2) x PW`,
 /// `PW = G (w + 1) + 1`; dy is transposed into `(Q, c_out)` rows over the same width
 /// (`Q = h PW`, zero at the separating columns). For each position the 9 taps of an input
 /// channel are then scalars at fixed offsets and the output channels one or two vectors:
 /// `dwᵀ[(ci, tap)][co] += x̃[ci][q + off(tap)] · dyᵀ[q][co]`, `(w + 1) / w` of the work
-/// plus a row per group. The batch is cut into [`LANES`] equal runs of images, one partial
+/// plus a row per group. The batch is cut into `LANES` equal runs of images, one partial
 /// sum each (equal work per lane, so threads that take equal numbers of lanes finish
 /// together), each run into near-equal groups summed in order; the partials are added in
 /// lane order.
