@@ -690,13 +690,9 @@ fn winograd_threads_case(tile: Tile) {
 /// the exact value.
 const DIRECT_F32_BOUND: f64 = 1e-6;
 
-/// The direct convolution (f32, AVX-512) against the f64 gradients of the backend (im2col
-/// and Winograd, checked by finite differences above) on every pass, with and without
-/// accumulation, on shapes that hit its edges: batch 1, 1x1 and odd maps, channel counts off
-/// its 8-row and 6-column tiles, a last register tile past the map, a 4x4 map, a wide layer.
-#[test]
-fn direct_convolution_matches_the_f64_gradients_within_the_f32_bound() {
-    let c = |n, c_in, h, w, c_out| Conv2d {
+/// A 3x3 pad-1 convolution of the given stride.
+fn conv3x3(n: usize, c_in: usize, h: usize, w: usize, c_out: usize, stride: usize) -> Conv2d {
+    Conv2d {
         n,
         c_in,
         h,
@@ -704,9 +700,28 @@ fn direct_convolution_matches_the_f64_gradients_within_the_f32_bound() {
         c_out,
         kh: 3,
         kw: 3,
-        stride: 1,
+        stride,
         pad: 1,
-    };
+    }
+}
+
+/// The largest error of `got` (less `offset`, a value it was accumulated onto) against the
+/// exact `want`, relative to the magnitude sums `mag` (plus the offset).
+fn worst_error(got: &[f32], want: &[f64], mag: &[f64], offset: f64) -> f64 {
+    got.iter()
+        .zip(want)
+        .zip(mag)
+        .map(|((&a, b), m)| (a as f64 - offset - b).abs() / (m + offset).max(1e-30))
+        .fold(0.0, f64::max)
+}
+
+/// The direct convolution (f32, AVX-512) against the f64 gradients of the backend (im2col
+/// and Winograd, checked by finite differences above) on every pass, with and without
+/// accumulation, on shapes that hit its edges: batch 1, 1x1 and odd maps, channel counts off
+/// its 8-row and 6-column tiles, a last register tile past the map, a 4x4 map, a wide layer.
+#[test]
+fn direct_convolution_matches_the_f64_gradients_within_the_f32_bound() {
+    let c = |n, c_in, h, w, c_out| conv3x3(n, c_in, h, w, c_out, 1);
     let shapes = [
         c(1, 1, 1, 1, 1),
         c(2, 3, 7, 9, 4),
@@ -751,12 +766,7 @@ fn direct_convolution_matches_the_f64_gradients_within_the_f32_bound() {
             conv::backward_filter_with(conv::Algo::Direct, &s, &f(&x), &f(&g), &mut dw, acc, &pool);
             for (pass, got) in [y, dx, dw].iter().enumerate() {
                 let offset = if acc && pass > 0 { 0.5 } else { 0.0 };
-                let worst = got
-                    .iter()
-                    .zip(&want[pass])
-                    .zip(&mag[pass])
-                    .map(|((&a, b), m)| (a as f64 - offset - b).abs() / (m + offset).max(1e-30))
-                    .fold(0.0, f64::max);
+                let worst = worst_error(got, &want[pass], &mag[pass], offset);
                 assert!(
                     worst <= DIRECT_F32_BOUND,
                     "{s:?} pass {pass} (accumulate {acc}): error {worst:e} of the magnitude sum"
@@ -792,17 +802,7 @@ fn direct_convolution_results_do_not_depend_on_thread_count() {
 /// gradient, im2col data gradient) bit-identical for any thread count.
 #[test]
 fn direct_stride_2_matches_the_reference_within_the_f32_bound() {
-    let c = |n, c_in, h, w, c_out| Conv2d {
-        n,
-        c_in,
-        h,
-        w,
-        c_out,
-        kh: 3,
-        kw: 3,
-        stride: 2,
-        pad: 1,
-    };
+    let c = |n, c_in, h, w, c_out| conv3x3(n, c_in, h, w, c_out, 2);
     let shapes = [
         c(1, 3, 2, 2, 5),
         c(2, 5, 6, 10, 13),
@@ -825,12 +825,7 @@ fn direct_stride_2_matches_the_reference_within_the_f32_bound() {
         let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
         let mut y = vec![f32::NAN; s.y_len()];
         conv::forward_with(conv::Algo::Direct, &s, &f(&x), &f(&w), &mut y, &pool);
-        let worst = y
-            .iter()
-            .zip(&want)
-            .zip(&mag)
-            .map(|((&a, b), m)| (a as f64 - b).abs() / m.max(1e-30))
-            .fold(0.0, f64::max);
+        let worst = worst_error(&y, &want, &mag, 0.0);
         assert!(worst <= DIRECT_F32_BOUND, "{s:?}: error {worst:e} of the magnitude sum");
         // the filter gradient against the f64 backend's (im2col, finite-difference checked)
         let g = rand_vec(&mut rng, s.y_len());
@@ -843,13 +838,7 @@ fn direct_stride_2_matches_the_reference_within_the_f32_bound() {
             let start = if acc { 0.5f32 } else { f32::NAN };
             let mut dw = vec![start; s.w_len()];
             conv::backward_filter_with(conv::Algo::Direct, &s, &f(&x), &f(&g), &mut dw, acc, &pool);
-            let offset = if acc { 0.5 } else { 0.0 };
-            let worst = dw
-                .iter()
-                .zip(&want)
-                .zip(&mag)
-                .map(|((&a, b), m)| (a as f64 - offset - b).abs() / (m + offset).max(1e-30))
-                .fold(0.0, f64::max);
+            let worst = worst_error(&dw, &want, &mag, if acc { 0.5 } else { 0.0 });
             assert!(
                 worst <= DIRECT_F32_BOUND,
                 "{s:?} filter gradient (accumulate {acc}): error {worst:e} of the magnitude sum"

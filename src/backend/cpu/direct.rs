@@ -28,6 +28,7 @@
 //! task in a fixed order; the filter gradient cuts the batch into `LANES` fixed runs of
 //! images, one partial sum each, added in order. The bits depend on the shape only, never on the thread count.
 
+use super::scratch::{floats, Line};
 use super::sgemm;
 use crate::ops::Conv2d;
 use rayon::prelude::*;
@@ -492,18 +493,6 @@ pub fn backward_filter(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32], accumu
 /// image, 16x16 three, 8x8 seven, 4x4 twelve). Depends on the shape only.
 fn images_side_by_side(w: usize) -> usize {
     (64 / (w + 1)).max(1)
-}
-
-/// A cache-line-aligned run of 16 floats (scratch storage).
-#[derive(Clone, Copy, Default)]
-#[repr(C, align(64))]
-struct Line([f32; 16]);
-
-/// The floats of aligned scratch.
-fn floats(lines: &mut [Line]) -> &mut [f32] {
-    // SAFETY: Line is repr(C) around [f32; 16]: the lines are 16 len contiguous floats,
-    // borrowed mutably for the result's lifetime.
-    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut f32, 16 * lines.len()) }
 }
 
 /// One group's outer products: `part[(9 ci + tap) cp + co] += Σ_q x̃[ci][tap][q]

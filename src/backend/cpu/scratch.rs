@@ -44,3 +44,16 @@ impl<T: Real> ScratchPool<T> {
         free.iter().map(|v| v.len()).sum::<usize>() * std::mem::size_of::<T>()
     }
 }
+
+/// A cache-line-aligned run of 16 floats: the unit of the AVX-512 kernels' scratch (packing
+/// buffers, padded images), kept in `Vec<Line>` so that every buffer starts on a line.
+#[derive(Clone, Copy, Default)]
+#[repr(C, align(64))]
+pub(crate) struct Line([f32; 16]);
+
+/// The floats of aligned scratch.
+pub(crate) fn floats(lines: &mut [Line]) -> &mut [f32] {
+    // SAFETY: Line is repr(C) around [f32; 16]: the lines are 16 len contiguous floats,
+    // borrowed mutably for the result's lifetime.
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut f32, 16 * lines.len()) }
+}

@@ -17,6 +17,7 @@
 //! order, each from zero, added to C), whatever the caller's threading; the bits depend on
 //! the shape only.
 
+use super::scratch::Line;
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
@@ -71,11 +72,6 @@ const PACK_B_FROM_M: usize = 48;
 const fn kc_for(nv: usize) -> usize {
     384 / nv
 }
-
-/// A cache-line-aligned unit of packing buffer.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Line([f32; 16]);
 
 thread_local! {
     /// This thread's packing buffers (A block, B block), kept between calls.
@@ -197,7 +193,7 @@ unsafe fn blocked(
 fn reserve(buf: &mut Vec<Line>, floats: usize) {
     let lines = floats.div_ceil(16);
     if buf.len() < lines {
-        buf.resize(lines, Line([0.0; 16]));
+        buf.resize(lines, Line::default());
     }
 }
 
