@@ -5,10 +5,11 @@
 //! Each channel plane is cut into vectors of 16 consecutive positions (the last one of a
 //! plane partial). For tap (ky, kx) the inputs of a vector's outputs are the 16 floats
 //! `(ky - 1) w + (kx - 1)` further on, except where the tap falls outside the map (image
-//! border, or a row's end wrapping into the next row): a per-(vector, tap) lane mask zeroes
-//! those, and the masked load does not touch their memory. So
+//! border, or a row's end wrapping into the next row): a per-(vector, tap) lane mask drops
+//! those, on the multiply-adds (the load reads all 16 floats) or, for the tiles whose loads
+//! could reach past the tensor's ends, on the loads. So
 //!
-//! - forward: `y[co][v] = Σ_{ci, tap} w[co][ci][tap] · load(mask(v, tap), x[ci] + v + shift(tap))`,
+//! - forward: `y[co][v] = Σ_{ci, tap} mask(v, tap) · w[co][ci][tap] · x[ci][v + shift(tap)]`,
 //!   register tiles of 8 output channels x 3 vectors (24 zmm accumulators) over blocks of
 //!   input channels, stored whole;
 //! - data gradient: the forward pass of dy with the filters flipped and their channel axes
