@@ -53,6 +53,14 @@ __device__ __forceinline__ float grad_at(const NormParams& p, i64 i) {
     return p.relu && !(p.out[i] > 0.0f) ? 0.0f : p.dy[i];
 }
 
+// The training forward's (scale, shift) of channel c from the statistics as saved (rounded
+// to float), as the CPU's `fused_affine` computes them.
+__device__ __forceinline__ void fused_affine(const NormParams& p, i64 c, float mean, float invstd, float* a, float* b) {
+    const double scale = (double)p.gamma[c] * (double)invstd;
+    *a = (float)scale;
+    *b = (float)((double)p.beta[c] - (double)mean * scale);
+}
+
 // A double as two floats, and back.
 __device__ __forceinline__ void put_pair(GPTR(float) at, double v) {
     const float hi = (float)v;
@@ -129,8 +137,8 @@ LOFT_KERNEL(batchnorm_train_forward_f32, NormParams) {
     ss = block_sum(ss, tid);
     const double var = ss / (double)m;
     const double invstd = 1.0 / sqrt(var + (double)p.eps);
-    const double scale = (double)p.gamma[c] * invstd;
-    const float a = (float)scale, b = (float)((double)p.beta[c] - mean * scale);
+    float a, b;
+    fused_affine(p, c, (float)mean, (float)invstd, &a, &b);
     if (tid == 0) {
         const double mom = (double)p.momentum;
         const double unbiased = m > 1 ? ss / (double)(m - 1) : var;
@@ -194,8 +202,8 @@ LOFT_KERNEL(batchnorm_apply_forward_f32, NormParams) {
     const i64 c = blockIdx.x, m = p.n * p.hw;
     const double mean = get_pair(p.sums + 6 * c);
     const double invstd = get_pair(p.sums + 6 * c + 2);
-    const double scale = (double)p.gamma[c] * invstd;
-    const float a = (float)scale, b = (float)((double)p.beta[c] - mean * scale);
+    float a, b;
+    fused_affine(p, c, (float)mean, (float)invstd, &a, &b);
     if (tid == 0) {
         const double mom = (double)p.momentum;
         const double unbiased = get_pair(p.sums + 6 * c + 4);

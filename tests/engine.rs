@@ -187,6 +187,7 @@ impl Backend for Counting {
         y: &[f32],
         dy: &[f32],
         gamma: &[f32],
+        beta: &[f32],
         sm: &[f32],
         si: &[f32],
         dx: &mut [f32],
@@ -196,7 +197,7 @@ impl Backend for Counting {
         sync: SumOverRanks<'_>,
     ) {
         self.cpu
-            .batchnorm_backward(s, x, y, dy, gamma, sm, si, dx, dg, db, acc, sync)
+            .batchnorm_backward(s, x, y, dy, gamma, beta, sm, si, dx, dg, db, acc, sync)
     }
     fn relu_forward(&self, x: &[f32], y: &mut [f32]) {
         self.cpu.relu_forward(x, y)

@@ -259,6 +259,7 @@ fn norm_all<B: Backend>(
         be.view(&y, 0, s.len()),
         be.view(&dyb, 0, s.len()),
         be.view(&gb, 0, s.c),
+        be.view(&bb, 0, s.c),
         be.view(&sm, 0, s.c),
         be.view(&si, 0, s.c),
         be.view_mut(&mut dx, 0, s.len()),

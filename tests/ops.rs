@@ -235,7 +235,9 @@ fn batchnorm_gradients_match_finite_differences() {
             assert!(y.iter().all(|&v| v >= 0.0) && y.iter().filter(|&&v| v == 0.0).count() > s.len() / 5);
         }
         let (mut dx, mut dg, mut db) = (vec![0.0; s.len()], vec![0.0; s.c], vec![0.0; s.c]);
-        be.batchnorm_backward(&s, &x, &y, &g, &gamma, &sm, &si, &mut dx, &mut dg, &mut db, false, None);
+        be.batchnorm_backward(
+            &s, &x, &y, &g, &gamma, &beta, &sm, &si, &mut dx, &mut dg, &mut db, false, None,
+        );
         check_grad(&format!("bn dx (relu {relu})"), &x, &dx, |xp| fwd(xp, &gamma, &beta).0);
         check_grad(&format!("bn dgamma (relu {relu})"), &gamma, &dg, |gp| {
             fwd(&x, gp, &beta).0
@@ -272,6 +274,81 @@ impl Exchange {
     }
 }
 
+/// The CPU backward of the fused batch norm + ReLU recomputes the ReLU's mask from x, gamma,
+/// beta and the saved statistics: in f32 it must equal, bit for bit, the backward without
+/// ReLU of dy masked by the forward's own output (`y > 0`), with and without `sync`.
+#[test]
+fn fused_relu_backward_masks_exactly_where_the_forward_output_is_positive() {
+    let be = CpuBackend::<f32>::new();
+    let mut rng = Rng::new(11);
+    for synced in [false, true] {
+        let s = BatchNorm {
+            n: 6,
+            c: 16,
+            hw: 37,
+            eps: 1e-5,
+            momentum: 0.1,
+            relu: true,
+        };
+        let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
+        // channel c: its exact mean m_c (dyadic) plus offsets d and -d on a grid of eighths,
+        // some 0: with beta 0, the inputs at the mean have pre-activations of a few units in
+        // the last place, whose signs any other rounding of scale and shift would change
+        let mut x = vec![0.0f32; s.len()];
+        for c in 0..s.c {
+            let m = (c as f64 - 7.5) / 8.0;
+            let half = s.n * s.hw / 2;
+            let d: Vec<f64> = (0..half).map(|_| (rng.uniform() * 9.0).floor() / 8.0 - 0.5).collect();
+            for i in 0..s.n * s.hw {
+                let v = if i < half {
+                    d[i]
+                } else if i < 2 * half {
+                    -d[i - half]
+                } else {
+                    0.0
+                };
+                let (b, p) = (i % s.n, i / s.n);
+                x[(b * s.c + c) * s.hw + p] = (m + v) as f32;
+            }
+        }
+        let dy = f32s(rand_vec(&mut rng, s.len()));
+        let gamma = f32s((0..s.c).map(|i| 0.5 + i as f64 * 0.3).collect());
+        let beta = vec![0.0f32; s.c];
+        let (mut rm, mut rv) = (vec![0.0f32; s.c], vec![1.0f32; s.c]);
+        let (mut sm, mut si, mut y) = (vec![0.0f32; s.c], vec![0.0f32; s.c], vec![0.0f32; s.len()]);
+        // one rank: the synchronized path with sums that stay as they are
+        let mut one_rank = |_: &mut [f64]| {};
+        let f = synced.then_some(&mut one_rank as &mut dyn FnMut(&mut [f64]));
+        be.batchnorm_forward_train(&s, &x, &gamma, &beta, &mut rm, &mut rv, &mut y, &mut sm, &mut si, f);
+        let zeros = y.iter().filter(|&&v| v == 0.0).count();
+        assert!(
+            zeros > s.len() / 5 && zeros < s.len() * 4 / 5,
+            "{zeros} of {} outputs at 0",
+            s.len()
+        );
+        let backward = |s: &BatchNorm, dy: &[f32]| {
+            let (mut dx, mut dg, mut db) = (vec![0.0f32; s.len()], vec![0.0f32; s.c], vec![0.0f32; s.c]);
+            let mut one_rank = |_: &mut [f64]| {};
+            let f = synced.then_some(&mut one_rank as &mut dyn FnMut(&mut [f64]));
+            be.batchnorm_backward(
+                s, &x, &y, dy, &gamma, &beta, &sm, &si, &mut dx, &mut dg, &mut db, false, f,
+            );
+            [dx, dg, db]
+        };
+        let fused = backward(&s, &dy);
+        let masked: Vec<f32> = dy
+            .iter()
+            .zip(&y)
+            .map(|(&g, &o)| if o > 0.0 { g } else { 0.0 })
+            .collect();
+        let plain = backward(&BatchNorm { relu: false, ..s }, &masked);
+        for (name, (a, b)) in ["dx", "dgamma", "dbeta"].iter().zip(fused.iter().zip(&plain)) {
+            let same = a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "{name} (sync {synced}): the recomputed mask differs from y > 0");
+        }
+    }
+}
+
 #[test]
 fn synchronized_batchnorm_over_shards_equals_batchnorm_over_the_whole_batch() {
     for relu in [false, true] {
@@ -304,7 +381,9 @@ fn synchronized_batchnorm_case(relu: bool) {
         be.batchnorm_forward_train(s, x, &gamma, &beta, &mut rm, &mut rv, &mut y, &mut sm, &mut si, f);
         let (mut dx, mut dg, mut db) = (vec![0.0; s.len()], vec![0.0; s.c], vec![0.0; s.c]);
         let f = sync.as_mut().map(|f| &mut **f as &mut dyn FnMut(&mut [f64]));
-        be.batchnorm_backward(s, x, &y, g, &gamma, &sm, &si, &mut dx, &mut dg, &mut db, false, f);
+        be.batchnorm_backward(
+            s, x, &y, g, &gamma, &beta, &sm, &si, &mut dx, &mut dg, &mut db, false, f,
+        );
         [y, rm, rv, dx, dg, db]
     };
     let want = run(&whole, &x, &g, None);

@@ -171,8 +171,9 @@ pub trait Backend: Send + Sync + 'static {
     /// the global batch's statistics: the per-channel sums of dy and dy * xhat, followed by
     /// this rank's sample count, go through `sync` (2c + 1 values); dgamma and dbeta stay
     /// this rank's sums (the gradient allreduce averages them like every other gradient).
-    /// With `s.relu`, `y` is the fused op's output and dy is masked by `y > 0` first (`y` is
-    /// read only then).
+    /// With `s.relu`, dy is masked by the fused op's output `y > 0` first: a backend reads
+    /// `y` for it, or recomputes the gate from x, gamma, beta and the saved statistics as
+    /// its forward computed it (the CPU backend, one stream of memory less).
     #[allow(clippy::too_many_arguments)]
     fn batchnorm_backward(
         &self,
@@ -181,6 +182,7 @@ pub trait Backend: Send + Sync + 'static {
         y: Self::View<'_>,
         dy: Self::View<'_>,
         gamma: Self::View<'_>,
+        beta: Self::View<'_>,
         save_mean: Self::View<'_>,
         save_invstd: Self::View<'_>,
         dx: Self::ViewMut<'_>,

@@ -585,12 +585,13 @@ impl<B: Backend> Model<B> {
                     let xv = be.view(self.acts[self.slot[x]].as_ref().expect("x"), 0, s.len());
                     let yv = be.view(self.acts[self.slot[y_id]].as_ref().expect("y"), 0, s.len());
                     let gv = be.view(&self.params, off, c);
+                    let bv = be.view(&self.params, off + c, c);
                     let sm = be.view(&self.saves[save], 0, c);
                     let si = be.view(&self.saves[save], c, c);
                     let (dg, db) = be.split_mut(be.view_mut(&mut self.grads, off, 2 * c), c);
                     let dx = be.view_mut(self.dacts[self.dslot[x]].as_mut().expect("dx"), 0, s.len());
                     let f = sync.as_mut().map(|f| &mut **f as &mut dyn FnMut(&mut [f64]));
-                    be.batchnorm_backward(&s, xv, yv, dy, gv, sm, si, dx, dg, db, acc[0], f);
+                    be.batchnorm_backward(&s, xv, yv, dy, gv, bv, sm, si, dx, dg, db, acc[0], f);
                 }
                 Op::Relu { x, .. } => {
                     let yv = be.view(self.acts[self.slot[y_id]].as_ref().expect("y"), 0, ylen);

@@ -36,18 +36,32 @@ fn plane_sum<T: Real>(xs: &[T], f: impl Fn(f64) -> f64) -> f64 {
 }
 }
 
+/// The per-channel `(scale, shift)` of the training forward, `y = scale x + shift`, from
+/// the saved statistics as stored (rounded to T): the backward recomputes the very same
+/// values, so `x scale + shift > 0` there is bit for bit the forward's ReLU mask.
+fn fused_affine<T: Real>(gamma: T, beta: T, mean: T, invstd: T) -> (T, T) {
+    let scale = gamma.to_f64() * invstd.to_f64();
+    (T::from_f64(scale), T::from_f64(beta.to_f64() - mean.to_f64() * scale))
+}
+
+/// The fused ReLU's gate of one element: the forward's pre-activation `x a + b` (written
+/// as [`normalise_plane`] writes it, so the same bits).
+#[inline(always)]
+fn gate<T: Real>(x: T, a: T, b: T) -> T {
+    x * a + b
+}
+
 simd_leaf! {
 /// (Σ g, Σ g (x - mean)) over one plane in f64 lanes, with g = dy, or with the fused ReLU
-/// (`MASK`) g = dy [y > 0].
-fn plane_grad_sums<T: Real, const MASK: bool>(dy: &[T], x: &[T], y: &[T], mean: f64) -> (f64, f64) {
+/// (`MASK`) g = dy [x a + b > 0], the forward's mask recomputed from x.
+fn plane_grad_sums<T: Real, const MASK: bool>(dy: &[T], x: &[T], ab: (T, T), mean: f64) -> (f64, f64) {
     let (mut sg, mut sgx) = ([0.0; LANES], [0.0; LANES]);
-    let y = if MASK { y } else { dy };
-    let (dc, xc, yc) = (dy.chunks_exact(LANES), x.chunks_exact(LANES), y.chunks_exact(LANES));
-    let (dr, xr, yr) = (dc.remainder(), xc.remainder(), yc.remainder());
-    for ((d, v), o) in dc.zip(xc).zip(yc) {
-        grad_sums_chunk::<T, MASK>(d, v, o, mean, &mut sg, &mut sgx);
+    let (dc, xc) = (dy.chunks_exact(LANES), x.chunks_exact(LANES));
+    let (dr, xr) = (dc.remainder(), xc.remainder());
+    for (d, v) in dc.zip(xc) {
+        grad_sums_chunk::<T, MASK>(d, v, ab, mean, &mut sg, &mut sgx);
     }
-    grad_sums_chunk::<T, MASK>(dr, xr, yr, mean, &mut sg, &mut sgx);
+    grad_sums_chunk::<T, MASK>(dr, xr, ab, mean, &mut sg, &mut sgx);
     (fold_lanes(sg), fold_lanes(sgx))
 }
 }
@@ -59,7 +73,7 @@ fn plane_grad_sums<T: Real, const MASK: bool>(dy: &[T], x: &[T], y: &[T], mean: 
 fn grad_sums_chunk<T: Real, const MASK: bool>(
     d: &[T],
     v: &[T],
-    o: &[T],
+    (a, b): (T, T),
     mean: f64,
     sg: &mut [f64; LANES],
     sgx: &mut [f64; LANES],
@@ -69,7 +83,7 @@ fn grad_sums_chunk<T: Real, const MASK: bool>(
     // the elements are masked, unpredictably)
     let mut g = [T::ZERO; LANES];
     for k in 0..d.len() {
-        g[k] = if MASK { d[k].masked_by(o[k]) } else { d[k] };
+        g[k] = if MASK { d[k].masked_by(gate(v[k], a, b)) } else { d[k] };
     }
     for k in 0..d.len() {
         let gk = g[k].to_f64();
@@ -135,7 +149,7 @@ simd_leaf! {
 fn normalise_plane<T: Real>(yp: &mut [T], xp: &[T], a: T, b: T, relu: bool) {
     if relu {
         for (o, &i) in yp.iter_mut().zip(xp) {
-            let v = i * a + b;
+            let v = gate(i, a, b);
             *o = v.masked_by(v);
         }
     } else {
@@ -147,22 +161,22 @@ fn normalise_plane<T: Real>(yp: &mut [T], xp: &[T], a: T, b: T, relu: bool) {
 }
 
 simd_leaf! {
-/// `dx (+)= a g + bx x + c0` over one plane, with g = dy, or with `relu` g = dy [y > 0].
+/// `dx (+)= a g + bx x + c0` over one plane, with g = dy, or with `relu` g = dy [x s + t >
+/// 0] (`st` = (s, t), the forward's scale and shift).
 #[allow(clippy::too_many_arguments)]
-fn dx_plane<T: Real>(dxp: &mut [T], dys: &[T], xs: &[T], ys: &[T], a: T, bx: T, c0: T, relu: bool, accumulate: bool) {
-    let ys = if relu { ys } else { dys };
-    let term = |g: T, v: T, out: T| {
-        let g = if relu { g.masked_by(out) } else { g };
+fn dx_plane<T: Real>(dxp: &mut [T], dys: &[T], xs: &[T], st: (T, T), a: T, bx: T, c0: T, relu: bool, accumulate: bool) {
+    let term = |g: T, v: T| {
+        let g = if relu { g.masked_by(gate(v, st.0, st.1)) } else { g };
         a * g + bx * v + c0
     };
-    let inputs = dys.iter().zip(xs).zip(ys);
+    let inputs = dys.iter().zip(xs);
     if accumulate {
-        for (o, ((&g, &v), &out)) in dxp.iter_mut().zip(inputs) {
-            *o += term(g, v, out);
+        for (o, (&g, &v)) in dxp.iter_mut().zip(inputs) {
+            *o += term(g, v);
         }
     } else {
-        for (o, ((&g, &v), &out)) in dxp.iter_mut().zip(inputs) {
-            *o = term(g, v, out);
+        for (o, (&g, &v)) in dxp.iter_mut().zip(inputs) {
+            *o = term(g, v);
         }
     }
 }
@@ -200,10 +214,9 @@ pub fn forward_train<T: Real>(
 ) {
     let work = &mut work[..2 * s.c];
     let invstd_of = |ss: f64, m: f64| 1.0 / (ss / m + s.eps as f64).sqrt();
-    let affine = |c: usize, mean: f64, invstd: f64| {
-        let scale = gamma[c].to_f64() * invstd;
-        (scale, beta[c].to_f64() - mean * scale)
-    };
+    // (scale, shift) from the statistics as saved (see fused_affine)
+    let affine =
+        |c: usize, mean: f64, invstd: f64| fused_affine(gamma[c], beta[c], T::from_f64(mean), T::from_f64(invstd));
     // saved and running statistics from the (mean, squared deviations) pairs of `work`
     let mom = s.momentum as f64;
     let mut record = |work: &[f64], m: f64| {
@@ -223,8 +236,8 @@ pub fn forward_train<T: Real>(
             record(work, m);
             for c in 0..s.c {
                 let (a, b) = affine(c, work[2 * c], invstd_of(work[2 * c + 1], m));
-                work[2 * c] = a;
-                work[2 * c + 1] = b;
+                work[2 * c] = a.to_f64();
+                work[2 * c + 1] = b.to_f64();
             }
             normalise(s, x, y, work);
         }
@@ -237,7 +250,6 @@ pub fn forward_train<T: Real>(
             work.par_chunks_mut(2).enumerate().for_each(|(c, w)| {
                 let (mean, ss) = channel_moments(s, x, c);
                 let (a, b) = affine(c, mean, invstd_of(ss, m));
-                let (a, b) = (T::from_f64(a), T::from_f64(b));
                 for bi in 0..s.n {
                     let off = (bi * s.c + c) * s.hw;
                     // SAFETY: off + hw <= s.len() <= y.len(); the planes of channel c are
@@ -277,15 +289,17 @@ pub fn forward_eval<T: Real>(
 /// Training-mode backward: dx = gamma invstd / M (M dy - sum dy - xhat sum(dy xhat)), with
 /// the sums and M of this rank's batch or (with `sync`, 2c + 1 values: the sums of dy, of
 /// dy xhat and the sample count) of the global one; dgamma and dbeta are this rank's sums.
-/// With `s.relu`, dy is first masked by the fused output `y > 0` (y unread otherwise).
+/// With `s.relu`, dy is first masked by the fused ReLU's gate `x scale + shift > 0`,
+/// recomputed from x, gamma, beta and the saved statistics exactly as the forward computed
+/// it (so the fused output itself is not read: one stream of memory less).
 /// `work` holds at least `2 c + 1` f64.
 #[allow(clippy::too_many_arguments)]
 pub fn backward<T: Real>(
     s: &BatchNorm,
     x: &[T],
-    y: &[T],
     dy: &[T],
     gamma: &[T],
+    beta: &[T],
     save_mean: &[T],
     save_invstd: &[T],
     dx: &mut [T],
@@ -298,8 +312,11 @@ pub fn backward<T: Real>(
     let mut m = (s.n * s.hw) as f64;
     let sums = &mut work[..2 * s.c];
     // (Σ dy, Σ dy xhat) of channel c over this rank's batch
+    // the fused ReLU's (scale, shift) of channel c
+    let gate_of = |c: usize| fused_affine(gamma[c], beta[c], save_mean[c], save_invstd[c]);
     let channel_sums = |c: usize| {
         let (mean, invstd) = (save_mean[c].to_f64(), save_invstd[c].to_f64());
+        let st = gate_of(c);
         let (mut sdy, mut sdyx) = (0.0, 0.0);
         for b in 0..s.n {
             let off = (b * s.c + c) * s.hw;
@@ -307,15 +324,12 @@ pub fn backward<T: Real>(
                 let next = off + s.c * s.hw;
                 prefetch(&dy[next..next + s.hw]);
                 prefetch(&x[next..next + s.hw]);
-                if s.relu {
-                    prefetch(&y[next..next + s.hw]);
-                }
             }
             let (dys, xs) = (&dy[off..off + s.hw], &x[off..off + s.hw]);
             let (g, gx) = if s.relu {
-                plane_grad_sums::<T, true>(dys, xs, &y[off..off + s.hw], mean)
+                plane_grad_sums::<T, true>(dys, xs, st, mean)
             } else {
-                plane_grad_sums::<T, false>(dys, xs, dys, mean)
+                plane_grad_sums::<T, false>(dys, xs, st, mean)
             };
             sdy += g;
             sdyx += gx;
@@ -334,8 +348,7 @@ pub fn backward<T: Real>(
         let c0 = T::from_f64(k * (-sdy + sdyx * invstd * mean));
         let xs = &x[off..off + s.hw];
         let dys = &dy[off..off + s.hw];
-        let ys = if s.relu { &y[off..off + s.hw] } else { dys };
-        dx_plane(dxp, dys, xs, ys, a, bx, c0, s.relu, accumulate);
+        dx_plane(dxp, dys, xs, gate_of(c), a, bx, c0, s.relu, accumulate);
     };
     let Some(f) = sync else {
         // channel by channel, sums then dx, while the channel's planes are still in cache

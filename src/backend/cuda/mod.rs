@@ -578,6 +578,7 @@ impl<D: Driver> Backend for CudaBackend<D> {
         y: View<'_>,
         dy: View<'_>,
         gamma: View<'_>,
+        _beta: View<'_>,
         save_mean: View<'_>,
         save_invstd: View<'_>,
         dx: ViewMut<'_>,
