@@ -220,11 +220,12 @@ impl Algo {
 
     /// The algorithm of this shape's filter gradient: as [`Algo::for_forward`], except that
     /// the direct convolution's (outer products over images side by side, `(w + 1) / w` of
-    /// the work, and per-lane partial sums of the whole filter) pays only on output maps of
-    /// [`DIRECT_FILTER_MIN_SIDE`] and up.
+    /// the work, and per-lane partial sums of the whole filter) pays on output maps below
+    /// [`DIRECT_FILTER_MIN_SIDE`] only up to [`DIRECT_FILTER_SMALL_MAP_PAIRS`] channel pairs.
     pub fn for_filter_gradient(s: &Conv2d) -> Algo {
+        let small_map = s.w_out().min(s.h_out()) < DIRECT_FILTER_MIN_SIDE;
         match Algo::for_forward(s) {
-            Algo::Direct if forced() != "direct" && s.w_out().min(s.h_out()) < DIRECT_FILTER_MIN_SIDE => {
+            Algo::Direct if forced() != "direct" && small_map && s.c_in * s.c_out > DIRECT_FILTER_SMALL_MAP_PAIRS => {
                 Algo::transformed(s)
             }
             algo => algo,
@@ -259,9 +260,14 @@ fn forced() -> &'static str {
 pub const F4_OVER_DIRECT: usize = 1024;
 
 /// Smallest output map side on which the direct filter gradient beats Winograd's and
-/// im2col's: on 4x4 outputs it is level with F(2x2, 3x3) and im2col at 128-256 channels and
-/// 3x slower at 512-1024.
+/// im2col's at any width; below it, see [`DIRECT_FILTER_SMALL_MAP_PAIRS`].
 pub const DIRECT_FILTER_MIN_SIDE: usize = 8;
+
+/// Most input x output channel pairs for which the direct filter gradient beats F(2x2, 3x3)
+/// on 4x4 outputs (its per-lane partial sums of the whole filter grow with the pairs):
+/// measured at batch 128, 1.15-1.2x faster at 256 x 128, 1.3-1.5x slower at 256 x 256 and
+/// 512 x 128, 2-3x slower at 512 x 256 and up.
+pub const DIRECT_FILTER_SMALL_MAP_PAIRS: usize = 256 * 128;
 
 /// Forward with the algorithm of [`Algo::for_shape`].
 pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {

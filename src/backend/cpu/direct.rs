@@ -164,18 +164,18 @@ fn split_phases(x: &[f32], c: usize, h: usize, w: usize, dst: &mut [f32]) {
 
 /// Filters `f(row, channel, tap)` of a `(m, c, 3, 3)` convolution packed in strips of [`MR`]
 /// rows: `a[(s 9c + p) MR + i] = f(s MR + i, p / 9, p % 9)`, zero for rows past m.
-fn pack_filters(a: &mut Vec<f32>, m: usize, c: usize, f: impl Fn(usize, usize, usize) -> f32) {
+fn pack_filters(a: &mut Vec<f32>, m: usize, c: usize, f: impl Fn(usize, usize, usize) -> f32 + Sync) {
     let k = 9 * c;
     let strips = m.div_ceil(MR);
     a.clear();
     a.resize(strips * k * MR, 0.0);
-    for s in 0..strips {
+    a.par_chunks_mut(k * MR).enumerate().for_each(|(s, strip)| {
         for p in 0..k {
             for i in 0..MR.min(m - s * MR) {
-                a[(s * k + p) * MR + i] = f(s * MR + i, p / 9, p % 9);
+                strip[p * MR + i] = f(s * MR + i, p / 9, p % 9);
             }
         }
-    }
+    });
 }
 
 thread_local! {
@@ -430,9 +430,12 @@ pub fn backward_filter(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32], accumu
     let (rows, phases) = if s.stride == 1 { (h + 2, 1) } else { (ho + 1, 4) };
     let pw_max = per * (wo + 1) + 1;
     with_cached(&PARTIALS, |partials| {
-        partials.clear();
-        partials.resize(LANES * k * cp, 0.0);
+        if partials.len() < LANES * k * cp {
+            partials.resize(LANES * k * cp, 0.0);
+        }
+        let partials = &mut partials[..LANES * k * cp];
         partials.par_chunks_mut(k * cp).enumerate().for_each(|(lane, part)| {
+            part.fill(0.0);
             with_cached(&LAYOUT, |(xbuf, gbuf)| {
                 // the last plane's taps read up to 2 floats past it
                 xbuf.resize((s.c_in * phases * rows * pw_max + 16).div_ceil(16), Line::default());
@@ -503,18 +506,25 @@ pub fn backward_filter(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32], accumu
                 }
             })
         });
+        // the lanes added in order into the first, then transposed into dw: both in
+        // parallel (by blocks of rows, then by output channel)
         let (first, rest) = partials.split_at_mut(k * cp);
-        for part in rest.chunks_exact(k * cp) {
-            for (d, &v) in first.iter_mut().zip(part) {
-                *d += v;
+        let rest: &[f32] = rest;
+        first.par_chunks_mut(64 * cp).enumerate().for_each(|(b, block)| {
+            let at = b * 64 * cp;
+            for part in rest.chunks_exact(k * cp) {
+                for (d, &v) in block.iter_mut().zip(&part[at..]) {
+                    *d += v;
+                }
             }
-        }
-        for (co, row) in dw[..s.c_out * k].chunks_exact_mut(k).enumerate() {
+        });
+        let first: &[f32] = first;
+        dw[..s.c_out * k].par_chunks_mut(k).enumerate().for_each(|(co, row)| {
             for (p, d) in row.iter_mut().enumerate() {
                 let v = first[p * cp + co];
                 *d = if accumulate { *d + v } else { v };
             }
-        }
+        });
     });
 }
 
@@ -618,7 +628,37 @@ unsafe fn outer_tile<const CI: usize, const NV: usize, const S: usize>(
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[[_mm512_setzero_ps(); NV]; 9]; CI];
-    for e in 0..g.q {
+    let mut e0 = 0;
+    if S == 1 {
+        // U positions per step: per channel and kernel row, the U + 2 inputs x̃[ky][e + j]
+        // serve the three taps of all U positions (U + 2 broadcasts instead of 3 U; U = 3
+        // measured best of 2, 3, 4); each accumulator still sums its positions in order, so
+        // the bits are those of one position per step
+        const U: usize = 3;
+        while e0 + U <= g.q {
+            // SAFETY: rows e0 .. e0 + U < q of gt; every read of x̃ lies inside the
+            // channel's plane (+2).
+            unsafe {
+                let dv: [[__m512; NV]; U] =
+                    std::array::from_fn(|u| std::array::from_fn(|v| _mm512_load_ps(gt.add((e0 + u) * g.cp + 16 * v))));
+                for (c, taps) in acc.iter_mut().enumerate() {
+                    for ky in 0..3 {
+                        let row = xs[c].add(ky * g.pw + e0);
+                        let bx: [__m512; U + 2] = std::array::from_fn(|j| _mm512_set1_ps(*row.add(j)));
+                        for (u, d) in dv.iter().enumerate() {
+                            for kx in 0..3 {
+                                for (v, sum) in taps[3 * ky + kx].iter_mut().enumerate() {
+                                    *sum = _mm512_fmadd_ps(bx[u + kx], d[v], *sum);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            e0 += U;
+        }
+    }
+    for e in e0..g.q {
         // SAFETY: row e < q of gt; every tap's read lies inside the channel's planes (+2).
         unsafe {
             let row = gt.add(e * g.cp);

@@ -48,7 +48,10 @@ pub fn add_forward<T: Real>(a: &[T], b: &[T], y: &mut [T]) {
 /// dst = src or dst += src.
 pub fn copy<T: Real>(src: &[T], dst: &mut [T], accumulate: bool) {
     if !accumulate {
-        dst.copy_from_slice(src);
+        // in parallel: one core's copy bandwidth is well below the machine's
+        dst.par_chunks_mut(GRAIN)
+            .zip(src.par_chunks(GRAIN))
+            .for_each(|(d, s)| d.copy_from_slice(s));
         return;
     }
     dst.par_chunks_mut(GRAIN).zip(src.par_chunks(GRAIN)).for_each(|(d, s)| {
