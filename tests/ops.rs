@@ -875,10 +875,11 @@ fn direct_convolution_results_do_not_depend_on_thread_count() {
     }
 }
 
-/// The direct forward pass and filter gradient of 3x3 stride-2 layers (input split into
-/// phase planes) against the f64 reference within the f32 bound, on even maps from 2x2 up,
-/// channel counts off the tiles, batch 1; and through the backend (direct forward and filter
-/// gradient, im2col data gradient) bit-identical for any thread count.
+/// The direct passes of 3x3 stride-2 layers (forward and filter gradient on the input split
+/// into phase planes, data gradient one phase of dx at a time) against the f64 reference and
+/// the f64 backend's gradients within the f32 bound, with and without accumulation, on even
+/// maps from 2x2 up, channel counts off the tiles, batch 1; and through the backend
+/// bit-identical for any thread count.
 #[test]
 fn direct_stride_2_matches_the_reference_within_the_f32_bound() {
     let c = |n, c_in, h, w, c_out| conv3x3(n, c_in, h, w, c_out, 2);
@@ -889,7 +890,7 @@ fn direct_stride_2_matches_the_reference_within_the_f32_bound() {
         c(2, 7, 4, 4, 9),
         c(5, 32, 16, 16, 128),
     ];
-    if !loft::backend::cpu::direct::applies_forward(&shapes[0]) {
+    if !loft::backend::cpu::direct::applies(&shapes[0]) {
         eprintln!("no AVX-512F here: the direct convolution does not run on this CPU");
         return;
     }
@@ -923,6 +924,22 @@ fn direct_stride_2_matches_the_reference_within_the_f32_bound() {
                 "{s:?} filter gradient (accumulate {acc}): error {worst:e} of the magnitude sum"
             );
         }
+        // the data gradient against the f64 backend's
+        let mut want = vec![0.0; s.x_len()];
+        let mut mag = vec![0.0; s.x_len()];
+        be.conv2d_backward_data(&s, &g, &w, &mut want, false);
+        be.conv2d_backward_data(&s, &abs(&g), &abs(&w), &mut mag, false);
+        for acc in [false, true] {
+            let start = if acc { 0.5f32 } else { f32::NAN };
+            let mut dx = vec![start; s.x_len()];
+            conv::backward_data_with(conv::Algo::Direct, &s, &f(&g), &f(&w), &mut dx, acc, &pool);
+            let worst = worst_error(&dx, &want, &mag, if acc { 0.5 } else { 0.0 });
+            assert!(
+                worst <= DIRECT_F32_BOUND,
+                "{s:?} data gradient (accumulate {acc}): error {worst:e} of the magnitude sum"
+            );
+        }
     }
     same_bits_for_thread_counts(&c(37, 6, 10, 8, 5), 16, None, &[1, 2, 3]);
+    same_bits_for_thread_counts(&c(9, 16, 16, 16, 40), 17, Some(conv::Algo::Direct), &[1, 2, 3]);
 }

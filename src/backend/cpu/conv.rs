@@ -1,7 +1,7 @@
 //! CPU convolution: im2col + GEMM fused per task, col2im for the data gradient; 3x3 layers go
 //! to the direct convolution ([`super::direct`], AVX-512 CPUs: narrow stride-1 layers and
 //! stride 2) or to Winograd ([`super::winograd`]: wide stride-1 layers), pass by pass, as
-//! [`Algo::for_forward`], [`Algo::for_shape`] and [`Algo::for_filter_gradient`] choose.
+//! [`Algo::for_shape`] and [`Algo::for_filter_gradient`] choose.
 //!
 //! Forward and data-gradient passes split the batch into groups of whole images (about
 //! [`GROUP_COLS`] output pixels per group); each rayon task builds its group's im2col matrix
@@ -206,25 +206,13 @@ impl Algo {
         }
     }
 
-    /// The algorithm of this shape's forward pass: as [`Algo::for_shape`], and the direct
-    /// convolution also for 3x3 stride-2 layers on maps of even sides (where im2col would
-    /// otherwise run; their data gradient stays with im2col).
-    pub fn for_forward(s: &Conv2d) -> Algo {
-        let force = forced();
-        if s.stride == 2 && direct::applies_forward(s) && (force.is_empty() || force == "direct") {
-            Algo::Direct
-        } else {
-            Algo::for_shape(s)
-        }
-    }
-
-    /// The algorithm of this shape's filter gradient: as [`Algo::for_forward`], except that
+    /// The algorithm of this shape's filter gradient: as [`Algo::for_shape`], except that
     /// the direct convolution's (outer products over images side by side, `(w + 1) / w` of
     /// the work, and per-lane partial sums of the whole filter) pays on output maps below
     /// [`DIRECT_FILTER_MIN_SIDE`] only up to [`DIRECT_FILTER_SMALL_MAP_PAIRS`] channel pairs.
     pub fn for_filter_gradient(s: &Conv2d) -> Algo {
         let small_map = s.w_out().min(s.h_out()) < DIRECT_FILTER_MIN_SIDE;
-        match Algo::for_forward(s) {
+        match Algo::for_shape(s) {
             Algo::Direct if forced() != "direct" && small_map && s.c_in * s.c_out > DIRECT_FILTER_SMALL_MAP_PAIRS => {
                 Algo::transformed(s)
             }
@@ -271,7 +259,7 @@ pub const DIRECT_FILTER_SMALL_MAP_PAIRS: usize = 256 * 128;
 
 /// Forward with the algorithm of [`Algo::for_shape`].
 pub fn forward<T: Real>(s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {
-    forward_with(Algo::for_forward(s), s, x, w, y, pool)
+    forward_with(Algo::for_shape(s), s, x, w, y, pool)
 }
 
 /// Data gradient with the algorithm of [`Algo::for_shape`].
@@ -289,7 +277,7 @@ pub fn backward_filter<T: Real>(s: &Conv2d, x: &[T], dy: &[T], dw: &mut [T], acc
 pub fn forward_with<T: Real>(algo: Algo, s: &Conv2d, x: &[T], w: &[T], y: &mut [T], pool: &ScratchPool<T>) {
     check(s, x.len(), w.len(), y.len(), "conv2d_forward");
     if algo == Algo::Direct {
-        assert!(direct::applies_forward(s), "direct convolution on {s:?}");
+        assert!(direct::applies(s), "direct convolution on {s:?}");
         return match (T::as_f32(x), T::as_f32(w), T::as_f32_mut(y)) {
             (Some(x), Some(w), Some(y)) => direct::forward(s, x, w, y),
             _ => forward_with(Algo::transformed(s), s, x, w, y, pool),
@@ -429,7 +417,7 @@ pub fn backward_filter_with<T: Real>(
 ) {
     check(s, x.len(), dw.len(), dy.len(), "conv2d_backward_filter");
     if algo == Algo::Direct {
-        assert!(direct::applies_forward(s), "direct convolution on {s:?}");
+        assert!(direct::applies(s), "direct convolution on {s:?}");
         return match (T::as_f32(x), T::as_f32(dy), T::as_f32_mut(dw)) {
             (Some(x), Some(dy), Some(dw)) => direct::backward_filter(s, x, dy, dw, accumulate),
             _ => backward_filter_with(Algo::transformed(s), s, x, dy, dw, accumulate, pool),

@@ -48,24 +48,14 @@ const TASK_POSITIONS: usize = 1024;
 /// Fixed partial sums of the filter gradient (equal runs of images).
 const LANES: usize = 8;
 
-/// Whether this file computes the convolution (all three passes): 3x3, stride 1, pad 1, on a
-/// CPU with the AVX-512 product ([`sgemm::available`]).
+/// Whether this file computes the convolution (all three passes): 3x3, pad 1, on a CPU with
+/// the AVX-512 product ([`sgemm::available`]); stride 1, or stride 2 on a map of even sides
+/// (its input split into four phase planes for the forward pass and the filter gradient,
+/// see `Plane::fill` and `tap_read`; its data gradient one phase of dx at a time, see
+/// [`backward_data`]).
 pub fn applies(s: &Conv2d) -> bool {
-    s.kh == 3 && s.kw == 3 && s.stride == 1 && s.pad == 1 && sgemm::available()
-}
-
-/// Whether this file computes the forward pass and the filter gradient: as [`applies`], or
-/// stride 2 on a map of even sides (its input split into four phase planes, see
-/// `Plane::fill` and `tap_read`).
-pub fn applies_forward(s: &Conv2d) -> bool {
-    applies(s)
-        || (s.kh == 3
-            && s.kw == 3
-            && s.stride == 2
-            && s.pad == 1
-            && s.h.is_multiple_of(2)
-            && s.w.is_multiple_of(2)
-            && sgemm::available())
+    let even = s.stride == 1 || (s.stride == 2 && s.h.is_multiple_of(2) && s.w.is_multiple_of(2));
+    s.kh == 3 && s.kw == 3 && s.pad == 1 && even && sgemm::available()
 }
 
 /// The vectors of one output plane and their tap masks.
@@ -77,6 +67,9 @@ struct Plane {
     in_hw: usize,
     /// Vectors per plane, `ceil(hw / 16)`.
     vectors: usize,
+    /// Taps in use (9, or 1-4 for a phase of the stride-2 data gradient): the first `taps`
+    /// entries of `shift` and of each `mask`.
+    taps: usize,
     /// Per tap, the offset of its input from the output position.
     shift: [isize; 9],
     /// Per vector and tap, the lanes whose tap input lies inside the map.
@@ -94,7 +87,6 @@ impl Plane {
     fn fill(&mut self, s: &Conv2d) {
         let (ho, wo) = (s.h_out(), s.w_out());
         let hw = ho * wo;
-        let vectors = hw.div_ceil(16);
         // per tap: (row, column) displacement and the phase plane's offset
         let step = |k: usize| -> (isize, usize) {
             if s.stride == 1 {
@@ -103,13 +95,23 @@ impl Plane {
                 (if k == 0 { -1 } else { 0 }, (k + 1) % 2)
             }
         };
-        let tap = |t: usize| {
+        let taps: [(isize, isize, usize); 9] = std::array::from_fn(|t| {
             let ((dy, py), (dx, px)) = (step(t / 3), step(t % 3));
             (dy, dx, (2 * py + px) * hw)
-        };
+        });
+        self.fill_taps(ho, wo, &taps, s.h * s.w);
+    }
+
+    /// The tables for outputs of `(ho, wo)` reading, per tap, the input displaced by
+    /// `(dy, dx)` rows and columns in the plane `base` floats on (bounds checked against
+    /// `(ho, wo)`), with `in_hw` floats per input channel.
+    fn fill_taps(&mut self, ho: usize, wo: usize, taps: &[(isize, isize, usize)], in_hw: usize) {
+        let hw = ho * wo;
+        let vectors = hw.div_ceil(16);
+        let tap = |t: usize| taps[t];
         let shift = std::array::from_fn(|t| {
-            let (dy, dx, base) = tap(t);
-            base as isize + dy * wo as isize + dx
+            taps.get(t)
+                .map_or(0, |&(dy, dx, base)| base as isize + dy * wo as isize + dx)
         });
         // the tables are reused between calls (no allocation once grown)
         let (mask, inside) = (&mut self.mask, &mut self.inside);
@@ -125,7 +127,7 @@ impl Plane {
                 }
                 *ins |= 1 << l;
                 let (y, x) = ((p / wo) as isize, (p % wo) as isize);
-                for (t, bits) in m.iter_mut().enumerate() {
+                for (t, bits) in m.iter_mut().enumerate().take(taps.len()) {
                     let (dy, dx, _) = tap(t);
                     let (iy, ix) = (y + dy, x + dx);
                     if iy >= 0 && iy < ho as isize && ix >= 0 && ix < wo as isize {
@@ -135,8 +137,9 @@ impl Plane {
             }
         }
         self.hw = hw;
-        self.in_hw = s.h * s.w;
+        self.in_hw = in_hw;
         self.vectors = vectors;
+        self.taps = taps.len();
         self.shift = shift;
     }
 }
@@ -162,17 +165,18 @@ fn split_phases(x: &[f32], c: usize, h: usize, w: usize, dst: &mut [f32]) {
     }
 }
 
-/// Filters `f(row, channel, tap)` of a `(m, c, 3, 3)` convolution packed in strips of [`MR`]
-/// rows: `a[(s 9c + p) MR + i] = f(s MR + i, p / 9, p % 9)`, zero for rows past m.
-fn pack_filters(a: &mut Vec<f32>, m: usize, c: usize, f: impl Fn(usize, usize, usize) -> f32 + Sync) {
-    let k = 9 * c;
+/// Filters `f(row, channel, tap)` of a `(m, c, taps)` convolution packed in strips of [`MR`]
+/// rows after the `a.len()` floats already there: `a[(s taps c + p) MR + i] = f(s MR + i,
+/// p / taps, p % taps)`, zero for rows past m.
+fn pack_filters(a: &mut Vec<f32>, m: usize, c: usize, taps: usize, f: impl Fn(usize, usize, usize) -> f32 + Sync) {
+    let k = taps * c;
     let strips = m.div_ceil(MR);
-    a.clear();
-    a.resize(strips * k * MR, 0.0);
-    a.par_chunks_mut(k * MR).enumerate().for_each(|(s, strip)| {
+    let start = a.len();
+    a.resize(start + strips * k * MR, 0.0);
+    a[start..].par_chunks_mut(k * MR).enumerate().for_each(|(s, strip)| {
         for p in 0..k {
             for i in 0..MR.min(m - s * MR) {
-                strip[p * MR + i] = f(s * MR + i, p / 9, p % 9);
+                strip[p * MR + i] = f(s * MR + i, p / taps, p % taps);
             }
         }
     });
@@ -184,6 +188,7 @@ thread_local! {
     /// training step allocates nothing once they have grown.
     static FILTERS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static PLANE: RefCell<Plane> = RefCell::new(Plane::default());
+    static PHASE_PLANES: RefCell<[Plane; 4]> = RefCell::new(Default::default());
     static PHASES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static LAYOUT: RefCell<(Vec<Line>, Vec<Line>)> = const { RefCell::new((Vec::new(), Vec::new())) };
@@ -200,26 +205,125 @@ fn with_cached<V: Default + 'static, R>(key: &'static LocalKey<RefCell<V>>, f: i
 
 /// Forward: `y (n, c_out, h, w) = conv3x3(x (n, c_in, h, w), w (c_out, c_in, 3, 3))`.
 pub fn forward(s: &Conv2d, x: &[f32], w: &[f32], y: &mut [f32]) {
-    debug_assert!(applies_forward(s));
+    debug_assert!(applies(s));
     with_cached(&FILTERS, |a| {
-        pack_filters(a, s.c_out, s.c_in, |co, ci, t| w[(co * s.c_in + ci) * 9 + t]);
+        a.clear();
+        pack_filters(a, s.c_out, s.c_in, 9, |co, ci, t| w[(co * s.c_in + ci) * 9 + t]);
         convolve(s, x, a, y, false);
     });
 }
 
-/// Data gradient: `dx (+)= conv_transpose(dy, w)`, the forward pass of dy with the filters
-/// flipped and their channel axes swapped.
+/// Data gradient: `dx (+)= conv_transpose(dy, w)`. Stride 1: the forward pass of dy with
+/// the filters flipped and their channel axes swapped. Stride 2: see [`backward_data_s2`].
 pub fn backward_data(s: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32], accumulate: bool) {
     debug_assert!(applies(s));
+    if s.stride == 2 {
+        return backward_data_s2(s, dy, w, dx, accumulate);
+    }
     let t = Conv2d {
         c_in: s.c_out,
         c_out: s.c_in,
         ..*s
     };
     with_cached(&FILTERS, |a| {
-        pack_filters(a, s.c_in, s.c_out, |ci, co, tap| w[(co * s.c_in + ci) * 9 + 8 - tap]);
+        a.clear();
+        pack_filters(a, s.c_in, s.c_out, 9, |ci, co, tap| w[(co * s.c_in + ci) * 9 + 8 - tap]);
         convolve(&t, dy, a, dx, accumulate);
     });
+}
+
+/// The kernel rows (or columns) that reach input rows of parity `p` at stride 2, pad 1, with
+/// the output row each reads, as a displacement from the input row's half: `p = 0` (input row
+/// 2i) is reached by kernel row 1 from output row i; `p = 1` (2i + 1) by kernel row 0 from
+/// output row i + 1 and kernel row 2 from output row i.
+const fn phase_taps(p: usize) -> &'static [(usize, isize)] {
+    if p == 0 {
+        &[(1, 0)]
+    } else {
+        &[(0, 1), (2, 0)]
+    }
+}
+
+/// Stride-2 data gradient one phase of dx at a time: the inputs at (2i + py, 2j + px) take
+/// only the kernel taps of [`phase_taps`] (1, 2, 2 and 4 taps: the 9 of the filter once
+/// each), each a stride-1 read of dy displaced by 0 or +1 rows and columns, so each phase is
+/// the forward kernel on dy's planes with its own tap table and filters:
+/// `dx[ci][2i + py][2j + px] = Σ_{co, (ky, kx)} w[co][ci][ky][kx] dy[co][i + di(ky)][j + dj(kx)]`.
+/// Per task (whole images) the four phases go to a phase-split buffer, then into dx.
+fn backward_data_s2(s: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32], accumulate: bool) {
+    let (ho, wo) = (s.h_out(), s.w_out());
+    let hw = ho * wo;
+    // per phase: its taps as (ky, kx, di, dj), and where its packed filters start
+    let phase = |ph: usize| {
+        let (rows, cols) = (phase_taps(ph / 2), phase_taps(ph % 2));
+        rows.iter()
+            .flat_map(move |&(ky, di)| cols.iter().map(move |&(kx, dj)| (ky, kx, di, dj)))
+    };
+    with_cached(&FILTERS, |a| {
+        a.clear();
+        let mut starts = [0; 4];
+        for (ph, start) in starts.iter_mut().enumerate() {
+            *start = a.len();
+            let taps: Vec<(usize, usize)> = phase(ph).map(|(ky, kx, _, _)| (ky, kx)).collect();
+            pack_filters(a, s.c_in, s.c_out, taps.len(), |ci, co, t| {
+                let (ky, kx) = taps[t];
+                w[(co * s.c_in + ci) * 9 + 3 * ky + kx]
+            });
+        }
+        let a = &*a;
+        with_cached(&PHASE_PLANES, |planes| {
+            for (ph, pl) in planes.iter_mut().enumerate() {
+                let mut taps = [(0, 0, 0); 4];
+                let n = phase(ph).count();
+                for (slot, (_, _, di, dj)) in taps.iter_mut().zip(phase(ph)) {
+                    *slot = (di, dj, 0);
+                }
+                pl.fill_taps(ho, wo, &taps[..n], hw);
+            }
+            let planes = &*planes;
+            let (img_in, img_out) = (s.c_out * hw, s.c_in * s.h * s.w);
+            let per = images_per(hw);
+            dx[..s.n * img_out]
+                .par_chunks_mut(per * img_out)
+                .zip(dy[..s.n * img_in].par_chunks(per * img_in))
+                .for_each(|(dxg, dyg)| {
+                    let nb = dyg.len() / img_in;
+                    with_cached(&PHASES, |buf| {
+                        buf.resize(4 * nb * s.c_in * hw, 0.0);
+                        for (ph, out) in buf.chunks_exact_mut(nb * s.c_in * hw).enumerate() {
+                            let end = if ph < 3 { starts[ph + 1] } else { a.len() };
+                            // SAFETY: AVX-512F is present (applies); dyg holds nb images of
+                            // c_out planes of hw, out nb images of c_in planes, and the
+                            // phase's filters are c_in rows of c_out taps packed in strips.
+                            unsafe {
+                                group_forward(&planes[ph], s.c_out, s.c_in, &a[starts[ph]..end], dyg, out, false)
+                            };
+                        }
+                        merge_phases(buf, nb * s.c_in, s.h, s.w, dxg, accumulate);
+                    });
+                });
+        });
+    });
+}
+
+/// `dst (c, h, w) (+)= ` the planes of `src (4, c, h/2, w/2)` interleaved by row and column
+/// parity, phase `2 (row % 2) + column % 2` (the inverse of [`split_phases`], phase-major).
+fn merge_phases(src: &[f32], c: usize, h: usize, w: usize, dst: &mut [f32], accumulate: bool) {
+    let (ho, wo) = (h / 2, w / 2);
+    let phase_len = c * ho * wo;
+    for ch in 0..c {
+        let out = &mut dst[ch * h * w..][..h * w];
+        for (y, row) in out.chunks_exact_mut(w).enumerate() {
+            let (i, py) = (y / 2, y % 2);
+            for px in 0..2 {
+                let from = &src[(2 * py + px) * phase_len + (ch * ho + i) * wo..][..wo];
+                for (j, &v) in from.iter().enumerate() {
+                    let d = &mut row[2 * j + px];
+                    *d = if accumulate { *d + v } else { v };
+                }
+            }
+        }
+    }
 }
 
 /// Images per task or group: about [`TASK_POSITIONS`] positions, at least one image.
@@ -270,7 +374,7 @@ fn convolve(s: &Conv2d, x: &[f32], a: &[f32], y: &mut [f32], accumulate: bool) {
 unsafe fn group_forward(pl: &Plane, c_in: usize, c_out: usize, a: &[f32], x: &[f32], y: &mut [f32], accumulate: bool) {
     let nb = y.len() / (c_out * pl.hw);
     let total = nb * pl.vectors;
-    let k = 9 * c_in;
+    let k = pl.taps * c_in;
     for c0 in (0..c_in).step_by(KB) {
         let kc = KB.min(c_in - c0);
         let load = accumulate || c0 > 0;
@@ -291,7 +395,8 @@ unsafe fn group_forward(pl: &Plane, c_in: usize, c_out: usize, a: &[f32], x: &[f
                 let (b, v) = vec_of(j);
                 ((b * c_in + c0) * pl.in_hw + 16 * v) as isize
             };
-            let (lo, hi) = (pl.shift.iter().min().unwrap_or(&0), pl.shift.iter().max().unwrap_or(&0));
+            let used = &pl.shift[..pl.taps];
+            let (lo, hi) = (used.iter().min().unwrap_or(&0), used.iter().max().unwrap_or(&0));
             let inside =
                 offset(0) + lo >= 0 && offset(NV - 1) + ((kc - 1) * pl.in_hw) as isize + hi + 16 <= x.len() as isize;
             let stores: [u16; NV] = std::array::from_fn(|j| if g0 + j < total { pl.inside[vec_of(j).1] } else { 0 });
@@ -302,7 +407,7 @@ unsafe fn group_forward(pl: &Plane, c_in: usize, c_out: usize, a: &[f32], x: &[f
                     y.as_mut_ptr().wrapping_add((b * c_out + si * MR) * pl.hw + 16 * v)
                 });
                 let tile = Tile {
-                    a: strip[9 * c0 * MR..].as_ptr(),
+                    a: strip[pl.taps * c0 * MR..].as_ptr(),
                     xs,
                     masks,
                     ys,
@@ -331,7 +436,7 @@ unsafe fn group_forward(_: &Plane, _: usize, _: usize, _: &[f32], _: &[f32], _: 
 
 /// The operands of one forward register tile.
 struct Tile<'a> {
-    /// The filter strip from the block's first channel: `a[(9 c + tap) MR + i]`.
+    /// The filter strip from the block's first channel: `a[(taps c + tap) MR + i]`.
     a: *const f32,
     /// Per vector, its positions in the block's first input plane.
     xs: [*const f32; NV],
@@ -360,7 +465,7 @@ unsafe fn tile_forward<const MASKED_LOADS: bool>(kc: usize, pl: &Plane, t: &Tile
     let mut acc = [[_mm512_setzero_ps(); NV]; MR];
     let hw = pl.hw;
     for c in 0..kc {
-        for tap in 0..9 {
+        for tap in 0..pl.taps {
             let shift = pl.shift[tap] + (c * pl.in_hw) as isize;
             // SAFETY: the masked lanes are inside plane c of the vector's image (the masks
             // drop every tap input outside the map); the strip holds 9 kc MR floats.
@@ -374,7 +479,7 @@ unsafe fn tile_forward<const MASKED_LOADS: bool>(kc: usize, pl: &Plane, t: &Tile
                         _mm512_loadu_ps(p)
                     }
                 });
-                let ap = t.a.add((9 * c + tap) * MR);
+                let ap = t.a.add((pl.taps * c + tap) * MR);
                 for (i, row) in acc.iter_mut().enumerate() {
                     let av = _mm512_set1_ps(*ap.add(i));
                     for v in 0..NV {
@@ -419,7 +524,7 @@ unsafe fn tile_forward<const MASKED_LOADS: bool>(kc: usize, pl: &Plane, t: &Tile
 /// together), each run into near-equal groups summed in order; the partials are added in
 /// lane order.
 pub fn backward_filter(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32], accumulate: bool) {
-    debug_assert!(applies_forward(s));
+    debug_assert!(applies(s));
     let (h, w, ho, wo) = (s.h, s.w, s.h_out(), s.w_out());
     let per = images_side_by_side(wo);
     let cp = s.c_out.next_multiple_of(16);
