@@ -264,8 +264,11 @@ fn backward_data_s2(s: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32], accumulat
         let mut starts = [0; 4];
         for (ph, start) in starts.iter_mut().enumerate() {
             *start = a.len();
-            let taps: Vec<(usize, usize)> = phase(ph).map(|(ky, kx, _, _)| (ky, kx)).collect();
-            pack_filters(a, s.c_in, s.c_out, taps.len(), |ci, co, t| {
+            let mut taps = [(0, 0); 4];
+            for (slot, (ky, kx, _, _)) in taps.iter_mut().zip(phase(ph)) {
+                *slot = (ky, kx);
+            }
+            pack_filters(a, s.c_in, s.c_out, phase(ph).count(), |ci, co, t| {
                 let (ky, kx) = taps[t];
                 w[(co * s.c_in + ci) * 9 + 3 * ky + kx]
             });
@@ -590,12 +593,10 @@ pub fn backward_filter(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32], accumu
                     for i in 0..nb {
                         let gi = &dy[(b0 + i) * img_out..][..img_out];
                         for y in 0..ho {
-                            for xx in 0..wo {
-                                let row = &mut gt[(y * pw + i * (wo + 1) + xx) * cp..][..s.c_out];
-                                for (co, d) in row.iter_mut().enumerate() {
-                                    *d = gi[(co * ho + y) * wo + xx];
-                                }
-                            }
+                            let at = (y * pw + i * (wo + 1)) * cp;
+                            // SAFETY: AVX-512F is present (applies); gi holds c_out planes of
+                            // (ho, wo), gt from `at` wo rows of cp >= c_out floats.
+                            unsafe { transpose_row(gi, s.c_out, ho * wo, y * wo, wo, &mut gt[at..][..wo * cp], cp) };
                         }
                     }
                     // SAFETY: AVX-512F is present (applies_forward); xp holds c_in planes laid out
@@ -631,6 +632,76 @@ pub fn backward_filter(s: &Conv2d, x: &[f32], dy: &[f32], dw: &mut [f32], accumu
             }
         });
     });
+}
+
+/// `dst[xx cp + co] = src[co plane + start + xx]` for `co < c`, `xx < len`: one row of
+/// every plane of dy, transposed to positions x channels, by 16 x 16 blocks in registers.
+///
+/// # Safety
+/// AVX-512F; `src` holds `c` planes of `plane` floats with `start + len <= plane`; `dst`
+/// holds `len` rows of `cp >= c` floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose_row(src: &[f32], c: usize, plane: usize, start: usize, len: usize, dst: &mut [f32], cp: usize) {
+    use std::arch::x86_64::*;
+    assert!(c * plane <= src.len() && start + len <= plane && len * cp <= dst.len() && c <= cp);
+    for x0 in (0..len).step_by(16) {
+        let n = 16.min(len - x0);
+        let load_mask: u16 = if n == 16 { u16::MAX } else { (1u16 << n) - 1 };
+        for c0 in (0..c).step_by(16) {
+            let m = 16.min(c - c0);
+            // SAFETY: row c0 + r < c of src, lanes x0 .. x0 + n of it (masked); the stores
+            // write rows x0 + j < len of dst, lanes c0 .. c0 + m <= c of them (masked).
+            unsafe {
+                let mut r: [__m512; 16] = std::array::from_fn(|j| {
+                    if j < m {
+                        _mm512_maskz_loadu_ps(load_mask, src.as_ptr().add((c0 + j) * plane + start + x0))
+                    } else {
+                        _mm512_setzero_ps()
+                    }
+                });
+                transpose16(&mut r);
+                let store_mask: u16 = if m == 16 { u16::MAX } else { (1u16 << m) - 1 };
+                for (j, v) in r.iter().enumerate().take(n) {
+                    _mm512_mask_storeu_ps(dst.as_mut_ptr().add((x0 + j) * cp + c0), store_mask, *v);
+                }
+            }
+        }
+    }
+}
+
+/// Transpose the 16 x 16 floats of `r` (row j = vector j) in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: &mut [std::arch::x86_64::__m512; 16]) {
+    use std::arch::x86_64::*;
+    // within each 128-bit block: rows interleaved by pairs of 32-bit lanes, then 64-bit
+    // pairs (vector 4i + j: column j of rows 4i .. 4i + 4, per block); then the blocks
+    // gathered across vectors 4 and 8 apart (columns j, 4 + j, 8 + j, 12 + j of 16 rows)
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for i in 0..4 {
+        for k in 0..2 {
+            let (a, b) = (t[4 * i + k], t[4 * i + 2 + k]);
+            r[4 * i + 2 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+            r[4 * i + 2 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+        }
+    }
+    for i in 0..2 {
+        for k in 0..4 {
+            let (a, b) = (r[8 * i + k], r[8 * i + 4 + k]);
+            t[8 * i + k] = _mm512_shuffle_f32x4::<0x88>(a, b);
+            t[8 * i + 4 + k] = _mm512_shuffle_f32x4::<0xdd>(a, b);
+        }
+    }
+    for k in 0..8 {
+        let (a, b) = (t[k], t[8 + k]);
+        r[k] = _mm512_shuffle_f32x4::<0x88>(a, b);
+        r[8 + k] = _mm512_shuffle_f32x4::<0xdd>(a, b);
+    }
 }
 
 /// Images side by side per filter-gradient group: about 64 columns in all (32x32 maps one
@@ -798,4 +869,37 @@ unsafe fn outer_tile<const CI: usize, const NV: usize, const S: usize>(
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn outer_image<const S: usize>(_: usize, _: &Outer, _: &[f32], _: &[f32], _: &mut [f32]) {
     unreachable!("direct convolution: AVX-512 only")
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// The register transpose against the scalar one, on row lengths and channel counts
+    /// around the 16 x 16 blocks.
+    #[test]
+    fn transpose_row_matches_the_scalar_transpose() {
+        if !sgemm::available() {
+            return;
+        }
+        for (c, plane, start, len) in [
+            (16usize, 256, 16, 16),
+            (5, 40, 3, 33),
+            (37, 64, 0, 64),
+            (32, 16, 12, 4),
+            (1, 1, 0, 1),
+        ] {
+            let cp = c.next_multiple_of(16);
+            let src: Vec<f32> = (0..c * plane).map(|i| i as f32).collect();
+            let mut got = vec![-1.0; len * cp];
+            // SAFETY: AVX-512F checked above; the sizes as the function requires.
+            unsafe { transpose_row(&src, c, plane, start, len, &mut got, cp) };
+            for xx in 0..len {
+                for co in 0..cp {
+                    let want = if co < c { src[co * plane + start + xx] } else { -1.0 };
+                    assert_eq!(got[xx * cp + co], want, "c {c} len {len}: position {xx} channel {co}");
+                }
+            }
+        }
+    }
 }
