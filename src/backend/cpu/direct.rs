@@ -1,6 +1,6 @@
 //! Direct 3x3 pad-1 convolution on AVX-512 CPUs (f32): forward, data and filter gradients of
-//! stride-1 layers, forward and filter gradient of stride-2 ones, as implicit GEMMs over the
-//! NCHW tensors: no im2col, no transforms.
+//! stride-1 layers and of stride-2 ones on even maps, as implicit GEMMs over the NCHW
+//! tensors: no im2col, no transforms.
 //!
 //! Each channel plane is cut into vectors of 16 consecutive positions (the last one of a
 //! plane partial). For tap (ky, kx) the inputs of a vector's outputs are the 16 floats
@@ -15,7 +15,9 @@
 //! - data gradient: the forward pass of dy with the filters flipped and their channel axes
 //!   swapped (a 3x3 stride-1 pad-1 transposed convolution is that correlation);
 //! - stride 2: the forward reads a copy of the input split into four phase planes (even and
-//!   odd rows and columns), where every tap is again a stride-1 read (`Plane::fill`);
+//!   odd rows and columns), where every tap is again a stride-1 read (`Plane::fill`); the
+//!   data gradient computes dx one phase at a time, each phase a stride-1 read of dy with
+//!   1, 2, 2 or 4 of the taps ([`backward_data_s2`]);
 //! - filter gradient: outer products over images laid side by side with zero columns between
 //!   them (see [`backward_filter`]): per position, the 9 taps of an input channel broadcast
 //!   against one or two vectors of output channels of dy transposed, `(w + 1) / w` of the
@@ -27,7 +29,8 @@
 //!
 //! Determinism: forward and data-gradient tasks are whole images, each output summed by one
 //! task in a fixed order; the filter gradient cuts the batch into `LANES` fixed runs of
-//! images, one partial sum each, added in order. The bits depend on the shape only, never on the thread count.
+//! images, one partial sum each, added in order. The bits depend on the shape only, never
+//! on the thread count.
 
 use super::scratch::{floats, Line};
 use super::sgemm;
