@@ -269,7 +269,7 @@ impl<'a> Loader<'a> {
     }
 
     /// Fill batch `b` of epoch `epoch` given that epoch's `order`: x gets (n, c, h, w) f32
-    /// normalised ((pixel/255 - mean[c]) / std[c]) with augmentation, y gets labels; returns n
+    /// normalised (`(pixel/255 - mean[c]) / std[c]`) with augmentation, y gets labels; returns n
     /// (the last batch may be short when !drop_last; with drop_last a short batch gives 0).
     /// x.len() >= n*c*h*w, y.len() >= n. Images decoded from files fail with the file named;
     /// for them the next batch is decoded in the background while the caller computes.

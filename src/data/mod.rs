@@ -207,7 +207,7 @@ pub enum DatasetKind {
     Cifar10,
     /// CIFAR-100: 32x32 colour images, 100 fine classes (binary version).
     Cifar100,
-    /// ImageNet in its folder layout (train/<class>/*.JPEG, val/<class>/*.JPEG), decoded on
+    /// ImageNet in its folder layout (`train/<class>/*.JPEG`, `val/<class>/*.JPEG`), decoded on
     /// demand to 3x224x224; 1000 classes.
     Imagenet,
     /// A generated, learnable set (no files).

@@ -3,7 +3,7 @@
 //! Each round, rank r extracts its narrow sub-network from the assembled model (the inner
 //! filters it owns in this round's [`Partition`] plus every shared tensor), runs `local_steps`
 //! SGD steps on its own data stream with a fresh optimizer, and the ranks re-assemble the model
-//! ([`reassembly`]). With `simulate` the S workers run one after another in one process; the
+//! (`reassembly`). With `simulate` the S workers run one after another in one process; the
 //! result is bit-identical to S ranks.
 //!
 //! A LoFT rank holds its narrow network's training buffers and the assembled model's

@@ -17,7 +17,7 @@
 //! - stride 2: the forward reads a copy of the input split into four phase planes (even and
 //!   odd rows and columns), where every tap is again a stride-1 read (`Plane::fill`); the
 //!   data gradient computes dx one phase at a time, each phase a stride-1 read of dy with
-//!   1, 2, 2 or 4 of the taps ([`backward_data_s2`]);
+//!   1, 2, 2 or 4 of the taps (`backward_data_s2`);
 //! - filter gradient: outer products over images laid side by side with zero columns between
 //!   them (see [`backward_filter`]): per position, the 9 taps of an input channel broadcast
 //!   against one or two vectors of output channels of dy transposed, `(w + 1) / w` of the
@@ -217,7 +217,7 @@ pub fn forward(s: &Conv2d, x: &[f32], w: &[f32], y: &mut [f32]) {
 }
 
 /// Data gradient: `dx (+)= conv_transpose(dy, w)`. Stride 1: the forward pass of dy with
-/// the filters flipped and their channel axes swapped. Stride 2: see [`backward_data_s2`].
+/// the filters flipped and their channel axes swapped. Stride 2: see `backward_data_s2`.
 pub fn backward_data(s: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32], accumulate: bool) {
     debug_assert!(applies(s));
     if s.stride == 2 {

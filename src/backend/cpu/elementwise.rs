@@ -79,7 +79,7 @@ pub fn axpy<T: Real>(a: T, x: &[T], y: &mut [T]) {
     });
 }
 
-/// dst[r.dst..][..r.len] = src[r.src..][..r.len] for every run (runs do not overlap in dst).
+/// `dst[r.dst..][..r.len] = src[r.src..][..r.len]` for every run (runs do not overlap in dst).
 pub fn copy_runs<T: Real>(runs: &[Run], src: &[T], dst: &mut [T]) {
     for r in runs {
         dst[r.dst..r.dst + r.len].copy_from_slice(&src[r.src..r.src + r.len]);

@@ -1,7 +1,7 @@
 //! Run-time selection of wider vector code for the CPU backend's own hot loops.
 //!
 //! The crate is built for the baseline of its target (x86-64: SSE2), so that one binary runs on
-//! every node of a cluster. [`simd_leaf!`] compiles a leaf loop twice, for the baseline and
+//! every node of a cluster. `simd_leaf!` compiles a leaf loop twice, for the baseline and
 //! with AVX2 + FMA enabled, and picks the wide one when the CPU has both (checked once).
 //! Only leaves (no rayon inside) are worth it: closures handed to rayon become separate
 //! functions that would not inherit the features.

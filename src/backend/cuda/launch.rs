@@ -31,7 +31,7 @@ macro_rules! params {
 }
 
 params!(
-    /// `fill_forward_f32`: x[i] = value.
+    /// `fill_forward_f32`: `x[i] = value`.
     FillParams { x: DevicePtr, n: i64, value: f32, pad: u32 }
 );
 params!(
@@ -51,7 +51,7 @@ params!(
     ReluParams { x: DevicePtr, y: DevicePtr, n: i64 }
 );
 params!(
-    /// `relu_backward_f32`: dx (+)= dy [y > 0].
+    /// `relu_backward_f32`: `dx (+)= dy [y > 0]`.
     ReluBackwardParams { y: DevicePtr, dy: DevicePtr, dx: DevicePtr, n: i64, accumulate: u32, pad: u32 }
 );
 params!(
