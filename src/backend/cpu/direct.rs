@@ -256,7 +256,7 @@ const fn phase_taps(p: usize) -> &'static [(usize, isize)] {
 fn backward_data_s2(s: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32], accumulate: bool) {
     let (ho, wo) = (s.h_out(), s.w_out());
     let hw = ho * wo;
-    // per phase: its taps as (ky, kx, di, dj), and where its packed filters start
+    // phase 2 py + px: its taps as (ky, kx, di, dj)
     let phase = |ph: usize| {
         let (rows, cols) = (phase_taps(ph / 2), phase_taps(ph % 2));
         rows.iter()
@@ -264,6 +264,7 @@ fn backward_data_s2(s: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32], accumulat
     };
     with_cached(&FILTERS, |a| {
         a.clear();
+        // each phase's filters packed after the previous phase's; `starts` says where
         let mut starts = [0; 4];
         for (ph, start) in starts.iter_mut().enumerate() {
             *start = a.len();
@@ -287,13 +288,14 @@ fn backward_data_s2(s: &Conv2d, dy: &[f32], w: &[f32], dx: &mut [f32], accumulat
                 pl.fill_taps(ho, wo, &taps[..n], hw);
             }
             let planes = &*planes;
-            let (img_in, img_out) = (s.c_out * hw, s.c_in * s.h * s.w);
+            // floats per image of dy and of dx
+            let (dy_img, dx_img) = (s.c_out * hw, s.c_in * s.h * s.w);
             let per = images_per(hw);
-            dx[..s.n * img_out]
-                .par_chunks_mut(per * img_out)
-                .zip(dy[..s.n * img_in].par_chunks(per * img_in))
+            dx[..s.n * dx_img]
+                .par_chunks_mut(per * dx_img)
+                .zip(dy[..s.n * dy_img].par_chunks(per * dy_img))
                 .for_each(|(dxg, dyg)| {
-                    let nb = dyg.len() / img_in;
+                    let nb = dyg.len() / dy_img;
                     with_cached(&PHASES, |buf| {
                         buf.resize(4 * nb * s.c_in * hw, 0.0);
                         for (ph, out) in buf.chunks_exact_mut(nb * s.c_in * hw).enumerate() {
