@@ -907,38 +907,33 @@ fn direct_stride_2_matches_the_reference_within_the_f32_bound() {
         conv::forward_with(conv::Algo::Direct, &s, &f(&x), &f(&w), &mut y, &pool);
         let worst = worst_error(&y, &want, &mag, 0.0);
         assert!(worst <= DIRECT_F32_BOUND, "{s:?}: error {worst:e} of the magnitude sum");
-        // the filter gradient against the f64 backend's (im2col, finite-difference checked)
+        // both gradients against the f64 backend's (im2col, finite-difference checked),
+        // overwriting and accumulating onto 0.5 (exact in f32)
         let g = rand_vec(&mut rng, s.y_len());
         let be = B::new();
-        let mut want = vec![0.0; s.w_len()];
-        let mut mag = vec![0.0; s.w_len()];
+        let check = |what: &str, want: &[f64], mag: &[f64], run: &dyn Fn(&mut [f32], bool)| {
+            for acc in [false, true] {
+                let mut got = vec![if acc { 0.5f32 } else { f32::NAN }; want.len()];
+                run(&mut got, acc);
+                let worst = worst_error(&got, want, mag, if acc { 0.5 } else { 0.0 });
+                assert!(
+                    worst <= DIRECT_F32_BOUND,
+                    "{s:?} {what} (accumulate {acc}): error {worst:e} of the magnitude sum"
+                );
+            }
+        };
+        let (mut want, mut mag) = (vec![0.0; s.w_len()], vec![0.0; s.w_len()]);
         be.conv2d_backward_filter(&s, &x, &g, &mut want, false);
         be.conv2d_backward_filter(&s, &abs(&x), &abs(&g), &mut mag, false);
-        for acc in [false, true] {
-            let start = if acc { 0.5f32 } else { f32::NAN };
-            let mut dw = vec![start; s.w_len()];
-            conv::backward_filter_with(conv::Algo::Direct, &s, &f(&x), &f(&g), &mut dw, acc, &pool);
-            let worst = worst_error(&dw, &want, &mag, if acc { 0.5 } else { 0.0 });
-            assert!(
-                worst <= DIRECT_F32_BOUND,
-                "{s:?} filter gradient (accumulate {acc}): error {worst:e} of the magnitude sum"
-            );
-        }
-        // the data gradient against the f64 backend's
-        let mut want = vec![0.0; s.x_len()];
-        let mut mag = vec![0.0; s.x_len()];
+        check("filter gradient", &want, &mag, &|dw, acc| {
+            conv::backward_filter_with(conv::Algo::Direct, &s, &f(&x), &f(&g), dw, acc, &pool)
+        });
+        let (mut want, mut mag) = (vec![0.0; s.x_len()], vec![0.0; s.x_len()]);
         be.conv2d_backward_data(&s, &g, &w, &mut want, false);
         be.conv2d_backward_data(&s, &abs(&g), &abs(&w), &mut mag, false);
-        for acc in [false, true] {
-            let start = if acc { 0.5f32 } else { f32::NAN };
-            let mut dx = vec![start; s.x_len()];
-            conv::backward_data_with(conv::Algo::Direct, &s, &f(&g), &f(&w), &mut dx, acc, &pool);
-            let worst = worst_error(&dx, &want, &mag, if acc { 0.5 } else { 0.0 });
-            assert!(
-                worst <= DIRECT_F32_BOUND,
-                "{s:?} data gradient (accumulate {acc}): error {worst:e} of the magnitude sum"
-            );
-        }
+        check("data gradient", &want, &mag, &|dx, acc| {
+            conv::backward_data_with(conv::Algo::Direct, &s, &f(&g), &f(&w), dx, acc, &pool)
+        });
     }
     same_bits_for_thread_counts(&c(37, 6, 10, 8, 5), 16, None, &[1, 2, 3]);
     same_bits_for_thread_counts(&c(9, 16, 16, 16, 40), 17, Some(conv::Algo::Direct), &[1, 2, 3]);
