@@ -83,7 +83,11 @@ fn main() {
 fn kernel_names(src: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(src).unwrap();
     text.lines()
-        .filter_map(|l| l.trim_start().strip_prefix("LOFT_KERNEL("))
+        .filter_map(|l| {
+            let l = l.trim_start();
+            l.strip_prefix("LOFT_KERNEL(")
+                .or_else(|| l.strip_prefix("LOFT_KERNEL_BOUNDED("))
+        })
         .map(|rest| rest.split(',').next().unwrap().trim().to_string())
         .collect()
 }

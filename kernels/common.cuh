@@ -28,9 +28,23 @@ typedef unsigned long long u64;
 #define GPTR(T) T*
 // A kernel entry point taking its parameter struct by value.
 #define LOFT_KERNEL(name, Params) extern "C" __global__ void name(const Params p)
-// Shared memory: a fixed array, and the launch's dynamic shared memory.
-#define SHARED(T, name, count) __shared__ T name[count]
+// The same, for a kernel launched with at most `threads` threads per block whose registers
+// must leave room for `blocks` blocks per multiprocessor.
+#define LOFT_KERNEL_BOUNDED(name, Params, threads, blocks) \
+    extern "C" __global__ void __launch_bounds__(threads, blocks) name(const Params p)
+// Shared memory: a fixed array (16-byte aligned, for load4), and the launch's dynamic shared
+// memory.
+#define SHARED(T, name, count) __shared__ __align__(16) T name[count]
 #define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+
+// Four consecutive floats of a shared array as one 16-byte load; `i` a multiple of 4.
+template <class S>
+__device__ __forceinline__ float4 load4(const S& s, i64 i) {
+    return *reinterpret_cast<const float4*>(&s[i]);
+}
+
+// Unroll the loop that follows (constant trip counts over register arrays).
+#define UNROLL _Pragma("unroll")
 
 #endif
 

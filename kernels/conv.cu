@@ -1,153 +1,265 @@
 // conv.cu: 2-D convolution forward, backward-data and backward-filter as implicit GEMM.
 //
-// Each pass is a product C (M x N) = A (M x K) B (K x N) whose operands are read straight
-// from the NCHW tensors (no im2col buffer):
-//   forward          M = c_out, N = n*ho*wo, K = c_in*kh*kw; A = W, B = input patches
-//   backward-data    M = c_in,  N = n*h*w,   K = c_out*kh*kw; A = W regrouped, B = dY taps
-//   backward-filter  M = c_out, N = c_in*kh*kw, K = n*ho*wo; A = dY, B = input patches
-// Launch geometry (src/backend/cuda/launch.rs, `conv`): 256 threads per block, one 64 x 64
-// tile of C per block, grid (ceil(N/64), ceil(M/64), splits). Each thread accumulates a 4x4
-// block of C in registers over K in steps of 16, staging A and B tiles in shared memory
-// (2 x 16 x 64 floats = 8 KiB static). With splits > 1 (backward-filter, where K is the
-// large dimension), block z sums one slice of K into `partial` (splits, M, N) and
-// conv_reduce_forward_f32 adds the slices in order.
+// Each pass is a product C (M x N) = A (M x K) B (K x N) whose B operand is gathered straight
+// from the NCHW tensor (no im2col buffer):
+//   forward          M = c_out, N = n*ho*wo, K = (tap, c_in);  A = filters (tap, c_in, c_out)
+//   backward-data    M = c_in,  N = n*h*w,   K = (tap, c_out); A = filters (tap, c_out, c_in)
+//   backward-filter  M = c_out, N = c_in*kh*kw, K = n*ho*wo;   A = dY, B = input patches
+// The two tap-major passes run K tap by tap and, inside a tap, over the channels in steps of
+// 8: within a step every column reads one source pixel (or the padding) of 8 channels, so its
+// bounds are checked once per step and its loads walk the channel planes. Their A operand is
+// the filters regrouped tap-major by conv_filters_forward_f32 (into the backend's scratch),
+// so the tile's rows are contiguous. The filter gradient runs K over the pixels.
+//
+// Launch geometry (src/backend/cuda/launch.rs, `conv`): 256 threads per block, one 128 x 128
+// tile of C per block, grid (ceil(N/128), ceil(M/128), splits). Thread (tx, ty) = (tid % 16,
+// tid / 16) accumulates an 8 x 8 block of C in registers: rows ty*4 + {0..3} and
+// 64 + ty*4 + {0..3}, columns tx*4 + {0..3} and 64 + tx*4 + {0..3} (two float4 reads of each
+// operand per K row, conflict-free). K runs in steps of 8; the A and B tiles of a step are
+// double-buffered in shared memory (2 operands x 2 buffers x 8 x 132 floats = 16.5 KiB
+// static; rows padded from 128 to 132 floats so the filter gradient's transposing stores hit
+// 32 banks): each thread loads the next step's 4 + 4 values into registers while the block
+// multiplies the current step, then stores them into the other buffer; one barrier per step.
+// With splits > 1 (few tiles, or the filter gradient's long K), block z runs K steps
+// [z * split_steps, (z+1) * split_steps) into slice z of the partial sums (splits slices,
+// each laid out like the output) and conv_reduce_forward_f32 adds the slices in order.
 // CPU references: src/backend/cpu/conv.rs (conv2d_forward, conv2d_backward_data,
 // conv2d_backward_filter); equal within f32 summation-order rounding.
 #include "common.cuh"
 
-#define TILE_M 64
-#define TILE_N 64
-#define TILE_K 16
+#define BM 128         // rows of C per block
+#define BN 128         // columns of C per block
+#define BK 8           // K per step
+#define LDS 132        // floats per K row of a shared tile (BM or BN, padded)
+#define TILE (BK * LDS)  // floats per buffer of one operand
 #define CONV_THREADS 256
 
 struct ConvParams {
-    GPTR(const float) a_src;  // forward: W, backward-data: W, backward-filter: dY
+    GPTR(const float) a_src;  // forward, backward-data: regrouped filters; backward-filter: dY
     GPTR(const float) b_src;  // forward: X, backward-data: dY, backward-filter: X
-    GPTR(float) out;          // Y, dX or dW; or the split-K partial sums (splits, M, N)
+    GPTR(float) out;          // Y, dX or dW; or the split-K partial sums (splits, output)
     i64 n, c_in, h, w, c_out, kh, kw, stride, pad, ho, wo;
-    i64 m, ncols, k;          // the GEMM's M, N, K
-    i64 k_chunk;              // K per split (a multiple of TILE_K)
+    i64 m, ncols;             // the GEMM's M and N
+    i64 steps;                // K steps of BK in the whole product
+    i64 split_steps;          // K steps per block along z
     u32 accumulate;           // out += C instead of out = C (ignored for partial sums)
     u32 partial;              // 1: write the split's partial sums, 0: write the result
 };
 
-// The input value tap (ci,ky,kx) of output pixel (img,oy,ox) reads, 0 in the padding: the
-// im2col matrix of forward and backward-filter, one element at a time.
-__device__ __forceinline__ float patch(const ConvParams& p, i64 tap, i64 pixel) {
-    i64 kx = tap % p.kw, ky = tap / p.kw % p.kh, ci = tap / (p.kw * p.kh);
-    i64 ox = pixel % p.wo, oy = pixel / p.wo % p.ho, img = pixel / (p.wo * p.ho);
-    i64 iy = oy * p.stride - p.pad + ky, ix = ox * p.stride - p.pad + kx;
-    if (iy < 0 || iy >= p.h || ix < 0 || ix >= p.w) return 0.0f;
-    return p.b_src[((img * p.c_in + ci) * p.h + iy) * p.w + ix];
+// acc += the step's A tile (rows) times its B tile (columns), both stored K-row-major.
+template <class S>
+__device__ __forceinline__ void multiply_step(float (&acc)[8][8], const S& as, const S& bs, i64 base, u32 tx,
+                                              u32 ty) {
+    UNROLL
+    for (int kk = 0; kk < BK; kk++) {
+        const i64 row = base + kk * LDS;
+        float4 a0 = load4(as, row + ty * 4), a1 = load4(as, row + 64 + ty * 4);
+        float4 b0 = load4(bs, row + tx * 4), b1 = load4(bs, row + 64 + tx * 4);
+        float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
+        float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+        UNROLL
+        for (int i = 0; i < 8; i++)
+            UNROLL
+            for (int j = 0; j < 8; j++) acc[i][j] += av[i] * bv[j];
+    }
 }
 
-// forward: A[co, (ci,ky,kx)] = W; B[(ci,ky,kx), (img,oy,ox)] = X or 0 in the padding
-struct Forward {
-    static __device__ __forceinline__ float a(const ConvParams& p, i64 m, i64 k) {
-        return p.a_src[m * p.k + k];
-    }
-    static __device__ __forceinline__ float b(const ConvParams& p, i64 k, i64 col) { return patch(p, k, col); }
-    static __device__ __forceinline__ i64 out_index(const ConvParams& p, i64 m, i64 col) {
-        i64 pix = col % (p.ho * p.wo), img = col / (p.ho * p.wo);
-        return (img * p.c_out + m) * p.ho * p.wo + pix;
-    }
-};
+// Row i (0..7) of a thread's block within the tile, and likewise its column j.
+__device__ __forceinline__ i64 local(u32 t, int i) { return (i < 4 ? 0 : 64 - 4) + t * 4 + i; }
 
-// backward-data: A[ci, (co,ky,kx)] = W[co, ci, ky, kx];
-// B[(co,ky,kx), (img,iy,ix)] = dY[img, co, oy, ox] where iy = oy*stride - pad + ky
-struct BackwardData {
-    static __device__ __forceinline__ float a(const ConvParams& p, i64 m, i64 k) {
-        i64 tap = k % (p.kh * p.kw), co = k / (p.kh * p.kw);
-        return p.a_src[(co * p.c_in + m) * p.kh * p.kw + tap];
-    }
-    static __device__ __forceinline__ float b(const ConvParams& p, i64 k, i64 col) {
-        i64 kx = k % p.kw, ky = k / p.kw % p.kh, co = k / (p.kw * p.kh);
-        i64 ix = col % p.w, iy = col / p.w % p.h, img = col / (p.w * p.h);
-        i64 ty = iy + p.pad - ky, tx = ix + p.pad - kx;
-        if (ty < 0 || tx < 0 || ty % p.stride != 0 || tx % p.stride != 0) return 0.0f;
-        i64 oy = ty / p.stride, ox = tx / p.stride;
-        if (oy >= p.ho || ox >= p.wo) return 0.0f;
-        return p.b_src[((img * p.c_out + co) * p.ho + oy) * p.wo + ox];
-    }
-    static __device__ __forceinline__ i64 out_index(const ConvParams& p, i64 m, i64 col) {
-        i64 pix = col % (p.h * p.w), img = col / (p.h * p.w);
-        return (img * p.c_in + m) * p.h * p.w + pix;
-    }
-};
-
-// backward-filter: A[co, (img,oy,ox)] = dY; B[(img,oy,ox), (ci,ky,kx)] = X patch value
-struct BackwardFilter {
-    static __device__ __forceinline__ float a(const ConvParams& p, i64 m, i64 k) {
-        i64 pix = k % (p.ho * p.wo), img = k / (p.ho * p.wo);
-        return p.a_src[(img * p.c_out + m) * p.ho * p.wo + pix];
-    }
-    static __device__ __forceinline__ float b(const ConvParams& p, i64 k, i64 col) { return patch(p, col, k); }
-    static __device__ __forceinline__ i64 out_index(const ConvParams& p, i64 m, i64 col) {
-        return m * p.ncols + col;
-    }
-};
-
-// One 64 x 64 tile of C = A B over this block's slice of K.
-template <class Pass>
-__device__ __forceinline__ void implicit_gemm(const ConvParams& p) {
-    SHARED(float, as, TILE_K * TILE_M);  // as[kk * TILE_M + row]
-    SHARED(float, bs, TILE_K * TILE_N);  // bs[kk * TILE_N + col]
-    const u32 tid = THREAD_INDEX;
-    const u32 tx = tid % 16, ty = tid / 16;
-    const i64 m0 = (i64)blockIdx.y * TILE_M, n0 = (i64)blockIdx.x * TILE_N;
-    const i64 k_begin = (i64)blockIdx.z * p.k_chunk;
-    i64 k_end = k_begin + p.k_chunk;
-    if (k_end > p.k) k_end = p.k;
-
-    float acc[4][4];
-    for (int i = 0; i < 4; i++)
-        for (int j = 0; j < 4; j++) acc[i][j] = 0.0f;
-
-    for (i64 k0 = k_begin; k0 < k_end; k0 += TILE_K) {
-        // stage A: thread reads 4 elements; consecutive threads walk k (contiguous in W)
-        for (int l = 0; l < 4; l++) {
-            u32 e = tid + l * CONV_THREADS;
-            u32 row = e / TILE_K, kk = e % TILE_K;
-            i64 m = m0 + row, k = k0 + kk;
-            as[kk * TILE_M + row] = (m < p.m && k < k_end) ? Pass::a(p, m, k) : 0.0f;
-        }
-        // stage B: consecutive threads walk the columns (contiguous output pixels)
-        for (int l = 0; l < 4; l++) {
-            u32 e = tid + l * CONV_THREADS;
-            u32 kk = e / TILE_N, col = e % TILE_N;
-            i64 n = n0 + col, k = k0 + kk;
-            bs[kk * TILE_N + col] = (n < p.ncols && k < k_end) ? Pass::b(p, k, n) : 0.0f;
-        }
-        __syncthreads();
-        for (int kk = 0; kk < TILE_K; kk++) {
-            float av[4], bv[4];
-            for (int i = 0; i < 4; i++) av[i] = as[kk * TILE_M + ty * 4 + i];
-            for (int j = 0; j < 4; j++) bv[j] = bs[kk * TILE_N + tx * 4 + j];
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++) acc[i][j] += av[i] * bv[j];
-        }
-        __syncthreads();
-    }
-
-    for (int i = 0; i < 4; i++) {
-        i64 m = m0 + ty * 4 + i;
+// Write a thread's 8 x 8 block of C to out_index(m, col) of the output (+=), or of this
+// block's slice of the partial sums (the slices laid out like the output).
+template <class Index>
+__device__ __forceinline__ void write_block(const ConvParams& p, const float (&acc)[8][8], i64 m0, i64 n0, u32 tx,
+                                            u32 ty, Index out_index) {
+    UNROLL
+    for (int i = 0; i < 8; i++) {
+        i64 m = m0 + local(ty, i);
         if (m >= p.m) continue;
-        for (int j = 0; j < 4; j++) {
-            i64 n = n0 + tx * 4 + j;
-            if (n >= p.ncols) continue;
+        UNROLL
+        for (int j = 0; j < 8; j++) {
+            i64 col = n0 + local(tx, j);
+            if (col >= p.ncols) continue;
+            i64 o = out_index(m, col);
             if (p.partial) {
-                p.out[((i64)blockIdx.z * p.m + m) * p.ncols + n] = acc[i][j];
+                p.out[(i64)blockIdx.z * p.m * p.ncols + o] = acc[i][j];
             } else {
-                i64 o = Pass::out_index(p, m, n);
                 p.out[o] = p.accumulate ? p.out[o] + acc[i][j] : acc[i][j];
             }
         }
     }
 }
 
-LOFT_KERNEL(conv_forward_f32, ConvParams) { implicit_gemm<Forward>(p); }
-LOFT_KERNEL(conv_backward_data_f32, ConvParams) { implicit_gemm<BackwardData>(p); }
-LOFT_KERNEL(conv_backward_filter_f32, ConvParams) { implicit_gemm<BackwardFilter>(p); }
+// This block's K steps [begin, end).
+__device__ __forceinline__ void block_steps(const ConvParams& p, i64* begin, i64* end) {
+    *begin = (i64)blockIdx.z * p.split_steps;
+    *end = *begin + p.split_steps < p.steps ? *begin + p.split_steps : p.steps;
+}
+
+// Forward (DATA false) and backward-data (DATA true). The columns are pixels (img, cy, cx)
+// of the output map (ch x cw); each reads the source map (sh x sw, `chans` planes per image)
+// at the pixel the step's tap (ky, kx) takes it to:
+//   forward        sy = cy*stride - pad + ky
+//   backward-data  sy = (cy + pad - ky) / stride where that divides exactly
+template <bool DATA>
+__device__ __forceinline__ void tap_major(const ConvParams& p) {
+    SHARED(float, as, 2 * TILE);  // as[buffer*TILE + kk*LDS + row]
+    SHARED(float, bs, 2 * TILE);  // bs[buffer*TILE + kk*LDS + col]
+    const u32 tid = THREAD_INDEX;
+    const u32 tx = tid % 16, ty = tid / 16;
+    const i64 m0 = (i64)blockIdx.y * BM, n0 = (i64)blockIdx.x * BN;
+    const i64 chans = DATA ? p.c_out : p.c_in;
+    const i64 sh = DATA ? p.ho : p.h, sw = DATA ? p.wo : p.w;
+    const i64 ch = DATA ? p.h : p.ho, cw = DATA ? p.w : p.wo;
+    const int chunks = (int)((chans + BK - 1) / BK);
+    // the loads: this thread's tile row / column `ld` and K rows kq + 2j
+    const u32 ld = tid % BM, kq = tid / BM;
+    const bool a_in = m0 + ld < p.m;
+    const i64 col = n0 + ld;
+    const bool b_in = col < p.ncols;
+    int cy = 0, cx = 0;
+    i64 b_img = 0;
+    if (b_in) {
+        i64 img = col / (ch * cw), pix = col % (ch * cw);
+        cy = (int)(pix / cw);
+        cx = (int)(pix % cw);
+        b_img = img * chans * sh * sw;
+    }
+    const i64 plane = sh * sw;
+    const int stride = (int)p.stride, pad = (int)p.pad, kw = (int)p.kw;
+
+    float acc[8][8];
+    UNROLL
+    for (int i = 0; i < 8; i++)
+        UNROLL
+        for (int j = 0; j < 8; j++) acc[i][j] = 0.0f;
+    float ra[4], rb[4];
+    i64 s0, s1;
+    block_steps(p, &s0, &s1);
+
+    for (i64 s = s0; s < s1; s++) {
+        // this step's registers (the first step's straight into buffer 0)
+        const int tap = (int)(s / chunks);
+        const i64 c0 = (s - (i64)tap * chunks) * BK;
+        const int ky = tap / kw, kx = tap % kw;
+        int sy, sx;
+        bool ok = b_in;
+        if (DATA) {
+            int ty_ = cy + pad - ky, tx_ = cx + pad - kx;
+            ok = ok && ty_ >= 0 && tx_ >= 0 && ty_ % stride == 0 && tx_ % stride == 0;
+            sy = ty_ / stride;
+            sx = tx_ / stride;
+        } else {
+            sy = cy * stride - pad + ky;
+            sx = cx * stride - pad + kx;
+        }
+        ok = ok && sy >= 0 && sy < sh && sx >= 0 && sx < sw;
+        const i64 b_at = b_img + (i64)sy * sw + sx;
+        UNROLL
+        for (int j = 0; j < 4; j++) {
+            i64 c = c0 + kq + 2 * j;
+            ra[j] = (a_in && c < chans) ? p.a_src[((i64)tap * chans + c) * p.m + m0 + ld] : 0.0f;
+            rb[j] = (ok && c < chans) ? p.b_src[b_at + c * plane] : 0.0f;
+        }
+        // store them into this step's buffer; multiply the previous step meanwhile
+        const i64 buf = ((s - s0) & 1) * TILE;
+        if (s > s0) multiply_step(acc, as, bs, TILE - buf, tx, ty);
+        UNROLL
+        for (int j = 0; j < 4; j++) {
+            as[buf + (kq + 2 * j) * LDS + ld] = ra[j];
+            bs[buf + (kq + 2 * j) * LDS + ld] = rb[j];
+        }
+        __syncthreads();
+    }
+    if (s1 > s0) multiply_step(acc, as, bs, ((s1 - 1 - s0) & 1) * TILE, tx, ty);
+
+    const i64 cp = ch * cw;
+    write_block(p, acc, m0, n0, tx, ty, [&](i64 m, i64 c) { return (c / cp * p.m + m) * cp + c % cp; });
+}
+
+// Backward-filter: A[co, (img,oy,ox)] = dY; B[(img,oy,ox), (ci,ky,kx)] = the input value the
+// tap reads, 0 in the padding. Loads: K row kk = tid % 8 (consecutive pixels), tile rows and
+// columns lr + 32j with lr = tid / 8.
+__device__ __forceinline__ void filter_gradient(const ConvParams& p) {
+    SHARED(float, as, 2 * TILE);
+    SHARED(float, bs, 2 * TILE);
+    const u32 tid = THREAD_INDEX;
+    const u32 tx = tid % 16, ty = tid / 16;
+    const i64 m0 = (i64)blockIdx.y * BM, n0 = (i64)blockIdx.x * BN;
+    const u32 kk = tid % BK, lr = tid / BK;
+    const i64 taps = p.kh * p.kw, hw = p.h * p.w, opix = p.ho * p.wo;
+    const i64 k_total = p.n * opix;
+    // this thread's four B columns, 32-bit to spare registers: the channel plane's offset in
+    // an image (-1 past N) and the tap as ky * 256 + kx
+    int c_off[4], tap_yx[4];
+    UNROLL
+    for (int j = 0; j < 4; j++) {
+        i64 col = n0 + lr + 32 * j, tap = col % taps;
+        c_off[j] = col < p.ncols ? (int)(col / taps * hw) : -1;
+        tap_yx[j] = (int)(tap / p.kw * 256 + tap % p.kw);
+    }
+    const int stride = (int)p.stride, pad = (int)p.pad;
+
+    float acc[8][8];
+    UNROLL
+    for (int i = 0; i < 8; i++)
+        UNROLL
+        for (int j = 0; j < 8; j++) acc[i][j] = 0.0f;
+    float ra[4], rb[4];
+    i64 s0, s1;
+    block_steps(p, &s0, &s1);
+
+    for (i64 s = s0; s < s1; s++) {
+        const i64 k = s * BK + kk;
+        const bool k_in = k < k_total;
+        const i64 img = k_in ? k / opix : 0, pix = k_in ? k % opix : 0;
+        const int oy = (int)(pix / p.wo), ox = (int)(pix % p.wo);
+        const i64 a_at = img * p.c_out * opix + pix, b_img = img * p.c_in * hw;
+        UNROLL
+        for (int j = 0; j < 4; j++) {
+            i64 m = m0 + lr + 32 * j;
+            ra[j] = (k_in && m < p.m) ? p.a_src[a_at + m * opix] : 0.0f;
+            int iy = oy * stride - pad + (tap_yx[j] >> 8), ix = ox * stride - pad + (tap_yx[j] & 255);
+            bool ok = k_in && c_off[j] >= 0 && iy >= 0 && iy < p.h && ix >= 0 && ix < p.w;
+            rb[j] = ok ? p.b_src[b_img + c_off[j] + (i64)iy * p.w + ix] : 0.0f;
+        }
+        const i64 buf = ((s - s0) & 1) * TILE;
+        if (s > s0) multiply_step(acc, as, bs, TILE - buf, tx, ty);
+        UNROLL
+        for (int j = 0; j < 4; j++) {
+            as[buf + kk * LDS + lr + 32 * j] = ra[j];
+            bs[buf + kk * LDS + lr + 32 * j] = rb[j];
+        }
+        __syncthreads();
+    }
+    if (s1 > s0) multiply_step(acc, as, bs, ((s1 - 1 - s0) & 1) * TILE, tx, ty);
+
+    write_block(p, acc, m0, n0, tx, ty, [&](i64 m, i64 c) { return m * p.ncols + c; });
+}
+
+// Two blocks per multiprocessor: at most 128 registers per thread.
+LOFT_KERNEL_BOUNDED(conv_forward_f32, ConvParams, CONV_THREADS, 2) { tap_major<false>(p); }
+LOFT_KERNEL_BOUNDED(conv_backward_data_f32, ConvParams, CONV_THREADS, 2) { tap_major<true>(p); }
+LOFT_KERNEL_BOUNDED(conv_backward_filter_f32, ConvParams, CONV_THREADS, 2) { filter_gradient(p); }
+
+// The filters W (c_out, c_in, taps) regrouped tap-major for the tap-major passes:
+// by_input 0 (forward): out (taps, c_in, c_out); by_input 1 (backward-data): out (taps, c_out, c_in).
+// Geometry: element-wise (256 threads, grid-stride over the output, whose writes coalesce).
+struct FiltersParams {
+    GPTR(const float) w;
+    GPTR(float) out;
+    i64 c_out, c_in, taps;
+    u32 by_input;
+    u32 pad;
+};
+LOFT_KERNEL(conv_filters_forward_f32, FiltersParams) {
+    GRID_STRIDE(i, p.c_out * p.c_in * p.taps) {
+        i64 inner = p.by_input ? p.c_in : p.c_out, middle = p.by_input ? p.c_out : p.c_in;
+        i64 a = i % inner, b = i / inner % middle, tap = i / (inner * middle);
+        i64 co = p.by_input ? b : a, ci = p.by_input ? a : b;
+        p.out[i] = p.w[(co * p.c_in + ci) * p.taps + tap];
+    }
+}
 
 // out[i] (+)= sum over s < splits of partial[s * len + i], in order of s.
 // Geometry: element-wise (256 threads, grid-stride).

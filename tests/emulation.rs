@@ -126,9 +126,9 @@ fn the_emulation_catches_races_bad_accesses_divergent_barriers_and_limits() {
 /// filter row `ky` where it should read the column `kx`).
 fn mutant_conv() -> PathBuf {
     let src = std::fs::read_to_string(format!("{ROOT}/kernels/conv.cu")).unwrap();
-    let right = "ix = ox * p.stride - p.pad + kx;";
+    let right = "sx = cx * stride - pad + kx;";
     assert!(src.contains(right), "the mutation's target line is gone from conv.cu");
-    let mutant = src.replacen(right, "ix = ox * p.stride - p.pad + ky;", 1);
+    let mutant = src.replacen(right, "sx = cx * stride - pad + ky;", 1);
     let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("conv_mutant.cu");
     std::fs::write(&path, mutant).unwrap();
     path
@@ -180,12 +180,16 @@ fn a_wrong_index_in_the_convolution_kernel_is_caught() {
     };
     // the source as it is, built the same way: matches the CPU
     let original = build_library("conv_original", &[PathBuf::from(format!("{ROOT}/kernels/conv.cu"))]);
-    let ok = CudaBackend::new(EmulatedDriver::from_library(&original, &["conv_forward_f32"]).unwrap());
+    let ok = CudaBackend::new(
+        EmulatedDriver::from_library(&original, &["conv_filters_forward_f32", "conv_forward_f32"]).unwrap(),
+    );
     let err = forward_error(&ok, &s);
     assert!(err < 1e-5, "the unmutated kernel differs from the CPU by {err}");
     // the mutant: far outside the kernel tests' tolerance
     let mutant = build_library("conv_mutant", &[mutant_conv()]);
-    let bad = CudaBackend::new(EmulatedDriver::from_library(&mutant, &["conv_forward_f32"]).unwrap());
+    let bad = CudaBackend::new(
+        EmulatedDriver::from_library(&mutant, &["conv_filters_forward_f32", "conv_forward_f32"]).unwrap(),
+    );
     let err = forward_error(&bad, &s);
     assert!(err > 1e-2, "the mutant went unnoticed (error {err})");
 }

@@ -74,9 +74,11 @@ struct shared_span {
     }
 };
 
+// Shared arrays are 16-byte aligned, as SHARED declares them for the GPU.
 template <class T>
 inline shared_span<T> make_shared(const void* key, i64 count) {
-    return shared_span<T>{static_cast<T*>(block_shared(key, sizeof(T) * count, alignof(T))), count};
+    size_t align = alignof(T) > 16 ? alignof(T) : 16;
+    return shared_span<T>{static_cast<T*>(block_shared(key, sizeof(T) * count, align)), count};
 }
 
 template <class T>
@@ -84,6 +86,23 @@ inline shared_span<T> make_dynamic() {
     size_t bytes = 0;
     T* raw = static_cast<T*>(dynamic_shared(&bytes));
     return shared_span<T>{raw, (i64)(bytes / sizeof(T))};
+}
+
+}  // namespace emu
+
+struct float4 {
+    float x, y, z, w;
+};
+
+namespace emu {
+
+// load4: four bounds-checked reads, from a 16-byte-aligned element as on the GPU.
+inline float4 load4(const shared_span<float>& s, i64 i) {
+    if (reinterpret_cast<unsigned long long>(s.raw + i) % 16 != 0) {
+        fail("load4 from a shared address that is not 16-byte aligned (index, length)", i, s.n);
+        return float4{0, 0, 0, 0};
+    }
+    return float4{s[i], s[i + 1], s[i + 2], s[i + 3]};
 }
 
 inline float atomic_add(float* a, float v) {
@@ -119,6 +138,8 @@ inline float atomicAdd(emu::gptr<float> a, float v) {
 }
 
 #define GPTR(T) emu::gptr<T>
+#define UNROLL
+using emu::load4;
 // The entry point the runtime calls: copies the parameter bytes into the struct (refusing a
 // size that differs from the Rust mirror's) and runs the body for the current thread.
 #define LOFT_KERNEL(name, Params)                                                             \
@@ -134,6 +155,7 @@ inline float atomicAdd(emu::gptr<float> a, float v) {
         name##_body(p);                                                                       \
     }                                                                                         \
     static void name##_body(const Params p)
+#define LOFT_KERNEL_BOUNDED(name, Params, threads, blocks) LOFT_KERNEL(name, Params)
 #define SHARED(T, name, count)         \
     static const char loft_key_##name = 0; \
     emu::shared_span<T> name = emu::make_shared<T>(&loft_key_##name, (count))

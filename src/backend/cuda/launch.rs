@@ -96,8 +96,12 @@ params!(
     ConvParams {
         a_src: DevicePtr, b_src: DevicePtr, out: DevicePtr,
         n: i64, c_in: i64, h: i64, w: i64, c_out: i64, kh: i64, kw: i64, stride: i64, pad: i64, ho: i64, wo: i64,
-        m: i64, ncols: i64, k: i64, k_chunk: i64, accumulate: u32, partial: u32,
+        m: i64, ncols: i64, steps: i64, split_steps: i64, accumulate: u32, partial: u32,
     }
+);
+params!(
+    /// `conv_filters_forward_f32`: the filters regrouped tap-major.
+    FiltersParams { w: DevicePtr, out: DevicePtr, c_out: i64, c_in: i64, taps: i64, by_input: u32, pad: u32 }
 );
 params!(
     /// `conv_reduce_forward_f32`: out (+)= the sum of the split-K partial sums.
@@ -131,34 +135,33 @@ params!(
     BiasParams { b: DevicePtr, y: DevicePtr, db: DevicePtr, n: i64, d: i64 }
 );
 
-/// Tile of C one convolution block computes (`TILE_M` x `TILE_N` in `kernels/conv.cu`).
-pub const CONV_TILE: usize = 64;
-/// K step of the convolution tiles (`TILE_K`).
-pub const CONV_TILE_K: usize = 16;
+/// Tile of C one convolution block computes (`BM` x `BN` in `kernels/conv.cu`).
+pub const CONV_TILE: usize = 128;
+/// K step of the convolution tiles (`BK`).
+pub const CONV_TILE_K: usize = 8;
 /// Threads per convolution block.
 pub const CONV_THREADS: u32 = 256;
-/// Blocks a convolution launch aims for before it splits K (a few waves of a large GPU).
+/// Blocks a convolution launch aims for before it splits K: two waves of two blocks per
+/// multiprocessor on a 132-multiprocessor GPU, rounded.
 pub const CONV_TARGET_BLOCKS: usize = 512;
+/// Fewest K steps a slice of a split launch runs.
+pub const CONV_MIN_SPLIT_STEPS: usize = 16;
 /// Most K slices of a split launch.
 pub const CONV_MAX_SPLITS: usize = 64;
 
-/// How many slices to cut K into for an (M, N, K) product: enough blocks to fill the GPU
-/// when the output has few tiles, at least 8 K steps per slice, and at most 64.
-pub fn conv_splits(m: usize, n: usize, k: usize) -> usize {
+/// How many slices to cut `steps` K steps into for an M x N output: enough blocks to fill
+/// the GPU when the output has few tiles, at least [`CONV_MIN_SPLIT_STEPS`] steps per
+/// slice, and at most [`CONV_MAX_SPLITS`].
+pub fn conv_splits(m: usize, n: usize, steps: usize) -> usize {
     let tiles = m.div_ceil(CONV_TILE) * n.div_ceil(CONV_TILE);
     let by_blocks = CONV_TARGET_BLOCKS.div_ceil(tiles.max(1));
-    let by_k = k.div_ceil(8 * CONV_TILE_K);
-    by_blocks.min(by_k).clamp(1, CONV_MAX_SPLITS)
+    let by_steps = steps / CONV_MIN_SPLIT_STEPS;
+    by_blocks.min(by_steps).clamp(1, CONV_MAX_SPLITS)
 }
 
-/// K per slice when K is cut into `splits` slices: a multiple of the K step.
-pub fn conv_chunk(k: usize, splits: usize) -> usize {
-    k.div_ceil(splits).div_ceil(CONV_TILE_K) * CONV_TILE_K
-}
-
-/// Geometry of a convolution pass with its parameters' M, N and chunked K.
+/// Geometry of a convolution pass with its parameters' M, N and K steps per slice.
 pub fn conv(p: &ConvParams) -> Launch {
-    let splits = (p.k as usize).div_ceil(p.k_chunk as usize).max(1);
+    let splits = (p.steps as usize).div_ceil(p.split_steps.max(1) as usize).max(1);
     Launch {
         grid: [
             (p.ncols as usize).div_ceil(CONV_TILE) as u32,

@@ -169,21 +169,42 @@ impl<D: Driver> CudaBackend<D> {
         })
     }
 
-    /// One implicit-GEMM pass of a convolution (see `kernels/conv.cu`).
-    fn conv_pass(&self, name: &'static str, mut p: ConvParams, split: bool) -> Result<()> {
+    /// One implicit-GEMM pass of a convolution (see `kernels/conv.cu`) with its M, N and K
+    /// steps set. The tap-major passes (`regroup` = the filters `p.a_src` and how to regroup
+    /// them) first write the filters tap-major into the scratch buffer; a pass whose output
+    /// has few tiles, or whose K is long, runs in K slices into the scratch buffer and a
+    /// reduction adds them.
+    fn conv_pass(&self, name: &'static str, mut p: ConvParams, regroup: Option<FiltersParams>) -> Result<()> {
         if p.m == 0 || p.ncols == 0 {
             return Ok(());
         }
-        let (m, n, k) = (p.m as usize, p.ncols as usize, p.k as usize);
-        let splits = if split { conv_splits(m, n, k) } else { 1 };
-        p.k_chunk = conv_chunk(k, splits).max(CONV_TILE_K) as i64;
-        let splits = k.div_ceil(p.k_chunk as usize).max(1);
-        if splits == 1 {
+        let (m, n, steps) = (p.m as usize, p.ncols as usize, p.steps as usize);
+        let splits = conv_splits(m, n, steps);
+        p.split_steps = steps.div_ceil(splits).max(1) as i64;
+        let splits = steps.div_ceil(p.split_steps as usize).max(1);
+        // scratch: [regrouped filters, rounded up to 16 floats][partial sums (splits, output)]
+        let filters = regroup.map_or(0, |f| ((f.c_out * f.c_in * f.taps) as usize).next_multiple_of(16));
+        let partials = if splits > 1 { splits * m * n } else { 0 };
+        if filters + partials == 0 {
             p.partial = 0;
             return self.driver.launch(name, conv(&p), p.bytes());
         }
-        self.with_scratch(splits * m * n, |partial| {
-            let out = p.out;
+        self.with_scratch(filters + partials, |scratch| {
+            if let Some(f) = regroup {
+                let f = FiltersParams { out: scratch, ..f };
+                launch_elementwise(
+                    &self.driver,
+                    "conv_filters_forward_f32",
+                    (f.c_out * f.c_in * f.taps) as usize,
+                    f,
+                )?;
+                p.a_src = scratch;
+            }
+            if splits == 1 {
+                p.partial = 0;
+                return self.driver.launch(name, conv(&p), p.bytes());
+            }
+            let partial = scratch + F32 * filters as u64;
             let q = ConvParams {
                 out: partial,
                 partial: 1,
@@ -192,7 +213,7 @@ impl<D: Driver> CudaBackend<D> {
             self.driver.launch(name, conv(&q), q.bytes())?;
             let r = ReduceParams {
                 partial,
-                out,
+                out: p.out,
                 len: (m * n) as i64,
                 splits: splits as i64,
                 accumulate: p.accumulate,
@@ -201,6 +222,25 @@ impl<D: Driver> CudaBackend<D> {
             launch_elementwise(&self.driver, "conv_reduce_forward_f32", m * n, r)
         })
     }
+}
+
+/// The filters `w` of `s` to regroup tap-major: by input channel (`by_input`, the data
+/// gradient's (tap, c_out, c_in)) or by output channel (the forward's (tap, c_in, c_out)).
+fn regroup(s: &Conv2d, w: DevicePtr, by_input: bool) -> Option<FiltersParams> {
+    Some(FiltersParams {
+        w,
+        out: 0,
+        c_out: s.c_out as i64,
+        c_in: s.c_in as i64,
+        taps: (s.kh * s.kw) as i64,
+        by_input: by_input as u32,
+        pad: 0,
+    })
+}
+
+/// K steps of a tap-major pass summing over `channels`: every tap, the channels in steps.
+fn tap_steps(s: &Conv2d, channels: usize) -> i64 {
+    (s.kh * s.kw * channels.div_ceil(CONV_TILE_K)) as i64
 }
 
 /// The convolution's geometry as kernel parameters (operands and GEMM sizes left to fill).
@@ -222,8 +262,8 @@ fn conv_params(s: &Conv2d) -> ConvParams {
         wo: s.w_out() as i64,
         m: 0,
         ncols: 0,
-        k: 0,
-        k_chunk: 0,
+        steps: 0,
+        split_steps: 0,
         accumulate: 0,
         partial: 0,
     }
@@ -485,10 +525,10 @@ impl<D: Driver> Backend for CudaBackend<D> {
             out: y.ptr,
             m: s.c_out as i64,
             ncols: (s.n * s.h_out() * s.w_out()) as i64,
-            k: s.k() as i64,
+            steps: tap_steps(s, s.c_in),
             ..conv_params(s)
         };
-        self.record(self.conv_pass("conv_forward_f32", p, false));
+        self.record(self.conv_pass("conv_forward_f32", p, regroup(s, w.ptr, false)));
     }
     fn conv2d_backward_data(&self, s: &Conv2d, dy: View<'_>, w: View<'_>, dx: ViewMut<'_>, accumulate: bool) {
         let p = ConvParams {
@@ -497,11 +537,11 @@ impl<D: Driver> Backend for CudaBackend<D> {
             out: dx.ptr,
             m: s.c_in as i64,
             ncols: (s.n * s.h * s.w) as i64,
-            k: (s.c_out * s.kh * s.kw) as i64,
+            steps: tap_steps(s, s.c_out),
             accumulate: accumulate as u32,
             ..conv_params(s)
         };
-        self.record(self.conv_pass("conv_backward_data_f32", p, false));
+        self.record(self.conv_pass("conv_backward_data_f32", p, regroup(s, w.ptr, true)));
     }
     fn conv2d_backward_filter(&self, s: &Conv2d, x: View<'_>, dy: View<'_>, dw: ViewMut<'_>, accumulate: bool) {
         let p = ConvParams {
@@ -510,11 +550,11 @@ impl<D: Driver> Backend for CudaBackend<D> {
             out: dw.ptr,
             m: s.c_out as i64,
             ncols: s.k() as i64,
-            k: (s.n * s.h_out() * s.w_out()) as i64,
+            steps: (s.n * s.h_out() * s.w_out()).div_ceil(CONV_TILE_K) as i64,
             accumulate: accumulate as u32,
             ..conv_params(s)
         };
-        self.record(self.conv_pass("conv_backward_filter_f32", p, true));
+        self.record(self.conv_pass("conv_backward_filter_f32", p, None));
     }
 
     fn batchnorm_forward_train(

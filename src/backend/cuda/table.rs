@@ -11,7 +11,7 @@ pub fn intensity(kernel: &str) -> Option<f64> {
     // (flops, bytes read + written) per element
     let per_element = |flops: f64, words: f64| Some(flops / (4.0 * words));
     match kernel {
-        // one 64 x 64 tile per K step of 16: 2*64*64*16 FLOPs over (64 + 64) * 16 floats read
+        // one 128 x 128 tile per K step of 8: 2*128*128*8 FLOPs over (128 + 128) * 8 floats read
         "conv_forward_f32" | "conv_backward_data_f32" | "conv_backward_filter_f32" => {
             let (t, k) = (CONV_TILE as f64, CONV_TILE_K as f64);
             Some(2.0 * t * t * k / (4.0 * 2.0 * t * k))
@@ -36,6 +36,8 @@ pub fn intensity(kernel: &str) -> Option<f64> {
         "batchnorm_apply_backward_f32" => per_element(5.0, 3.0),
         "bias_forward_f32" => per_element(1.0, 2.0),
         "avgpool_backward_f32" => per_element(1.0, 2.0),
+        // a gather and a write per element
+        "conv_filters_forward_f32" => per_element(0.0, 2.0),
         "conv_reduce_forward_f32" => None,
         _ => None,
     }
