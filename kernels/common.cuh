@@ -43,8 +43,11 @@ __device__ __forceinline__ float4 load4(const S& s, i64 i) {
     return *reinterpret_cast<const float4*>(&s[i]);
 }
 
-// Unroll the loop that follows (constant trip counts over register arrays).
+// Unroll the loop that follows (constant trip counts over register arrays), or unroll it
+// n times (loops over memory: several loads in flight per thread).
 #define UNROLL _Pragma("unroll")
+#define LOFT_PRAGMA(x) _Pragma(#x)
+#define UNROLL_BY(n) LOFT_PRAGMA(unroll n)
 
 #endif
 

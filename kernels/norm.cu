@@ -1,18 +1,23 @@
 // norm.cu: batch normalisation over NCHW: training forward (batch statistics, running
-// statistics update), evaluation forward, backward; and the split kernels of synchronized
-// batch norm, whose per-channel sums the host adds over the ranks between launches.
+// statistics update), evaluation forward, backward; synchronized batch norm, whose
+// per-channel sums the host adds over the ranks between launches, runs the same kernels.
 //
-// Launch geometry (src/backend/cuda/launch.rs, `per_channel`): one block of 256 threads per
-// channel (grid.x = c) for the training forward and the backward, which reduce over the
-// channel's n*hw elements in f64 (each thread strides over the elements, then a tree in
-// shared memory: 2 x 256 doubles = 4 KiB static) and then rewrite the channel's elements;
-// evaluation forward is element-wise (256 threads, grid-stride, no shared memory).
-// The synchronized kernels use the same per-channel geometry. Per-channel f64 values cross
-// to and from the host through `sums` as (hi, lo) float pairs, hi = (float)v and
-// lo = (float)(v - hi) (48 bits of the double): the moments kernel writes sums[2c, 2c+1]; the
-// forward apply kernel reads the global mean, 1/std and unbiased variance from
-// sums[6c .. 6c+6]; the backward sums kernel writes sum dy and sum dy xhat to sums[4c .. 4c+4]
-// and the backward apply kernel reads their global values back from there.
+// Launch geometry (src/backend/cuda/launch.rs, `norm`): blocks of 256 threads on a grid
+// (slices, c): block (s, c) covers images [s * slice_images, (s+1) * slice_images) of channel
+// c, enough slices that the grid fills the GPU. Inside a block the threads walk the slice's
+// planes without a division per element (`for_slice`). Nothing is reduced across blocks with
+// atomics: a reduction kernel writes one f64 partial per block to `partials` (doubles,
+// [quantity][c][slice]), and the kernel after it adds channel c's partials in slice order,
+// so every block of the channel sees the same bits, run after run. Shared memory: the f64
+// tree of block_sum, 256 doubles = 2 KiB static.
+//   training forward: partial(phase 0: sum x), partial(phase 1: sum (x - mean)^2), apply
+//   backward:         sums (sum dy, sum dy xhat), apply
+//   evaluation:       eval (scale and shift from the running statistics, once per block)
+// Synchronized: the host reads the partials, adds them per channel in slice order, sums over
+// the ranks and hands the global values back through `sums` as (hi, lo) float pairs,
+// hi = (float)v and lo = (float)(v - hi) (48 bits of the double): the mean at sums[2c] for
+// partial phase 2; mean, 1/std and unbiased variance at sums[6c .. 6c+6] for the forward
+// apply (phase 1); sum dy and sum dy xhat at sums[4c .. 4c+4] for the backward apply (phase 1).
 // CPU references: src/backend/cpu/norm.rs (forward_train, forward_eval, backward, with and
 // without `sync`), with the same f64 statistics, so results agree to f32 rounding of the
 // reduction order.
@@ -32,13 +37,15 @@ struct NormParams {
     GPTR(float) save_invstd;
     GPTR(float) dgamma;           // backward only
     GPTR(float) dbeta;
-    GPTR(float) sums;             // synchronized kernels: per-channel (hi, lo) pairs
+    GPTR(float) sums;             // synchronized: the global per-channel values as (hi, lo) pairs
     GPTR(const float) out;        // backward with relu: the fused forward's output
+    GPTR(double) partials;        // per block sums: [2][c][slices]
     i64 n, c, hw;
+    i64 slices, slice_images;     // the grid's x, and the images each slice covers
     i64 total;                    // synchronized backward apply: samples x hw of the global batch
     float eps, momentum;
     u32 accumulate;               // backward: dx += ...
-    u32 phase;                    // moments kernel: 0 the sums of x, 1 the squared deviations
+    u32 phase;                    // see each kernel
     u32 relu;                     // ReLU fused: forward writes max(y, 0), backward masks dy by out > 0
     u32 pad_;
 };
@@ -61,12 +68,7 @@ __device__ __forceinline__ void fused_affine(const NormParams& p, i64 c, float m
     *b = (float)((double)p.beta[c] - (double)mean * scale);
 }
 
-// A double as two floats, and back.
-__device__ __forceinline__ void put_pair(GPTR(float) at, double v) {
-    const float hi = (float)v;
-    at[0] = hi;
-    at[1] = (float)(v - (double)hi);
-}
+// A double from two floats (hi, lo).
 __device__ __forceinline__ double get_pair(GPTR(float) at) {
     return (double)at[0] + (double)at[1];
 }
@@ -86,157 +88,142 @@ __device__ __forceinline__ double block_sum(double v, u32 tid) {
     return total;
 }
 
-// element e of channel c: image e / hw, pixel e % hw
-__device__ __forceinline__ i64 channel_index(const NormParams& p, i64 c, i64 e) {
-    return ((e / p.hw) * p.c + c) * p.hw + e % p.hw;
+// f(i) for every element index i of this block's slice of channel blockIdx.y. Planes of 256
+// pixels or more: the threads stride over each plane; smaller planes: 256 / hw images at a
+// time, a thread per (image, pixel), so no index is divided in the loop.
+template <class F>
+__device__ __forceinline__ void for_slice(const NormParams& p, u32 tid, F f) {
+    const i64 c = blockIdx.y, hw = p.hw;
+    const i64 img0 = (i64)blockIdx.x * p.slice_images;
+    const i64 img1 = img0 + p.slice_images < p.n ? img0 + p.slice_images : p.n;
+    if (hw >= NORM_THREADS) {
+        for (i64 img = img0; img < img1; img++) {
+            const i64 base = (img * p.c + c) * hw;
+            UNROLL_BY(4)
+            for (i64 px = tid; px < hw; px += NORM_THREADS) f(base + px);
+        }
+    } else {
+        const i64 group = NORM_THREADS / hw;
+        if (tid < group * hw) {
+            const i64 px = tid % hw;
+            UNROLL_BY(4)
+            for (i64 img = img0 + tid / hw; img < img1; img += group) f((img * p.c + c) * hw + px);
+        }
+    }
 }
 
-// This block's channel c: sum dy and sum dy xhat over its n*hw elements (every thread gets
-// both), xhat from the saved mean and 1/std.
-__device__ __forceinline__ void backward_sums(const NormParams& p, i64 c, u32 tid, double* sdy, double* sdyx) {
-    const i64 m = p.n * p.hw;
+// Channel c's sum of quantity q (0 or 1) over the batch: its partials in slice order.
+__device__ __forceinline__ double channel_sum(const NormParams& p, int q, i64 c) {
+    double s = 0.0;
+    for (i64 b = 0; b < p.slices; b++) s += p.partials[(q * p.c + c) * p.slices + b];
+    return s;
+}
+
+// Thread 0 stores the block's total of v as its partial of quantity q.
+__device__ __forceinline__ void put_partial(const NormParams& p, int q, double v, u32 tid) {
+    const double total = block_sum(v, tid);
+    if (tid == 0) p.partials[(q * p.c + blockIdx.y) * p.slices + blockIdx.x] = total;
+}
+
+// Reductions of the training forward. phase 0: sum x. Phase 1: sum (x - mean)^2, the mean
+// of this batch (from the phase-0 partials); phase 2: the same about the global mean at
+// sums[2c] (synchronized).
+LOFT_KERNEL(batchnorm_partial_forward_f32, NormParams) {
+    const u32 tid = THREAD_INDEX;
+    const i64 c = blockIdx.y;
+    double s = 0.0;
+    if (p.phase == 0) {
+        for_slice(p, tid, [&](i64 i) { s += (double)p.x[i]; });
+    } else {
+        const double mean = p.phase == 1 ? channel_sum(p, 0, c) / (double)(p.n * p.hw) : get_pair(p.sums + 2 * c);
+        for_slice(p, tid, [&](i64 i) {
+            double d = (double)p.x[i] - mean;
+            s += d * d;
+        });
+    }
+    put_partial(p, p.phase == 0 ? 0 : 1, s, tid);
+}
+
+// Normalisation of the training forward: y = x a + b (ReLU fused when p.relu) with (a, b)
+// from the saved statistics; block (0, c) saves them and updates the running statistics.
+// phase 0: this batch's statistics from the partials; phase 1: the global mean, 1/std and
+// unbiased variance at sums[6c ..] (synchronized).
+LOFT_KERNEL(batchnorm_apply_forward_f32, NormParams) {
+    const u32 tid = THREAD_INDEX;
+    const i64 c = blockIdx.y;
+    double mean, invstd, unbiased;
+    if (p.phase == 0) {
+        const i64 m = p.n * p.hw;
+        const double ss = channel_sum(p, 1, c), var = ss / (double)m;
+        mean = channel_sum(p, 0, c) / (double)m;
+        invstd = 1.0 / sqrt(var + (double)p.eps);
+        unbiased = m > 1 ? ss / (double)(m - 1) : var;
+    } else {
+        mean = get_pair(p.sums + 6 * c);
+        invstd = get_pair(p.sums + 6 * c + 2);
+        unbiased = get_pair(p.sums + 6 * c + 4);
+    }
+    float a, b;
+    fused_affine(p, c, (float)mean, (float)invstd, &a, &b);
+    if (blockIdx.x == 0 && tid == 0) {
+        const double mom = (double)p.momentum;
+        p.save_mean[c] = (float)mean;
+        p.save_invstd[c] = (float)invstd;
+        p.running_mean[c] = (float)((1.0 - mom) * (double)p.running_mean[c] + mom * mean);
+        p.running_var[c] = (float)((1.0 - mom) * (double)p.running_var[c] + mom * unbiased);
+    }
+    for_slice(p, tid, [&](i64 i) { p.y[i] = relu_if(p, p.x[i] * a + b); });
+}
+
+// Evaluation forward: scale and shift from the running statistics, once per block.
+LOFT_KERNEL(batchnorm_eval_forward_f32, NormParams) {
+    const u32 tid = THREAD_INDEX;
+    const i64 c = blockIdx.y;
+    const double invstd = 1.0 / sqrt((double)p.running_var[c] + (double)p.eps);
+    const double scale = (double)p.gamma[c] * invstd;
+    const float a = (float)scale, b = (float)((double)p.beta[c] - (double)p.running_mean[c] * scale);
+    for_slice(p, tid, [&](i64 i) { p.y[i] = relu_if(p, p.x[i] * a + b); });
+}
+
+// Reductions of the backward: sum dy (quantity 0) and sum dy xhat (quantity 1) over the
+// slice, xhat from the saved mean and 1/std.
+LOFT_KERNEL(batchnorm_sums_backward_f32, NormParams) {
+    const u32 tid = THREAD_INDEX;
+    const i64 c = blockIdx.y;
     const double mean = (double)p.save_mean[c], invstd = (double)p.save_invstd[c];
     double s = 0.0, sx = 0.0;
-    for (i64 e = tid; e < m; e += NORM_THREADS) {
-        i64 i = channel_index(p, c, e);
+    for_slice(p, tid, [&](i64 i) {
         double g = (double)grad_at(p, i);
         s += g;
         sx += g * ((double)p.x[i] - mean) * invstd;
-    }
-    *sdy = block_sum(s, tid);
-    *sdyx = block_sum(sx, tid);
+    });
+    put_partial(p, 0, s, tid);
+    put_partial(p, 1, sx, tid);
 }
 
-// dx (+)= gamma invstd / M (M dy - sum dy - xhat sum(dy xhat)) over channel c, written as
-// a dy + b x + c0; M, the sums: of this batch, or of the global one (synchronized).
-__device__ __forceinline__ void write_dx(const NormParams& p, i64 c, u32 tid, double total, double sdy, double sdyx) {
-    const i64 m = p.n * p.hw;
+// dx (+)= gamma invstd / M (M dy - sum dy - xhat sum(dy xhat)), written as a dy + b x + c0;
+// phase 0: M and the sums of this batch (the partials); phase 1: the global sums at
+// sums[4c ..] and M = p.total (synchronized). Block (0, c) writes dbeta and dgamma, this
+// rank's sums either way.
+LOFT_KERNEL(batchnorm_apply_backward_f32, NormParams) {
+    const u32 tid = THREAD_INDEX;
+    const i64 c = blockIdx.y;
+    const double local_dy = channel_sum(p, 0, c), local_dyx = channel_sum(p, 1, c);
+    if (blockIdx.x == 0 && tid == 0) {
+        p.dbeta[c] = (float)local_dy;
+        p.dgamma[c] = (float)local_dyx;
+    }
+    const bool synced = p.phase == 1;
+    const double total = synced ? (double)p.total : (double)(p.n * p.hw);
+    const double sdy = synced ? get_pair(p.sums + 4 * c) : local_dy;
+    const double sdyx = synced ? get_pair(p.sums + 4 * c + 2) : local_dyx;
     const double mean = (double)p.save_mean[c], invstd = (double)p.save_invstd[c];
     const double k = (double)p.gamma[c] * invstd / total;
     const float a = (float)(k * total);
     const float bx = (float)(-k * sdyx * invstd);
     const float c0 = (float)(k * (-sdy + sdyx * invstd * mean));
-    for (i64 e = tid; e < m; e += NORM_THREADS) {
-        i64 i = channel_index(p, c, e);
+    for_slice(p, tid, [&](i64 i) {
         float v = a * grad_at(p, i) + bx * p.x[i] + c0;
         p.y[i] = p.accumulate ? p.y[i] + v : v;
-    }
-}
-
-LOFT_KERNEL(batchnorm_train_forward_f32, NormParams) {
-    const u32 tid = THREAD_INDEX;
-    const i64 c = blockIdx.x, m = p.n * p.hw;
-    double s = 0.0;
-    for (i64 e = tid; e < m; e += NORM_THREADS) s += (double)p.x[channel_index(p, c, e)];
-    const double mean = block_sum(s, tid) / (double)m;
-    double ss = 0.0;
-    for (i64 e = tid; e < m; e += NORM_THREADS) {
-        double d = (double)p.x[channel_index(p, c, e)] - mean;
-        ss += d * d;
-    }
-    ss = block_sum(ss, tid);
-    const double var = ss / (double)m;
-    const double invstd = 1.0 / sqrt(var + (double)p.eps);
-    float a, b;
-    fused_affine(p, c, (float)mean, (float)invstd, &a, &b);
-    if (tid == 0) {
-        const double mom = (double)p.momentum;
-        const double unbiased = m > 1 ? ss / (double)(m - 1) : var;
-        p.save_mean[c] = (float)mean;
-        p.save_invstd[c] = (float)invstd;
-        p.running_mean[c] = (float)((1.0 - mom) * (double)p.running_mean[c] + mom * mean);
-        p.running_var[c] = (float)((1.0 - mom) * (double)p.running_var[c] + mom * unbiased);
-    }
-    for (i64 e = tid; e < m; e += NORM_THREADS) {
-        i64 i = channel_index(p, c, e);
-        p.y[i] = relu_if(p, p.x[i] * a + b);
-    }
-}
-
-LOFT_KERNEL(batchnorm_eval_forward_f32, NormParams) {
-    GRID_STRIDE(i, p.n * p.c * p.hw) {
-        i64 c = i / p.hw % p.c;
-        double invstd = 1.0 / sqrt((double)p.running_var[c] + (double)p.eps);
-        double scale = (double)p.gamma[c] * invstd;
-        float a = (float)scale, b = (float)((double)p.beta[c] - (double)p.running_mean[c] * scale);
-        p.y[i] = relu_if(p, p.x[i] * a + b);
-    }
-}
-
-// dx = gamma invstd / M (M dy - sum dy - xhat sum(dy xhat)), written as a dy + b x + c0
-LOFT_KERNEL(batchnorm_backward_f32, NormParams) {
-    const u32 tid = THREAD_INDEX;
-    const i64 c = blockIdx.x, m = p.n * p.hw;
-    double sdy, sdyx;
-    backward_sums(p, c, tid, &sdy, &sdyx);
-    if (tid == 0) {
-        p.dbeta[c] = (float)sdy;
-        p.dgamma[c] = (float)sdyx;
-    }
-    write_dx(p, c, tid, (double)m, sdy, sdyx);
-}
-
-// Synchronized forward, reductions: phase 0 writes this rank's sum of x for channel c; phase 1
-// reads the global mean from the same slot and writes the sum of squared deviations from it.
-LOFT_KERNEL(batchnorm_moments_forward_f32, NormParams) {
-    const u32 tid = THREAD_INDEX;
-    const i64 c = blockIdx.x, m = p.n * p.hw;
-    const double mean = p.phase == 1 ? get_pair(p.sums + 2 * c) : 0.0;
-    double s = 0.0;
-    for (i64 e = tid; e < m; e += NORM_THREADS) {
-        double v = (double)p.x[channel_index(p, c, e)];
-        if (p.phase == 1) {
-            v -= mean;
-            v *= v;
-        }
-        s += v;
-    }
-    s = block_sum(s, tid);
-    if (tid == 0) put_pair(p.sums + 2 * c, s);
-}
-
-// Synchronized forward, normalisation: the global mean, 1/std and unbiased variance of
-// channel c from sums[6c ..]; the rest as in batchnorm_train_forward_f32.
-LOFT_KERNEL(batchnorm_apply_forward_f32, NormParams) {
-    const u32 tid = THREAD_INDEX;
-    const i64 c = blockIdx.x, m = p.n * p.hw;
-    const double mean = get_pair(p.sums + 6 * c);
-    const double invstd = get_pair(p.sums + 6 * c + 2);
-    float a, b;
-    fused_affine(p, c, (float)mean, (float)invstd, &a, &b);
-    if (tid == 0) {
-        const double mom = (double)p.momentum;
-        const double unbiased = get_pair(p.sums + 6 * c + 4);
-        p.save_mean[c] = (float)mean;
-        p.save_invstd[c] = (float)invstd;
-        p.running_mean[c] = (float)((1.0 - mom) * (double)p.running_mean[c] + mom * mean);
-        p.running_var[c] = (float)((1.0 - mom) * (double)p.running_var[c] + mom * unbiased);
-    }
-    for (i64 e = tid; e < m; e += NORM_THREADS) {
-        i64 i = channel_index(p, c, e);
-        p.y[i] = relu_if(p, p.x[i] * a + b);
-    }
-}
-
-// Synchronized backward, reductions: this rank's sum dy and sum dy xhat of channel c, into
-// dbeta and dgamma and (as pairs) into sums[4c ..].
-LOFT_KERNEL(batchnorm_sums_backward_f32, NormParams) {
-    const u32 tid = THREAD_INDEX;
-    const i64 c = blockIdx.x;
-    double sdy, sdyx;
-    backward_sums(p, c, tid, &sdy, &sdyx);
-    if (tid == 0) {
-        p.dbeta[c] = (float)sdy;
-        p.dgamma[c] = (float)sdyx;
-        put_pair(p.sums + 4 * c, sdy);
-        put_pair(p.sums + 4 * c + 2, sdyx);
-    }
-}
-
-// Synchronized backward, dx: as batchnorm_backward_f32 with the global sums of sums[4c ..]
-// and the global count p.total.
-LOFT_KERNEL(batchnorm_apply_backward_f32, NormParams) {
-    const u32 tid = THREAD_INDEX;
-    const i64 c = blockIdx.x;
-    write_dx(p, c, tid, (double)p.total, get_pair(p.sums + 4 * c), get_pair(p.sums + 4 * c + 2));
+    });
 }

@@ -281,7 +281,22 @@ fn batch_norm_matches_the_cpu() {
 
 fn check_batch_norm<B: Backend>(e: &B, _exact: bool) {
     let c = cpu();
-    let shapes = [(1, 3, 1), (2, 5, 7), (3, 70, 9), (4, 2, 300)];
+    // the last two cut each channel into slices (launch::norm_slices): 41 + 23 images of 100
+    // pixels (two images per pass of a block), 14 + 2 images of 300 pixels
+    let shapes = [
+        (1, 3, 1),
+        (2, 5, 7),
+        (3, 70, 9),
+        (4, 2, 300),
+        (64, 3, 100),
+        (16, 2, 300),
+    ];
+    for &(n, ch, hw) in &shapes[4..] {
+        assert!(
+            loft::backend::cuda::launch::norm_slices(n, ch, hw).0 > 1,
+            "{n} x {ch} x {hw}: one slice"
+        );
+    }
     // plain batch norm, and with the fused ReLU
     for (i, (n, ch, hw, relu)) in shapes
         .iter()

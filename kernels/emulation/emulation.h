@@ -139,6 +139,7 @@ inline float atomicAdd(emu::gptr<float> a, float v) {
 
 #define GPTR(T) emu::gptr<T>
 #define UNROLL
+#define UNROLL_BY(n)
 using emu::load4;
 // The entry point the runtime calls: copies the parameter bytes into the struct (refusing a
 // size that differs from the Rust mirror's) and runs the body for the current thread.

@@ -112,7 +112,8 @@ params!(
     NormParams {
         x: DevicePtr, dy: DevicePtr, gamma: DevicePtr, beta: DevicePtr, running_mean: DevicePtr,
         running_var: DevicePtr, y: DevicePtr, save_mean: DevicePtr, save_invstd: DevicePtr,
-        dgamma: DevicePtr, dbeta: DevicePtr, sums: DevicePtr, out: DevicePtr, n: i64, c: i64, hw: i64, total: i64,
+        dgamma: DevicePtr, dbeta: DevicePtr, sums: DevicePtr, out: DevicePtr, partials: DevicePtr,
+        n: i64, c: i64, hw: i64, slices: i64, slice_images: i64, total: i64,
         eps: f32, momentum: f32, accumulate: u32, phase: u32, relu: u32, pad_: u32,
     }
 );
@@ -173,7 +174,33 @@ pub fn conv(p: &ConvParams) -> Launch {
     }
 }
 
-/// Threads of the per-channel batch-norm blocks (`NORM_THREADS`).
+/// Threads of the batch-norm blocks (`NORM_THREADS`).
 pub const NORM_THREADS: u32 = 256;
+/// Blocks a batch-norm launch aims for: several per multiprocessor of a large GPU.
+pub const NORM_TARGET_BLOCKS: usize = 1024;
+/// Fewest elements a batch-norm block covers (16 per thread), unless the channel has fewer.
+pub const NORM_MIN_SLICE: usize = 4096;
+
+/// How a batch-norm launch cuts each channel's `n` images of `hw` pixels: (slices, images
+/// per slice), enough slices for [`NORM_TARGET_BLOCKS`] blocks over `c` channels, each
+/// slice at least [`NORM_MIN_SLICE`] elements.
+pub fn norm_slices(n: usize, c: usize, hw: usize) -> (usize, usize) {
+    let by_blocks = NORM_TARGET_BLOCKS.div_ceil(c.max(1));
+    let images = n
+        .div_ceil(by_blocks)
+        .max(NORM_MIN_SLICE.div_ceil(hw.max(1)))
+        .min(n)
+        .max(1);
+    (n.div_ceil(images).max(1), images)
+}
+
+/// Geometry of a batch-norm kernel: a block per (slice, channel).
+pub fn norm(p: &NormParams) -> Launch {
+    Launch {
+        grid: [p.slices as u32, p.c as u32, 1],
+        block: [NORM_THREADS, 1, 1],
+        shared: 0,
+    }
+}
 /// Threads of the single softmax cross-entropy block (`XENT_THREADS`).
 pub const XENT_THREADS: u32 = 256;

@@ -101,13 +101,6 @@ impl<D: Driver> CudaBackend<D> {
         f(s.as_ref().unwrap().ptr)
     }
 
-    /// `count` f64 values from (hi, lo) float pairs at `at` (see `kernels/norm.cu`).
-    fn read_pairs(&self, at: DevicePtr, count: usize) -> Result<Vec<f64>> {
-        let mut v = vec![0f32; 2 * count];
-        self.driver.download(at, as_bytes_mut(&mut v))?;
-        Ok(v.chunks_exact(2).map(|p| f64::from(p[0]) + f64::from(p[1])).collect())
-    }
-
     /// Write f64 values as (hi, lo) float pairs at `at`.
     fn write_pairs(&self, at: DevicePtr, values: &[f64]) -> Result<()> {
         let v: Vec<f32> = values
@@ -120,23 +113,68 @@ impl<D: Driver> CudaBackend<D> {
         self.driver.upload(as_bytes(&v), at)
     }
 
-    /// Synchronized training forward (see [`Backend::batchnorm_forward_train`]): the moments
-    /// kernel twice with the host adding the ranks' sums in between, then the apply kernel.
-    fn batchnorm_forward_synced(&self, p: NormParams, s: &BatchNorm, sync: &mut dyn FnMut(&mut [f64])) -> Result<()> {
+    /// `count` f64 values at `at`.
+    fn read_doubles(&self, at: DevicePtr, count: usize) -> Result<Vec<f64>> {
+        let mut bytes = vec![0u8; 8 * count];
+        self.driver.download(at, &mut bytes)?;
+        Ok(bytes
+            .chunks_exact(8)
+            .map(|b| f64::from_ne_bytes(b.try_into().unwrap()))
+            .collect())
+    }
+
+    /// Per channel, the sum of its partials of quantity `q` in slice order (as the kernels
+    /// add them; see `kernels/norm.cu`).
+    fn channel_sums(&self, p: &NormParams, q: usize) -> Result<Vec<f64>> {
+        let (c, slices) = (p.c as usize, p.slices as usize);
+        let v = self.read_doubles(p.partials + 8 * (q * c * slices) as u64, c * slices)?;
+        Ok(v.chunks_exact(slices).map(|ch| ch.iter().sum()).collect())
+    }
+
+    /// Run `f` with `p`'s slices set and its partials (and, for `sums` > 0, that many
+    /// floats of (hi, lo) pairs after them) in the scratch buffer.
+    fn with_norm_scratch(&self, p: NormParams, sums: usize, f: impl FnOnce(NormParams) -> Result<()>) -> Result<()> {
+        let (slices, images) = norm_slices(p.n as usize, p.c as usize, p.hw as usize);
+        let partials = 2 * p.c as usize * slices; // doubles
+        self.with_scratch(2 * partials + sums, |scratch| {
+            f(NormParams {
+                partials: scratch,
+                sums: if sums > 0 { scratch + 8 * partials as u64 } else { 0 },
+                slices: slices as i64,
+                slice_images: images as i64,
+                ..p
+            })
+        })
+    }
+
+    /// Training forward (see [`Backend::batchnorm_forward_train`]): the two reductions and
+    /// the normalisation; synchronized, the host adds the ranks' sums after each reduction.
+    fn batchnorm_forward(&self, p: NormParams, s: &BatchNorm, sync: SumOverRanks<'_>) -> Result<()> {
         let c = s.c;
-        let g = driver::Launch::linear(c as u32, NORM_THREADS);
-        self.with_scratch(6 * c, |sums| {
-            let mut p = NormParams { sums, phase: 0, ..p };
-            self.driver.launch("batchnorm_moments_forward_f32", g, p.bytes())?;
-            let mut v = self.read_pairs(sums, c)?;
+        let Some(sync) = sync else {
+            return self.with_norm_scratch(p, 0, |p| {
+                for phase in [0, 1] {
+                    let q = NormParams { phase, ..p };
+                    self.driver
+                        .launch("batchnorm_partial_forward_f32", norm(&q), q.bytes())?;
+                }
+                self.driver.launch("batchnorm_apply_forward_f32", norm(&p), p.bytes())
+            });
+        };
+        self.with_norm_scratch(p, 6 * c, |p| {
+            let mut p = NormParams { phase: 0, ..p };
+            self.driver
+                .launch("batchnorm_partial_forward_f32", norm(&p), p.bytes())?;
+            let mut v = self.channel_sums(&p, 0)?;
             v.push((s.n * s.hw) as f64);
             sync(&mut v);
             let m = v[c];
             let mean: Vec<f64> = v[..c].iter().map(|x| x / m).collect();
-            self.write_pairs(sums, &mean)?;
-            p.phase = 1;
-            self.driver.launch("batchnorm_moments_forward_f32", g, p.bytes())?;
-            let mut squares = self.read_pairs(sums, c)?;
+            self.write_pairs(p.sums, &mean)?;
+            p.phase = 2;
+            self.driver
+                .launch("batchnorm_partial_forward_f32", norm(&p), p.bytes())?;
+            let mut squares = self.channel_sums(&p, 1)?;
             sync(&mut squares);
             let mut w = Vec::with_capacity(3 * c);
             for (&mean, &ss) in mean.iter().zip(&squares) {
@@ -144,28 +182,32 @@ impl<D: Driver> CudaBackend<D> {
                 let unbiased = if m > 1.0 { ss / (m - 1.0) } else { var };
                 w.extend([mean, 1.0 / (var + f64::from(s.eps)).sqrt(), unbiased]);
             }
-            self.write_pairs(sums, &w)?;
-            self.driver.launch("batchnorm_apply_forward_f32", g, p.bytes())
+            self.write_pairs(p.sums, &w)?;
+            p.phase = 1;
+            self.driver.launch("batchnorm_apply_forward_f32", norm(&p), p.bytes())
         })
     }
 
-    /// Synchronized backward (see [`Backend::batchnorm_backward`]): this rank's sums, the
-    /// host adds the ranks' sums, then dx from the global ones.
-    fn batchnorm_backward_synced(&self, p: NormParams, s: &BatchNorm, sync: &mut dyn FnMut(&mut [f64])) -> Result<()> {
+    /// Backward (see [`Backend::batchnorm_backward`]): the sums, then dx; synchronized, the
+    /// host adds the ranks' sums in between.
+    fn batchnorm_backward_sums(&self, p: NormParams, s: &BatchNorm, sync: SumOverRanks<'_>) -> Result<()> {
         let c = s.c;
-        let g = driver::Launch::linear(c as u32, NORM_THREADS);
-        self.with_scratch(4 * c, |sums| {
-            let mut p = NormParams { sums, ..p };
-            self.driver.launch("batchnorm_sums_backward_f32", g, p.bytes())?;
-            // per channel (sum dy, sum dy xhat) -> (sum dy of every channel, then sum dy xhat, samples)
-            let local = self.read_pairs(sums, 2 * c)?;
-            let mut v: Vec<f64> = (0..2 * c).map(|i| local[2 * (i % c) + i / c]).collect();
-            v.push((s.n * s.hw) as f64);
-            sync(&mut v);
-            let back: Vec<f64> = (0..2 * c).map(|i| v[(i % 2) * c + i / 2]).collect();
-            self.write_pairs(sums, &back)?;
-            p.total = v[2 * c].round() as i64;
-            self.driver.launch("batchnorm_apply_backward_f32", g, p.bytes())
+        let sums = if sync.is_some() { 4 * c } else { 0 };
+        self.with_norm_scratch(p, sums, |mut p| {
+            self.driver.launch("batchnorm_sums_backward_f32", norm(&p), p.bytes())?;
+            p.phase = 0;
+            if let Some(sync) = sync {
+                // (sum dy of every channel, then sum dy xhat, samples), summed over the ranks
+                let mut v = self.channel_sums(&p, 0)?;
+                v.extend(self.channel_sums(&p, 1)?);
+                v.push((s.n * s.hw) as f64);
+                sync(&mut v);
+                let back: Vec<f64> = (0..2 * c).map(|i| v[(i % 2) * c + i / 2]).collect();
+                self.write_pairs(p.sums, &back)?;
+                p.total = v[2 * c].round() as i64;
+                p.phase = 1;
+            }
+            self.driver.launch("batchnorm_apply_backward_f32", norm(&p), p.bytes())
         })
     }
 
@@ -303,9 +345,12 @@ fn norm_params(s: &BatchNorm) -> NormParams {
         dbeta: 0,
         sums: 0,
         out: 0,
+        partials: 0,
         n: s.n as i64,
         c: s.c as i64,
         hw: s.hw as i64,
+        slices: 1,
+        slice_images: s.n as i64,
         total: (s.n * s.hw) as i64,
         eps: s.eps,
         momentum: s.momentum,
@@ -581,13 +626,8 @@ impl<D: Driver> Backend for CudaBackend<D> {
             save_invstd: save_invstd.ptr,
             ..norm_params(s)
         };
-        match sync {
-            Some(f) if s.c > 0 => self.record(self.batchnorm_forward_synced(p, s, f)),
-            _ if s.c > 0 => {
-                let g = driver::Launch::linear(s.c as u32, NORM_THREADS);
-                self.record(self.driver.launch("batchnorm_train_forward_f32", g, p.bytes()));
-            }
-            _ => {}
+        if s.c > 0 {
+            self.record(self.batchnorm_forward(p, s, sync));
         }
     }
     fn batchnorm_forward_eval(
@@ -609,7 +649,15 @@ impl<D: Driver> Backend for CudaBackend<D> {
             y: y.ptr,
             ..norm_params(s)
         };
-        self.elementwise("batchnorm_eval_forward_f32", s.len(), p);
+        if s.c > 0 {
+            let (slices, images) = norm_slices(s.n, s.c, s.hw);
+            let p = NormParams {
+                slices: slices as i64,
+                slice_images: images as i64,
+                ..p
+            };
+            self.record(self.driver.launch("batchnorm_eval_forward_f32", norm(&p), p.bytes()));
+        }
     }
     fn batchnorm_backward(
         &self,
@@ -640,13 +688,8 @@ impl<D: Driver> Backend for CudaBackend<D> {
             accumulate: accumulate_dx as u32,
             ..norm_params(s)
         };
-        match sync {
-            Some(f) if s.c > 0 => self.record(self.batchnorm_backward_synced(p, s, f)),
-            _ if s.c > 0 => {
-                let g = driver::Launch::linear(s.c as u32, NORM_THREADS);
-                self.record(self.driver.launch("batchnorm_backward_f32", g, p.bytes()));
-            }
-            _ => {}
+        if s.c > 0 {
+            self.record(self.batchnorm_backward_sums(p, s, sync));
         }
     }
 

@@ -25,12 +25,9 @@ pub fn intensity(kernel: &str) -> Option<f64> {
         "add_forward_f32" | "mask_forward_f32" => per_element(1.0, 3.0),
         "sgd_forward_f32" => per_element(6.0, 6.0),
         "batchnorm_eval_forward_f32" => per_element(2.0, 2.0),
-        // three passes over x (two reductions, the normalisation) and one write
-        "batchnorm_train_forward_f32" => per_element(6.0, 4.0),
-        // two passes over x and dy, one write of dx
-        "batchnorm_backward_f32" => per_element(10.0, 5.0),
-        // synchronized batch norm: one pass over x per reduction; x in, y out; x and dy in
-        "batchnorm_moments_forward_f32" => per_element(2.0, 1.0),
+        // the reductions read x (phase 0: an add, phase 1: a subtract, a multiply, an add);
+        // the normalisations read x (and dy) and write y (dx)
+        "batchnorm_partial_forward_f32" => per_element(2.0, 1.0),
         "batchnorm_apply_forward_f32" => per_element(2.0, 2.0),
         "batchnorm_sums_backward_f32" => per_element(5.0, 2.0),
         "batchnorm_apply_backward_f32" => per_element(5.0, 3.0),
