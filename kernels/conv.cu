@@ -12,15 +12,16 @@
 // so the tile's rows are contiguous. The filter gradient runs K over the pixels.
 //
 // Launch geometry (src/backend/cuda/launch.rs, `conv`): 256 threads per block, one 128 x 128
-// tile of C per block, grid (ceil(N/128), ceil(M/128), splits). Thread (tx, ty) = (tid % 16,
-// tid / 16) accumulates an 8 x 8 block of C in registers: rows ty*4 + {0..3} and
+// tile of C per block, grid (ceil(N'/128), ceil(M/128), phases x splits), N' the columns of
+// the largest phase (N with one phase; see tap_major for the phases). Thread (tx, ty) =
+// (tid % 16, tid / 16) accumulates an 8 x 8 block of C in registers: rows ty*4 + {0..3} and
 // 64 + ty*4 + {0..3}, columns tx*4 + {0..3} and 64 + tx*4 + {0..3} (two float4 reads of each
 // operand per K row, conflict-free). K runs in steps of 8; the A and B tiles of a step are
 // double-buffered in shared memory (2 operands x 2 buffers x 8 x 132 floats = 16.5 KiB
 // static; rows padded from 128 to 132 floats so the filter gradient's transposing stores hit
 // 32 banks): each thread loads the next step's 4 + 4 values into registers while the block
 // multiplies the current step, then stores them into the other buffer; one barrier per step.
-// With splits > 1 (few tiles, or the filter gradient's long K), block z runs K steps
+// With splits > 1 (few tiles, or the filter gradient's long K), split z runs K steps
 // [z * split_steps, (z+1) * split_steps) into slice z of the partial sums (splits slices,
 // each laid out like the output) and conv_reduce_forward_f32 adds the slices in order.
 // CPU references: src/backend/cpu/conv.rs (conv2d_forward, conv2d_backward_data,
@@ -40,8 +41,9 @@ struct ConvParams {
     GPTR(float) out;          // Y, dX or dW; or the split-K partial sums (splits, output)
     i64 n, c_in, h, w, c_out, kh, kw, stride, pad, ho, wo;
     i64 m, ncols;             // the GEMM's M and N
-    i64 steps;                // K steps of BK in the whole product
-    i64 split_steps;          // K steps per block along z
+    i64 steps;                // K steps of BK in the whole product (the longest phase's)
+    i64 split_steps;          // K steps per split
+    i64 phases;               // backward-data with stride > 1: stride^2 phases of dX; else 1
     u32 accumulate;           // out += C instead of out = C (ignored for partial sums)
     u32 partial;              // 1: write the split's partial sums, 0: write the result
 };
@@ -67,11 +69,11 @@ __device__ __forceinline__ void multiply_step(float (&acc)[8][8], const S& as, c
 // Row i (0..7) of a thread's block within the tile, and likewise its column j.
 __device__ __forceinline__ i64 local(u32 t, int i) { return (i < 4 ? 0 : 64 - 4) + t * 4 + i; }
 
-// Write a thread's 8 x 8 block of C to out_index(m, col) of the output (+=), or of this
-// block's slice of the partial sums (the slices laid out like the output).
+// Write a thread's 8 x 8 block of C (columns below `ncols`) to out_index(m, col) of the
+// output (+=), or of slice `split` of the partial sums (slices laid out like the output).
 template <class Index>
-__device__ __forceinline__ void write_block(const ConvParams& p, const float (&acc)[8][8], i64 m0, i64 n0, u32 tx,
-                                            u32 ty, Index out_index) {
+__device__ __forceinline__ void write_block(const ConvParams& p, const float (&acc)[8][8], i64 m0, i64 n0, i64 ncols,
+                                            i64 split, u32 tx, u32 ty, Index out_index) {
     UNROLL
     for (int i = 0; i < 8; i++) {
         i64 m = m0 + local(ty, i);
@@ -79,10 +81,10 @@ __device__ __forceinline__ void write_block(const ConvParams& p, const float (&a
         UNROLL
         for (int j = 0; j < 8; j++) {
             i64 col = n0 + local(tx, j);
-            if (col >= p.ncols) continue;
+            if (col >= ncols) continue;
             i64 o = out_index(m, col);
             if (p.partial) {
-                p.out[(i64)blockIdx.z * p.m * p.ncols + o] = acc[i][j];
+                p.out[split * p.m * p.ncols + o] = acc[i][j];
             } else {
                 p.out[o] = p.accumulate ? p.out[o] + acc[i][j] : acc[i][j];
             }
@@ -90,10 +92,10 @@ __device__ __forceinline__ void write_block(const ConvParams& p, const float (&a
     }
 }
 
-// This block's K steps [begin, end).
-__device__ __forceinline__ void block_steps(const ConvParams& p, i64* begin, i64* end) {
-    *begin = (i64)blockIdx.z * p.split_steps;
-    *end = *begin + p.split_steps < p.steps ? *begin + p.split_steps : p.steps;
+// K steps [begin, end) of split `split` of a product of `steps` steps.
+__device__ __forceinline__ void split_range(const ConvParams& p, i64 split, i64 steps, i64* begin, i64* end) {
+    *begin = split * p.split_steps;
+    *end = *begin + p.split_steps < steps ? *begin + p.split_steps : steps;
 }
 
 // Forward (DATA false) and backward-data (DATA true). The columns are pixels (img, cy, cx)
@@ -101,32 +103,72 @@ __device__ __forceinline__ void block_steps(const ConvParams& p, i64* begin, i64
 // at the pixel the step's tap (ky, kx) takes it to:
 //   forward        sy = cy*stride - pad + ky
 //   backward-data  sy = (cy + pad - ky) / stride where that divides exactly
+// Backward-data with stride > 1 runs by phases, so that no K step multiplies zeros: phase
+// (ry, rx) of dX holds the pixels with (cy + pad) % stride == ry (and likewise x), which only
+// the taps ky % stride == ry (kx % stride == rx) reach. blockIdx.z = phase * splits + split;
+// the phases write disjoint pixels of dX (or of each partial-sum slice), and a phase without
+// taps (a 1x1 filter's odd pixels) writes zeros. Forward and stride 1: one phase, all taps.
+// The phase a tap-major block works on (see tap_major): its first map row and column, its
+// rows and columns, its taps per filter row and column, and the block's K split.
+struct Phase {
+    int ps, ry, rx, y0, x0, tky, tkx;
+    i64 rows, cols, split;
+};
+template <bool DATA>
+__device__ __forceinline__ Phase phase_of(const ConvParams& p) {
+    Phase f;
+    const int stride = (int)p.stride, pad = (int)p.pad;
+    const i64 ch = DATA ? p.h : p.ho, cw = DATA ? p.w : p.wo;
+    const i64 splits = gridDim.z / p.phases;
+    const int phase = (int)(blockIdx.z / splits);
+    f.split = blockIdx.z % splits;
+    f.ps = p.phases > 1 ? stride : 1;
+    f.ry = phase / f.ps;
+    f.rx = phase % f.ps;
+    f.y0 = ((f.ry - pad) % f.ps + f.ps) % f.ps;
+    f.x0 = ((f.rx - pad) % f.ps + f.ps) % f.ps;
+    f.rows = f.y0 < ch ? (ch - f.y0 + f.ps - 1) / f.ps : 0;
+    f.cols = f.x0 < cw ? (cw - f.x0 + f.ps - 1) / f.ps : 0;
+    f.tky = f.ry < p.kh ? ((int)p.kh - f.ry + f.ps - 1) / f.ps : 0;
+    f.tkx = f.rx < p.kw ? ((int)p.kw - f.rx + f.ps - 1) / f.ps : 0;
+    return f;
+}
+
 template <bool DATA>
 __device__ __forceinline__ void tap_major(const ConvParams& p) {
     SHARED(float, as, 2 * TILE);  // as[buffer*TILE + kk*LDS + row]
     SHARED(float, bs, 2 * TILE);  // bs[buffer*TILE + kk*LDS + col]
     const u32 tid = THREAD_INDEX;
     const u32 tx = tid % 16, ty = tid / 16;
+    const Phase f = phase_of<DATA>(p);
     const i64 m0 = (i64)blockIdx.y * BM, n0 = (i64)blockIdx.x * BN;
-    const i64 chans = DATA ? p.c_out : p.c_in;
-    const i64 sh = DATA ? p.ho : p.h, sw = DATA ? p.wo : p.w;
-    const i64 ch = DATA ? p.h : p.ho, cw = DATA ? p.w : p.wo;
-    const int chunks = (int)((chans + BK - 1) / BK);
+    if (n0 >= p.n * f.rows * f.cols) return;  // the whole block: a phase with fewer columns than the grid
+
+    // 32-bit from here on: a filter bank and an image's planes hold fewer than 2^31 floats
+    const int chans = (int)(DATA ? p.c_out : p.c_in), m = (int)p.m;
+    const int sh = (int)(DATA ? p.ho : p.h), sw = (int)(DATA ? p.wo : p.w), plane = sh * sw;
+    const int chunks = (chans + BK - 1) / BK;
     // the loads: this thread's tile row / column `ld` and K rows kq + 2j
     const u32 ld = tid % BM, kq = tid / BM;
     const bool a_in = m0 + ld < p.m;
+    const GPTR(const float) a_at = p.a_src + (a_in ? m0 + ld : 0);
     const i64 col = n0 + ld;
-    const bool b_in = col < p.ncols;
-    int cy = 0, cx = 0;
+    const bool b_in = col < p.n * f.rows * f.cols;
+    // the source pixel of tap (u, v) of this phase, (ky, kx) = (ry + ps u, rx + ps v), is
+    // (qy + u, qx + v) in the forward, qy = cy*stride - pad; and (qy - u, qx - v) in the
+    // data gradient, qy = (cy + pad - ry) / stride, which the phase makes exact
+    int qy = 0, qx = 0;
     i64 b_img = 0;
     if (b_in) {
-        i64 img = col / (ch * cw), pix = col % (ch * cw);
-        cy = (int)(pix / cw);
-        cx = (int)(pix % cw);
-        b_img = img * chans * sh * sw;
+        const int stride = (int)p.stride, pad = (int)p.pad;
+        i64 img = col / (f.rows * f.cols), pix = col % (f.rows * f.cols);
+        const int cy = f.y0 + f.ps * (int)(pix / f.cols), cx = f.x0 + f.ps * (int)(pix % f.cols);
+        qy = DATA ? (cy + pad - f.ry) / stride : cy * stride - pad;
+        qx = DATA ? (cx + pad - f.rx) / stride : cx * stride - pad;
+        b_img = img * chans * plane;
     }
-    const i64 plane = sh * sw;
-    const int stride = (int)p.stride, pad = (int)p.pad, kw = (int)p.kw;
+    const GPTR(const float) b_at = p.b_src + b_img;
+    const int kw = (int)p.kw, tkx = f.tkx, tap0 = f.ry * kw + f.rx, tap_u = f.ps * kw, tap_v = f.ps;
 
     float acc[8][8];
     UNROLL
@@ -134,35 +176,24 @@ __device__ __forceinline__ void tap_major(const ConvParams& p) {
         UNROLL
         for (int j = 0; j < 8; j++) acc[i][j] = 0.0f;
     float ra[4], rb[4];
-    i64 s0, s1;
-    block_steps(p, &s0, &s1);
+    i64 first, last;
+    split_range(p, f.split, (i64)f.tky * f.tkx * chunks, &first, &last);
+    const int s0 = (int)first, s1 = (int)last;
 
-    for (i64 s = s0; s < s1; s++) {
+    for (int s = s0; s < s1; s++) {
         // this step's registers (the first step's straight into buffer 0)
-        const int tap = (int)(s / chunks);
-        const i64 c0 = (s - (i64)tap * chunks) * BK;
-        const int ky = tap / kw, kx = tap % kw;
-        int sy, sx;
-        bool ok = b_in;
-        if (DATA) {
-            int ty_ = cy + pad - ky, tx_ = cx + pad - kx;
-            ok = ok && ty_ >= 0 && tx_ >= 0 && ty_ % stride == 0 && tx_ % stride == 0;
-            sy = ty_ / stride;
-            sx = tx_ / stride;
-        } else {
-            sy = cy * stride - pad + ky;
-            sx = cx * stride - pad + kx;
-        }
-        ok = ok && sy >= 0 && sy < sh && sx >= 0 && sx < sw;
-        const i64 b_at = b_img + (i64)sy * sw + sx;
+        const int t = s / chunks, c0 = (s - t * chunks) * BK;
+        const int u = t / tkx, v = t - u * tkx, tap = tap0 + u * tap_u + v * tap_v;
+        const int sy = DATA ? qy - u : qy + u, sx = DATA ? qx - v : qx + v;
+        const bool ok = b_in && sy >= 0 && sy < sh && sx >= 0 && sx < sw;
         UNROLL
         for (int j = 0; j < 4; j++) {
-            i64 c = c0 + kq + 2 * j;
-            ra[j] = (a_in && c < chans) ? p.a_src[((i64)tap * chans + c) * p.m + m0 + ld] : 0.0f;
-            rb[j] = (ok && c < chans) ? p.b_src[b_at + c * plane] : 0.0f;
+            const int c = c0 + kq + 2 * j;
+            ra[j] = (a_in && c < chans) ? a_at[(tap * chans + c) * m] : 0.0f;
+            rb[j] = (ok && c < chans) ? b_at[sy * sw + sx + c * plane] : 0.0f;
         }
         // store them into this step's buffer; multiply the previous step meanwhile
-        const i64 buf = ((s - s0) & 1) * TILE;
+        const int buf = ((s - s0) & 1) * TILE;
         if (s > s0) multiply_step(acc, as, bs, TILE - buf, tx, ty);
         UNROLL
         for (int j = 0; j < 4; j++) {
@@ -173,8 +204,13 @@ __device__ __forceinline__ void tap_major(const ConvParams& p) {
     }
     if (s1 > s0) multiply_step(acc, as, bs, ((s1 - 1 - s0) & 1) * TILE, tx, ty);
 
-    const i64 cp = ch * cw;
-    write_block(p, acc, m0, n0, tx, ty, [&](i64 m, i64 c) { return (c / cp * p.m + m) * cp + c % cp; });
+    // the phase again (recomputed rather than held in registers through the loop)
+    const Phase g = phase_of<DATA>(p);
+    const i64 ch = DATA ? p.h : p.ho, cw = DATA ? p.w : p.wo, per_image = g.rows * g.cols;
+    write_block(p, acc, m0, n0, p.n * per_image, g.split, tx, ty, [&](i64 row, i64 c) {
+        const i64 pix = c % per_image;
+        return (c / per_image * p.m + row) * ch * cw + (g.y0 + g.ps * (pix / g.cols)) * cw + g.x0 + g.ps * (pix % g.cols);
+    });
 }
 
 // Backward-filter: A[co, (img,oy,ox)] = dY; B[(img,oy,ox), (ci,ky,kx)] = the input value the
@@ -207,7 +243,7 @@ __device__ __forceinline__ void filter_gradient(const ConvParams& p) {
         for (int j = 0; j < 8; j++) acc[i][j] = 0.0f;
     float ra[4], rb[4];
     i64 s0, s1;
-    block_steps(p, &s0, &s1);
+    split_range(p, blockIdx.z, p.steps, &s0, &s1);
 
     for (i64 s = s0; s < s1; s++) {
         const i64 k = s * BK + kk;
@@ -234,7 +270,7 @@ __device__ __forceinline__ void filter_gradient(const ConvParams& p) {
     }
     if (s1 > s0) multiply_step(acc, as, bs, ((s1 - 1 - s0) & 1) * TILE, tx, ty);
 
-    write_block(p, acc, m0, n0, tx, ty, [&](i64 m, i64 c) { return m * p.ncols + c; });
+    write_block(p, acc, m0, n0, p.ncols, blockIdx.z, tx, ty, [&](i64 m, i64 c) { return m * p.ncols + c; });
 }
 
 // Two blocks per multiprocessor: at most 128 registers per thread.

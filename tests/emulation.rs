@@ -122,13 +122,13 @@ fn the_emulation_catches_races_bad_accesses_divergent_barriers_and_limits() {
     assert!(nan.iter().all(|v| v.is_nan()), "{nan:?}");
 }
 
-/// `kernels/conv.cu` with one index changed (the input column of the forward pass reads the
-/// filter row `ky` where it should read the column `kx`).
+/// `kernels/conv.cu` with one index changed (the forward's source column follows the tap's
+/// row `u` where it should follow its column `v`).
 fn mutant_conv() -> PathBuf {
     let src = std::fs::read_to_string(format!("{ROOT}/kernels/conv.cu")).unwrap();
-    let right = "sx = cx * stride - pad + kx;";
+    let right = "sx = DATA ? qx - v : qx + v;";
     assert!(src.contains(right), "the mutation's target line is gone from conv.cu");
-    let mutant = src.replacen(right, "sx = cx * stride - pad + ky;", 1);
+    let mutant = src.replacen(right, "sx = DATA ? qx - v : qx + u;", 1);
     let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("conv_mutant.cu");
     std::fs::write(&path, mutant).unwrap();
     path

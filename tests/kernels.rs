@@ -97,8 +97,8 @@ fn assert_bits(what: &str, cpu: &[f32], emu: &[f32]) {
     }
 }
 
-/// The three passes of a convolution: y, dx accumulated onto `dx0`, dw overwritten and dw
-/// accumulated onto `dw0`.
+/// The three passes of a convolution: y, dx accumulated onto `dx0`, dx written over `dx0`,
+/// dw overwritten and dw accumulated onto `dw0`.
 fn conv_passes<B: Backend>(
     be: &B,
     s: &Conv2d,
@@ -107,7 +107,7 @@ fn conv_passes<B: Backend>(
     dy: &[f32],
     dx0: &[f32],
     dw0: &[f32],
-) -> [Vec<f32>; 4] {
+) -> [Vec<f32>; 5] {
     let (xb, wb, dyb) = (put(be, x), put(be, w), put(be, dy));
     let mut y = be.alloc(s.y_len()).unwrap();
     be.conv2d_forward(
@@ -123,6 +123,14 @@ fn conv_passes<B: Backend>(
         be.view(&wb, 0, s.w_len()),
         be.view_mut(&mut dx, 0, s.x_len()),
         true,
+    );
+    let mut dx_only = put(be, dx0);
+    be.conv2d_backward_data(
+        s,
+        be.view(&dyb, 0, s.y_len()),
+        be.view(&wb, 0, s.w_len()),
+        be.view_mut(&mut dx_only, 0, s.x_len()),
+        false,
     );
     let mut dw = be.alloc(s.w_len()).unwrap();
     be.conv2d_backward_filter(
@@ -140,7 +148,13 @@ fn conv_passes<B: Backend>(
         be.view_mut(&mut dwa, 0, s.w_len()),
         true,
     );
-    [get(be, &y), get(be, &dx), get(be, &dw), get(be, &dwa)]
+    [
+        get(be, &y),
+        get(be, &dx),
+        get(be, &dx_only),
+        get(be, &dw),
+        get(be, &dwa),
+    ]
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -187,12 +201,14 @@ fn check_convolutions<B: Backend>(e: &B, _exact: bool) {
         let ks = [
             s.k(),
             s.c_out * s.kh * s.kw,
+            s.c_out * s.kh * s.kw,
             s.n * s.h_out() * s.w_out(),
             s.n * s.h_out() * s.w_out(),
         ];
         for (j, name) in [
             "forward",
             "backward data (accumulated)",
+            "backward data (written over)",
             "backward filter",
             "backward filter (accumulated)",
         ]

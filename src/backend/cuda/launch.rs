@@ -96,7 +96,7 @@ params!(
     ConvParams {
         a_src: DevicePtr, b_src: DevicePtr, out: DevicePtr,
         n: i64, c_in: i64, h: i64, w: i64, c_out: i64, kh: i64, kw: i64, stride: i64, pad: i64, ho: i64, wo: i64,
-        m: i64, ncols: i64, steps: i64, split_steps: i64, accumulate: u32, partial: u32,
+        m: i64, ncols: i64, steps: i64, split_steps: i64, phases: i64, accumulate: u32, partial: u32,
     }
 );
 params!(
@@ -160,14 +160,25 @@ pub fn conv_splits(m: usize, n: usize, steps: usize) -> usize {
     by_blocks.min(by_steps).clamp(1, CONV_MAX_SPLITS)
 }
 
-/// Geometry of a convolution pass with its parameters' M, N and K steps per slice.
+/// Columns of C in the largest phase of a pass: N, or for the phases of a strided data
+/// gradient (`phases` > 1) the dX pixels of phase (0, 0) (see `kernels/conv.cu`).
+pub fn conv_phase_cols(p: &ConvParams) -> usize {
+    if p.phases > 1 {
+        let s = p.stride as usize;
+        p.n as usize * (p.h as usize).div_ceil(s) * (p.w as usize).div_ceil(s)
+    } else {
+        p.ncols as usize
+    }
+}
+
+/// Geometry of a convolution pass with its parameters' M, N, phases and K steps per slice.
 pub fn conv(p: &ConvParams) -> Launch {
     let splits = (p.steps as usize).div_ceil(p.split_steps.max(1) as usize).max(1);
     Launch {
         grid: [
-            (p.ncols as usize).div_ceil(CONV_TILE) as u32,
+            conv_phase_cols(p).div_ceil(CONV_TILE) as u32,
             (p.m as usize).div_ceil(CONV_TILE) as u32,
-            splits as u32,
+            (p.phases as usize * splits) as u32,
         ],
         block: [CONV_THREADS, 1, 1],
         shared: 0,

@@ -221,7 +221,7 @@ impl<D: Driver> CudaBackend<D> {
             return Ok(());
         }
         let (m, n, steps) = (p.m as usize, p.ncols as usize, p.steps as usize);
-        let splits = conv_splits(m, n, steps);
+        let splits = conv_splits(m, conv_phase_cols(&p) * p.phases as usize, steps);
         p.split_steps = steps.div_ceil(splits).max(1) as i64;
         let splits = steps.div_ceil(p.split_steps as usize).max(1);
         // scratch: [regrouped filters, rounded up to 16 floats][partial sums (splits, output)]
@@ -280,9 +280,15 @@ fn regroup(s: &Conv2d, w: DevicePtr, by_input: bool) -> Option<FiltersParams> {
     })
 }
 
-/// K steps of a tap-major pass summing over `channels`: every tap, the channels in steps.
-fn tap_steps(s: &Conv2d, channels: usize) -> i64 {
-    (s.kh * s.kw * channels.div_ceil(CONV_TILE_K)) as i64
+/// K steps of the forward: every tap, the input channels in steps of 8.
+fn forward_steps(s: &Conv2d) -> i64 {
+    (s.kh * s.kw * s.c_in.div_ceil(CONV_TILE_K)) as i64
+}
+
+/// K steps of the data gradient's largest phase: the taps one stride apart from (0, 0), the
+/// output channels in steps.
+fn data_steps(s: &Conv2d) -> i64 {
+    (s.kh.div_ceil(s.stride) * s.kw.div_ceil(s.stride) * s.c_out.div_ceil(CONV_TILE_K)) as i64
 }
 
 /// The convolution's geometry as kernel parameters (operands and GEMM sizes left to fill).
@@ -306,6 +312,7 @@ fn conv_params(s: &Conv2d) -> ConvParams {
         ncols: 0,
         steps: 0,
         split_steps: 0,
+        phases: 1,
         accumulate: 0,
         partial: 0,
     }
@@ -570,7 +577,7 @@ impl<D: Driver> Backend for CudaBackend<D> {
             out: y.ptr,
             m: s.c_out as i64,
             ncols: (s.n * s.h_out() * s.w_out()) as i64,
-            steps: tap_steps(s, s.c_in),
+            steps: forward_steps(s),
             ..conv_params(s)
         };
         self.record(self.conv_pass("conv_forward_f32", p, regroup(s, w.ptr, false)));
@@ -582,7 +589,8 @@ impl<D: Driver> Backend for CudaBackend<D> {
             out: dx.ptr,
             m: s.c_in as i64,
             ncols: (s.n * s.h * s.w) as i64,
-            steps: tap_steps(s, s.c_out),
+            steps: data_steps(s),
+            phases: if s.stride > 1 { (s.stride * s.stride) as i64 } else { 1 },
             accumulate: accumulate as u32,
             ..conv_params(s)
         };
