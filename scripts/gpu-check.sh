@@ -10,7 +10,9 @@
 #   tests.log        the kernel tests on the real GPU (LOFT_REQUIRE_GPU=1: no skips)
 #   sanitizer.log    the same tests under compute-sanitizer (memcheck)
 #   loft.log         LoFT pre-training on --device cuda and on the CPU, losses side by side
-#   bench.md         loft bench on the GPU; cudnn.md: the same conv shapes in PyTorch/cuDNN
+#   bench.md         loft bench on the GPU (PreResNet-34x2 convolutions at batch 128, element-wise
+#                    kernels against the copy rate, training steps); cudnn.md: the same conv
+#                    shapes in PyTorch/cuDNN
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-check}
@@ -55,7 +57,7 @@ PY
 } > "$OUT/loft.log" 2>&1 || status=1
 fi
 if [[ $what != test ]]; then
-step bench; $LOFT bench --device cuda --json "$OUT/convs.json" > "$OUT/bench.md" 2> "$OUT/bench.err" || status=1
+step bench; $LOFT bench --device cuda --arch preresnet34 --json "$OUT/convs.json" > "$OUT/bench.md" 2> "$OUT/bench.err" || status=1
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
     step cudnn; python3 scripts/bench_cudnn.py "$OUT/convs.json" > "$OUT/cudnn.md" 2>&1 || status=1
 fi

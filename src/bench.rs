@@ -112,6 +112,221 @@ pub fn time_conv<B: Backend>(be: &B, s: &Conv2d) -> Result<(f64, f64, f64)> {
     Ok((f, bd, bf))
 }
 
+/// Floats per buffer of the element-wise table: 128 MiB, past the last-level caches of the
+/// CPUs and GPUs loft runs on (an H200's L2 is 60 MB).
+pub const ELEMENTWISE_LEN: usize = 32 << 20;
+
+/// One row of the element-wise table: the op, the bytes per element it must move (every
+/// input read once, every output written once) and its median seconds per call.
+pub struct ElementwiseRate {
+    pub op: &'static str,
+    pub bytes_per_element: f64,
+    pub seconds: f64,
+}
+
+/// The element-wise and batch-norm ops over `len` floats (rounded down to whole batch-norm
+/// images, at least one), each timed for at least `min_s` seconds: the rows of the table, copy
+/// first, and the floats per buffer. Batch norm runs as the models use it (ReLU fused) on
+/// (len / (128 * 1024), 128, 32 x 32).
+pub fn elementwise_rates<B: Backend>(be: &B, len: usize, min_s: f64) -> Result<(Vec<ElementwiseRate>, usize)> {
+    let c = 128;
+    let hw = 1024;
+    let n = (len / (c * hw)).max(1);
+    let len = n * c * hw;
+    let upload = |seed| -> Result<B::Buf> {
+        let mut b = be.alloc(len)?;
+        be.upload(&random(len, seed), &mut b)?;
+        Ok(b)
+    };
+    let (x, mut y, mut z, mut m) = (upload(7)?, upload(8)?, upload(9)?, upload(10)?);
+    let mask: Vec<f32> = (0..len).map(|i| (i % 3 != 0) as u8 as f32).collect();
+    let mut mb = be.alloc(len)?;
+    be.upload(&mask, &mut mb)?;
+    let ch = |seed| -> Result<B::Buf> {
+        let mut b = be.alloc(c)?;
+        be.upload(
+            &random(c, seed).iter().map(|v| 1.0 + 0.1 * v).collect::<Vec<f32>>(),
+            &mut b,
+        )?;
+        Ok(b)
+    };
+    let (gamma, beta, mut rm, mut rv, mut sm, mut si, mut dg, mut db) =
+        (ch(11)?, ch(12)?, ch(13)?, ch(14)?, ch(15)?, ch(16)?, ch(17)?, ch(18)?);
+    let bn = crate::ops::BatchNorm {
+        n,
+        c,
+        hw,
+        eps: 1e-5,
+        momentum: 0.1,
+        relu: true,
+    };
+    let hp = Sgd {
+        lr: 1e-6,
+        momentum: 0.9,
+        weight_decay: 5e-4,
+    };
+    let timed = |what: &str, f: &mut dyn FnMut()| -> Result<f64> {
+        eprintln!("{what} ...");
+        let t = time_it(5, min_s, || {
+            f();
+            let _ = be.sync();
+        });
+        be.sync()?;
+        Ok(t)
+    };
+    // (op, bytes per element it must move, seconds)
+    let mut rows: Vec<(&'static str, f64, f64)> = Vec::new();
+    rows.push((
+        "copy",
+        8.0,
+        timed("copy", &mut || be.copy(whole(be, &x), whole_mut(be, &mut y), false))?,
+    ));
+    rows.push(("fill", 4.0, timed("fill", &mut || be.fill(whole_mut(be, &mut y), 0.5))?));
+    rows.push((
+        "scale",
+        8.0,
+        timed("scale", &mut || be.scale(whole_mut(be, &mut y), 1.0))?,
+    ));
+    rows.push((
+        "axpy",
+        12.0,
+        timed("axpy", &mut || be.axpy(1e-6, whole(be, &x), whole_mut(be, &mut y)))?,
+    ));
+    rows.push((
+        "ReLU forward",
+        8.0,
+        timed("relu", &mut || be.relu_forward(whole(be, &x), whole_mut(be, &mut y)))?,
+    ));
+    rows.push((
+        "ReLU backward",
+        12.0,
+        timed("relu backward", &mut || {
+            be.relu_backward(whole(be, &x), whole(be, &z), whole_mut(be, &mut y), false)
+        })?,
+    ));
+    rows.push((
+        "add",
+        12.0,
+        timed("add", &mut || {
+            be.add_forward(whole(be, &x), whole(be, &z), whole_mut(be, &mut y))
+        })?,
+    ));
+    rows.push((
+        "mask",
+        12.0,
+        timed("mask", &mut || be.apply_mask(whole_mut(be, &mut y), whole(be, &mb)))?,
+    ));
+    rows.push((
+        "SGD (momentum, weight decay)",
+        24.0,
+        timed("sgd", &mut || {
+            be.sgd_step(&hp, whole_mut(be, &mut y), whole_mut(be, &mut z), whole_mut(be, &mut m))
+        })?,
+    ));
+    rows.push((
+        "batch norm + ReLU, training forward",
+        8.0,
+        timed("batch norm forward", &mut || {
+            be.batchnorm_forward_train(
+                &bn,
+                whole(be, &x),
+                whole(be, &gamma),
+                whole(be, &beta),
+                whole_mut(be, &mut rm),
+                whole_mut(be, &mut rv),
+                whole_mut(be, &mut y),
+                whole_mut(be, &mut sm),
+                whole_mut(be, &mut si),
+                None,
+            )
+        })?,
+    ));
+    rows.push((
+        "batch norm + ReLU, evaluation",
+        8.0,
+        timed("batch norm eval", &mut || {
+            be.batchnorm_forward_eval(
+                &bn,
+                whole(be, &x),
+                whole(be, &gamma),
+                whole(be, &beta),
+                whole(be, &rm),
+                whole(be, &rv),
+                whole_mut(be, &mut z),
+            )
+        })?,
+    ));
+    rows.push((
+        "batch norm + ReLU, backward",
+        12.0,
+        timed("batch norm backward", &mut || {
+            be.batchnorm_backward(
+                &bn,
+                whole(be, &x),
+                whole(be, &y),
+                whole(be, &z),
+                whole(be, &gamma),
+                whole(be, &beta),
+                whole(be, &sm),
+                whole(be, &si),
+                whole_mut(be, &mut m),
+                whole_mut(be, &mut dg),
+                whole_mut(be, &mut db),
+                false,
+                None,
+            )
+        })?,
+    ));
+    let rows = rows
+        .into_iter()
+        .map(|(op, bytes_per_element, seconds)| ElementwiseRate {
+            op,
+            bytes_per_element,
+            seconds,
+        })
+        .collect();
+    Ok((rows, len))
+}
+
+/// Print the element-wise table (see [`elementwise_rates`]) for `len` floats per buffer.
+pub fn elementwise_table<B: Backend>(be: &B, len: usize) -> Result<()> {
+    let (rows, len) = elementwise_rates(be, len, 0.5)?;
+    let gbs = |r: &ElementwiseRate| r.bytes_per_element * len as f64 / r.seconds / 1e9;
+    let copy = gbs(&rows[0]);
+    println!(
+        "### Element-wise kernels, {len} floats per buffer ({} MiB)\n",
+        len * 4 >> 20
+    );
+    println!(
+        "GB/s of the bytes each op must move (every input read once, every output written once); `% copy` \
+         against the copy's rate in this run. Batch norm on ({}, 128, 32 x 32): its reductions read x again \
+         (forward: twice more; backward: x and dy once more), which the rate does not count.\n",
+        len / (128 * 1024)
+    );
+    println!("| op | bytes / element | ms | GB/s | % copy |\n|---|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {} | {:.3} | {:.1} | {:.0}% |",
+            r.op,
+            r.bytes_per_element,
+            r.seconds * 1e3,
+            gbs(r),
+            100.0 * gbs(r) / copy
+        );
+    }
+    println!();
+    Ok(())
+}
+
+/// All of buffer `b` as a view, and as a mutable view.
+fn whole<'a, B: Backend>(be: &B, b: &'a B::Buf) -> B::View<'a> {
+    be.view(b, 0, be.buf_len(b))
+}
+fn whole_mut<'a, B: Backend>(be: &B, b: &'a mut B::Buf) -> B::ViewMut<'a> {
+    let n = be.buf_len(b);
+    be.view_mut(b, 0, n)
+}
+
 /// A fresh model of `spec` at batch n on h x w inputs holding one random batch, and the SGD
 /// settings of the step benchmarks.
 fn step_model<B: Backend>(be: Arc<B>, spec: &ArchSpec, n: usize, h: usize, w: usize) -> Result<(Model<B>, Sgd)> {
@@ -182,17 +397,23 @@ pub fn run<B: Backend>(be: Arc<B>, opts: &BenchOptions) -> Result<()> {
         "### Machine\n\n{cpu}, {threads} threads (rayon), f32; backend {}.\n",
         be.name()
     );
-    eprintln!("sgemm 1024^3 ...");
-    let g1 = sgemm_gflops(1024, 1);
-    let gt = sgemm_gflops(1024, threads);
-    let kernel = if crate::backend::cpu::sgemm::available() {
-        "loft's AVX-512 kernel"
-    } else {
-        "gemm crate"
-    };
-    println!("### SGEMM ({kernel}, 1024 x 1024 x 1024)\n");
-    println!("| threads | GFLOP/s |\n|---:|---:|");
-    println!("| 1 | {g1:.1} |\n| {threads} | {gt:.1} |\n");
+    // the CPU's SGEMM rate is the convolutions' yardstick on the CPU; a GPU's is cuDNN on the
+    // same shapes (scripts/bench_cudnn.py reads --json)
+    let on_cpu = be.name().starts_with("cpu");
+    let mut gt = f64::NAN;
+    if on_cpu {
+        eprintln!("sgemm 1024^3 ...");
+        let g1 = sgemm_gflops(1024, 1);
+        gt = sgemm_gflops(1024, threads);
+        let kernel = if crate::backend::cpu::sgemm::available() {
+            "loft's AVX-512 kernel"
+        } else {
+            "gemm crate"
+        };
+        println!("### SGEMM ({kernel}, 1024 x 1024 x 1024)\n");
+        println!("| threads | GFLOP/s |\n|---:|---:|");
+        println!("| 1 | {g1:.1} |\n| {threads} | {gt:.1} |\n");
+    }
 
     let n = opts.batch;
     if !opts.quick {
@@ -203,9 +424,13 @@ pub fn run<B: Backend>(be: Arc<B>, opts: &BenchOptions) -> Result<()> {
             "### Convolutions of CIFAR {} (base {}, inner width 2), batch {n}\n",
             opts.arch, opts.base_width
         );
-        println!(
-            "GFLOP/s of each pass; `% sgemm` is the slowest pass against the {threads}-thread SGEMM rate ({gt:.1}).\n"
-        );
+        if on_cpu {
+            println!(
+                "GFLOP/s of each pass; `% sgemm` is the slowest pass against the {threads}-thread SGEMM rate ({gt:.1}).\n"
+            );
+        } else {
+            println!("GFLOP/s of each pass (`--json` and scripts/bench_cudnn.py time the same shapes in cuDNN).\n");
+        }
         println!("| layer (first of its shape) | count | c_in -> c_out | k / stride | in HxW | forward | backward data | backward filter | % sgemm |");
         println!("|---|---:|---|---|---|---:|---:|---:|---:|");
         let mut rows = Vec::new();
@@ -217,16 +442,14 @@ pub fn run<B: Backend>(be: Arc<B>, opts: &BenchOptions) -> Result<()> {
             let fl = s.flops() / 1e9;
             let (gf, gd, gw) = (fl / f, fl / bd, fl / bf);
             let worst = gf.min(gd).min(gw);
+            let share = if on_cpu {
+                format!("{:.0}%", 100.0 * worst / gt)
+            } else {
+                "-".to_string()
+            };
             println!(
-                "| {name} | {count} | {} -> {} | {}x{} / {} | {}x{} | {gf:.1} | {gd:.1} | {gw:.1} | {:.0}% |",
-                s.c_in,
-                s.c_out,
-                s.kh,
-                s.kw,
-                s.stride,
-                s.h,
-                s.w,
-                100.0 * worst / gt
+                "| {name} | {count} | {} -> {} | {}x{} / {} | {}x{} | {gf:.1} | {gd:.1} | {gw:.1} | {share} |",
+                s.c_in, s.c_out, s.kh, s.kw, s.stride, s.h, s.w,
             );
         }
         println!();
@@ -234,6 +457,7 @@ pub fn run<B: Backend>(be: Arc<B>, opts: &BenchOptions) -> Result<()> {
             let doc = serde_json::json!({"backend": be.name(), "arch": opts.arch, "batch": n, "convs": rows});
             crate::rundir::write_json(path, &doc)?;
         }
+        elementwise_table(&*be, ELEMENTWISE_LEN)?;
     }
     println!("### Full training step (forward, loss, backward, SGD), batch {n}, 32x32x3 input\n");
     println!("| model | params | GFLOP/step | step (s) | images/s | GFLOP/s | model + scratch memory | peak RSS |");
@@ -413,5 +637,19 @@ mod tests {
         assert!(!has("relu forward") && !has("relu backward"));
         let sum: f64 = times.seconds.values().sum();
         assert!(total > 0.0 && (sum - total).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_elementwise_table_times_every_op_on_whole_batch_norm_images() {
+        let be = CpuBackend::<f32>::new();
+        // 1.5 images of 128 x 32 x 32 floats: rounded down to one
+        let (rows, len) = elementwise_rates(&be, 3 * 64 * 1024, 0.0).unwrap();
+        assert_eq!(len, 128 * 1024);
+        assert_eq!(rows[0].op, "copy");
+        assert_eq!(rows.len(), 12);
+        for r in &rows {
+            assert!(r.seconds > 0.0 && r.seconds.is_finite(), "{}: {} s", r.op, r.seconds);
+            assert!(r.bytes_per_element >= 4.0, "{}", r.op);
+        }
     }
 }

@@ -769,7 +769,7 @@ pub struct BenchArgs {
     /// Batch size of the convolution and training-step benchmarks.
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
-    /// Skip the per-layer convolution table.
+    /// Skip the per-layer convolution and element-wise tables.
     #[arg(long)]
     pub quick: bool,
     /// Architecture of the per-layer convolution table (CIFAR input, inner width 2).

@@ -649,3 +649,12 @@ fn check_linear_and_loss<B: Backend>(e: &B, _exact: bool) {
         }
     }
 }
+
+#[test]
+fn the_element_wise_benchmark_runs_every_op_on_the_emulated_device() {
+    // one batch-norm image of 128 x 32 x 32 floats, each op timed once after its warm-up
+    let (rows, len) = loft::bench::elementwise_rates(&emu(), 128 * 1024, 0.0).unwrap();
+    assert_eq!(len, 128 * 1024);
+    assert_eq!(rows.len(), 12);
+    assert!(rows.iter().all(|r| r.seconds > 0.0 && r.seconds.is_finite()));
+}

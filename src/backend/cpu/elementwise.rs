@@ -61,6 +61,11 @@ pub fn copy<T: Real>(src: &[T], dst: &mut [T], accumulate: bool) {
     });
 }
 
+/// x = value, in parallel (one core's store bandwidth is well below the machine's).
+pub fn fill<T: Real>(x: &mut [T], value: T) {
+    x.par_chunks_mut(GRAIN).for_each(|c| c.fill(value));
+}
+
 /// x *= a.
 pub fn scale<T: Real>(x: &mut [T], a: T) {
     x.par_chunks_mut(GRAIN).for_each(|c| {

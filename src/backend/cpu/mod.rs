@@ -130,7 +130,7 @@ impl<T: Real> Backend for CpuBackend<T> {
         v.split_at_mut(at)
     }
     fn fill(&self, x: &mut [T], value: f32) {
-        x.fill(T::from_f32(value));
+        elementwise::fill(x, T::from_f32(value));
     }
     fn copy(&self, src: &[T], dst: &mut [T], accumulate: bool) {
         elementwise::copy(src, dst, accumulate);
