@@ -295,7 +295,7 @@ pub fn elementwise_table<B: Backend>(be: &B, len: usize) -> Result<()> {
     let copy = gbs(&rows[0]);
     println!(
         "### Element-wise kernels, {len} floats per buffer ({} MiB)\n",
-        len * 4 >> 20
+        (len * 4) >> 20
     );
     println!(
         "GB/s of the bytes each op must move (every input read once, every output written once); `% copy` \
