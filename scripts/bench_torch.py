@@ -4,10 +4,13 @@ width 2, 10 classes) at a base width, batch n, 32x32x3 input; forward, cross-ent
 and SGD (momentum 0.9, weight decay 5e-4). The module is docs/pytorch.md's, run as written.
 
     python scripts/bench_torch.py BASE [--batch 128] [--threads 2] [--steps 5] [--layout nchw|cl]
+                                       [--device cpu|cuda] [--tf32]
 
 Prints one JSON line: seconds per step (best of the timed steps after two warm-up steps),
-peak RSS of the process and its RSS right after `import torch` (the library itself), in bytes.
-Run one configuration per process so that the peak is its own (scripts/bench-vs-torch.sh does).
+peak RSS of the process and its RSS right after `import torch` (the library itself), in bytes;
+on a GPU (--device cuda; cuDNN autotuned, TF32 off unless --tf32) also the peak of PyTorch's
+GPU allocations. Run one configuration per process so that the peak is its own
+(scripts/bench-vs-torch.sh and scripts/gpu-check.sh do).
 """
 import argparse
 import json
@@ -32,6 +35,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--layout", choices=["nchw", "cl"], default="nchw")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--tf32", action="store_true", help="on a GPU: let cuDNN and cuBLAS use TF32")
     a = ap.parse_args()
 
     import torch
@@ -61,22 +66,37 @@ def main():
     if a.layout == "cl":
         net = net.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    gpu = a.device == "cuda"
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.allow_tf32 = a.tf32
+        torch.backends.cuda.matmul.allow_tf32 = a.tf32
+        net, x, y = net.to("cuda"), x.to("cuda"), y.to("cuda")
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     params = sum(p.numel() for p in net.parameters())
 
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()
+
     times = []
     for i in range(a.steps + 2):
+        sync()
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(net(x), y)
         loss.backward()
         opt.step()
+        sync()
         if i >= 2:
             times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"base": a.base, "layout": a.layout, "batch": a.batch, "threads": a.threads,
-                      "params": params, "step_s": min(times), "median_s": sorted(times)[len(times) // 2],
-                      "peak_rss": peak, "rss_after_import": after_import, "torch": torch.__version__}))
+    doc = {"base": a.base, "layout": a.layout, "batch": a.batch, "threads": a.threads, "device": a.device,
+           "params": params, "step_s": min(times), "median_s": sorted(times)[len(times) // 2],
+           "peak_rss": peak, "rss_after_import": after_import, "torch": torch.__version__}
+    if gpu:
+        doc.update(tf32=a.tf32, gpu=torch.cuda.get_device_name(), gpu_peak_bytes=torch.cuda.max_memory_allocated())
+    print(json.dumps(doc))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@
 #   loft.log         LoFT pre-training on --device cuda and on the CPU, losses side by side
 #   bench.md         loft bench on the GPU (PreResNet-34x2 convolutions at batch 128, element-wise
 #                    kernels against the copy rate, training steps); cudnn.md: the same conv
-#                    shapes in PyTorch/cuDNN
+#                    shapes in PyTorch/cuDNN; step.md: training steps against PyTorch's
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-check}
@@ -60,6 +60,26 @@ if [[ $what != test ]]; then
 step bench; $LOFT bench --device cuda --arch preresnet34 --json "$OUT/convs.json" > "$OUT/bench.md" 2> "$OUT/bench.err" || status=1
 if python3 -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null; then
     step cudnn; python3 scripts/bench_cudnn.py "$OUT/convs.json" > "$OUT/cudnn.md" 2>&1 || status=1
+    # the full training step against PyTorch's on the same GPU, batch 128 (TF32 off and on)
+    step steps
+    for b in 64 16; do
+        $LOFT bench --step-only $b --batch 128 --quick --device cuda >> "$OUT/step-loft.txt" || status=1
+        for tf in "" --tf32; do
+            python3 scripts/bench_torch.py $b --batch 128 --steps 20 --device cuda $tf >> "$OUT/step-torch.jsonl" || status=1
+        done
+    done
+    python3 - "$OUT" > "$OUT/step.md" <<'PY' || status=1
+import json, sys
+out = sys.argv[1]
+loft = {int(l.split("|")[1].split()[-1]): float(l.split("|")[4]) for l in open(f"{out}/step-loft.txt") if l.startswith("|")}
+torch = [json.loads(l) for l in open(f"{out}/step-torch.jsonl")]
+print(f"PreResNet-18 (inner width 2), batch 128, 32x32x3, {torch[0]['gpu']}, PyTorch {torch[0]['torch']}; images/s.\n")
+print("| model | loft | PyTorch FP32 | PyTorch TF32 | loft / PyTorch FP32 (time) |\n|---|---:|---:|---:|---:|")
+for b, t in sorted(loft.items(), reverse=True):
+    fp32 = next(d["step_s"] for d in torch if d["base"] == b and not d["tf32"])
+    tf32 = next(d["step_s"] for d in torch if d["base"] == b and d["tf32"])
+    print(f"| base {b} | {128 / t:.0f} | {128 / fp32:.0f} | {128 / tf32:.0f} | {t / fp32:.2f}x |")
+PY
 fi
 fi
 echo "gpu-check: exit $status; results in $OUT" >&2
