@@ -32,6 +32,8 @@ fn main() {
         .define("LOFT_EMULATION", None)
         .include(&kernels)
         .flag_if_supported("-fno-strict-aliasing")
+        // as NVRTC with __fmul_rn/__fadd_rn: a * b + c stays a product and a sum
+        .flag_if_supported("-ffp-contract=off")
         .warnings(true)
         .file(kernels.join("emulation/runtime.cpp"));
     let mut table = String::new();

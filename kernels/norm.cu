@@ -29,7 +29,7 @@ struct NormParams {
     GPTR(const float) x;
     GPTR(const float) dy;         // backward only
     GPTR(const float) gamma;
-    GPTR(const float) beta;       // forward only
+    GPTR(const float) beta;       // forward; backward with the fused ReLU (its gate)
     GPTR(float) running_mean;     // train: updated; eval: read
     GPTR(float) running_var;
     GPTR(float) y;                // forward output, or dx
@@ -38,7 +38,6 @@ struct NormParams {
     GPTR(float) dgamma;           // backward only
     GPTR(float) dbeta;
     GPTR(float) sums;             // synchronized: the global per-channel values as (hi, lo) pairs
-    GPTR(const float) out;        // backward with relu: the fused forward's output
     GPTR(double) partials;        // per block sums: [2][c][slices]
     i64 n, c, hw;
     i64 slices, slice_images;     // the grid's x, and the images each slice covers
@@ -46,18 +45,25 @@ struct NormParams {
     float eps, momentum;
     u32 accumulate;               // backward: dx += ...
     u32 phase;                    // see each kernel
-    u32 relu;                     // ReLU fused: forward writes max(y, 0), backward masks dy by out > 0
+    u32 relu;                     // ReLU fused: forward writes max(y, 0), backward masks dy by x a + b > 0
     u32 pad_;
 };
+
+// The forward's pre-activation x a + b, as a product then a sum (never contracted into one
+// fused multiply-add), so the same bits as the CPU's and the backward's recomputed gate.
+__device__ __forceinline__ float affine(float x, float a, float b) {
+    return __fadd_rn(__fmul_rn(x, a), b);
+}
 
 // The forward's output value: through the fused ReLU when p.relu (NaN -> 0, as on the CPU).
 __device__ __forceinline__ float relu_if(const NormParams& p, float v) {
     return p.relu && !(v > 0.0f) ? 0.0f : v;
 }
 
-// The output gradient at i: dy, masked by the fused ReLU's output when p.relu.
-__device__ __forceinline__ float grad_at(const NormParams& p, i64 i) {
-    return p.relu && !(p.out[i] > 0.0f) ? 0.0f : p.dy[i];
+// The output gradient at i: dy, masked when p.relu by the forward's gate recomputed from x
+// with the forward's (a, b), as the CPU does (no read of the forward's output).
+__device__ __forceinline__ float grad_at(const NormParams& p, i64 i, float a, float b) {
+    return p.relu && !(affine(p.x[i], a, b) > 0.0f) ? 0.0f : p.dy[i];
 }
 
 // The training forward's (scale, shift) of channel c from the statistics as saved (rounded
@@ -172,7 +178,7 @@ LOFT_KERNEL(batchnorm_apply_forward_f32, NormParams) {
         p.running_mean[c] = (float)((1.0 - mom) * (double)p.running_mean[c] + mom * mean);
         p.running_var[c] = (float)((1.0 - mom) * (double)p.running_var[c] + mom * unbiased);
     }
-    for_slice(p, tid, [&](i64 i) { p.y[i] = relu_if(p, p.x[i] * a + b); });
+    for_slice(p, tid, [&](i64 i) { p.y[i] = relu_if(p, affine(p.x[i], a, b)); });
 }
 
 // Evaluation forward: scale and shift from the running statistics, once per block.
@@ -182,7 +188,7 @@ LOFT_KERNEL(batchnorm_eval_forward_f32, NormParams) {
     const double invstd = 1.0 / sqrt((double)p.running_var[c] + (double)p.eps);
     const double scale = (double)p.gamma[c] * invstd;
     const float a = (float)scale, b = (float)((double)p.beta[c] - (double)p.running_mean[c] * scale);
-    for_slice(p, tid, [&](i64 i) { p.y[i] = relu_if(p, p.x[i] * a + b); });
+    for_slice(p, tid, [&](i64 i) { p.y[i] = relu_if(p, affine(p.x[i], a, b)); });
 }
 
 // Reductions of the backward: sum dy (quantity 0) and sum dy xhat (quantity 1) over the
@@ -191,9 +197,11 @@ LOFT_KERNEL(batchnorm_sums_backward_f32, NormParams) {
     const u32 tid = THREAD_INDEX;
     const i64 c = blockIdx.y;
     const double mean = (double)p.save_mean[c], invstd = (double)p.save_invstd[c];
+    float ga, gb;
+    fused_affine(p, c, p.save_mean[c], p.save_invstd[c], &ga, &gb);
     double s = 0.0, sx = 0.0;
     for_slice(p, tid, [&](i64 i) {
-        double g = (double)grad_at(p, i);
+        double g = (double)grad_at(p, i, ga, gb);
         s += g;
         sx += g * ((double)p.x[i] - mean) * invstd;
     });
@@ -222,8 +230,10 @@ LOFT_KERNEL(batchnorm_apply_backward_f32, NormParams) {
     const float a = (float)(k * total);
     const float bx = (float)(-k * sdyx * invstd);
     const float c0 = (float)(k * (-sdy + sdyx * invstd * mean));
+    float ga, gb;
+    fused_affine(p, c, p.save_mean[c], p.save_invstd[c], &ga, &gb);
     for_slice(p, tid, [&](i64 i) {
-        float v = a * grad_at(p, i) + bx * p.x[i] + c0;
+        float v = a * grad_at(p, i, ga, gb) + bx * p.x[i] + c0;
         p.y[i] = p.accumulate ? p.y[i] + v : v;
     });
 }

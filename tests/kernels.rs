@@ -658,3 +658,64 @@ fn the_element_wise_benchmark_runs_every_op_on_the_emulated_device() {
     assert_eq!(rows.len(), 12);
     assert!(rows.iter().all(|r| r.seconds > 0.0 && r.seconds.is_finite()));
 }
+
+/// The device's batch norm + ReLU backward recomputes the ReLU's gate from x with the
+/// forward's scale and shift: bit for bit the backward without ReLU of dy masked by the
+/// device forward's own output (`y > 0`), on inputs whose pre-activations sit a few units in
+/// the last place from 0 (another rounding of the product and sum would flip their signs).
+#[test]
+fn fused_relu_backward_masks_where_the_device_forward_output_is_positive() {
+    on_every_device!(check_fused_relu_gate);
+}
+
+fn check_fused_relu_gate<B: Backend>(e: &B, _exact: bool) {
+    let mut rng = Rng::new(12);
+    let s = BatchNorm {
+        n: 6,
+        c: 16,
+        hw: 37,
+        eps: 1e-5,
+        momentum: 0.1,
+        relu: true,
+    };
+    // channel c: a dyadic mean plus offsets d and -d on a grid of eighths, some 0
+    let mut x = vec![0.0f32; s.len()];
+    for c in 0..s.c {
+        let m = (c as f64 - 7.5) / 8.0;
+        let half = s.n * s.hw / 2;
+        let d: Vec<f64> = (0..half).map(|_| (rng.uniform() * 9.0).floor() / 8.0 - 0.5).collect();
+        for i in 0..s.n * s.hw {
+            let v = if i < half {
+                d[i]
+            } else if i < 2 * half {
+                -d[i - half]
+            } else {
+                0.0
+            };
+            x[((i % s.n) * s.c + c) * s.hw + i / s.n] = (m + v) as f32;
+        }
+    }
+    let dy = rand_vec(&mut rng, s.len());
+    let gamma: Vec<f32> = (0..s.c).map(|i| 0.5 + i as f32 * 0.3).collect();
+    let beta = vec![0.0f32; s.c];
+    for ranks in [None, Some(1.0)] {
+        let fused = norm_all(e, &s, &x, &gamma, &beta, &dy, &vec![0.0; s.len()], ranks);
+        let y = &fused[0];
+        let zeros = y.iter().filter(|&&v| v == 0.0).count();
+        assert!(zeros > s.len() / 5 && zeros < s.len() * 4 / 5, "{zeros} outputs at 0");
+        let masked: Vec<f32> = dy.iter().zip(y).map(|(&g, &o)| if o > 0.0 { g } else { 0.0 }).collect();
+        let plain = norm_all(
+            e,
+            &BatchNorm { relu: false, ..s },
+            &x,
+            &gamma,
+            &beta,
+            &masked,
+            &vec![0.0; s.len()],
+            ranks,
+        );
+        for (j, name) in [(6, "dx"), (7, "dgamma"), (8, "dbeta")] {
+            assert_bits(&format!("{name} over {ranks:?} ranks"), &plain[j], &fused[j]);
+        }
+    }
+}

@@ -132,6 +132,10 @@ inline float atomic_add(float* a, float v) {
 #define __restrict__ __restrict
 
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+// Rounded product and sum, never contracted into a fused multiply-add (build.rs compiles
+// the emulation with -ffp-contract=off).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
 inline float atomicAdd(emu::gptr<float> a, float v) {
     if (!emu::check_global(a.raw, sizeof(float))) return 0.0f;
     return emu::atomic_add(a.raw, v);

@@ -112,7 +112,7 @@ params!(
     NormParams {
         x: DevicePtr, dy: DevicePtr, gamma: DevicePtr, beta: DevicePtr, running_mean: DevicePtr,
         running_var: DevicePtr, y: DevicePtr, save_mean: DevicePtr, save_invstd: DevicePtr,
-        dgamma: DevicePtr, dbeta: DevicePtr, sums: DevicePtr, out: DevicePtr, partials: DevicePtr,
+        dgamma: DevicePtr, dbeta: DevicePtr, sums: DevicePtr, partials: DevicePtr,
         n: i64, c: i64, hw: i64, slices: i64, slice_images: i64, total: i64,
         eps: f32, momentum: f32, accumulate: u32, phase: u32, relu: u32, pad_: u32,
     }

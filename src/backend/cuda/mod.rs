@@ -351,7 +351,6 @@ fn norm_params(s: &BatchNorm) -> NormParams {
         dgamma: 0,
         dbeta: 0,
         sums: 0,
-        out: 0,
         partials: 0,
         n: s.n as i64,
         c: s.c as i64,
@@ -671,10 +670,10 @@ impl<D: Driver> Backend for CudaBackend<D> {
         &self,
         s: &BatchNorm,
         x: View<'_>,
-        y: View<'_>,
+        _y: View<'_>,
         dy: View<'_>,
         gamma: View<'_>,
-        _beta: View<'_>,
+        beta: View<'_>,
         save_mean: View<'_>,
         save_invstd: View<'_>,
         dx: ViewMut<'_>,
@@ -683,10 +682,11 @@ impl<D: Driver> Backend for CudaBackend<D> {
         accumulate_dx: bool,
         sync: SumOverRanks<'_>,
     ) {
+        // the fused ReLU's gate is recomputed from x, gamma and beta, as on the CPU: y unread
         let p = NormParams {
             x: x.ptr,
             dy: dy.ptr,
-            out: if s.relu { y.ptr } else { 0 },
+            beta: beta.ptr,
             gamma: gamma.ptr,
             save_mean: save_mean.ptr,
             save_invstd: save_invstd.ptr,
