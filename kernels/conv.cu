@@ -98,16 +98,6 @@ __device__ __forceinline__ void split_range(const ConvParams& p, i64 split, i64 
     *end = *begin + p.split_steps < steps ? *begin + p.split_steps : steps;
 }
 
-// Forward (DATA false) and backward-data (DATA true). The columns are pixels (img, cy, cx)
-// of the output map (ch x cw); each reads the source map (sh x sw, `chans` planes per image)
-// at the pixel the step's tap (ky, kx) takes it to:
-//   forward        sy = cy*stride - pad + ky
-//   backward-data  sy = (cy + pad - ky) / stride where that divides exactly
-// Backward-data with stride > 1 runs by phases, so that no K step multiplies zeros: phase
-// (ry, rx) of dX holds the pixels with (cy + pad) % stride == ry (and likewise x), which only
-// the taps ky % stride == ry (kx % stride == rx) reach. blockIdx.z = phase * splits + split;
-// the phases write disjoint pixels of dX (or of each partial-sum slice), and a phase without
-// taps (a 1x1 filter's odd pixels) writes zeros. Forward and stride 1: one phase, all taps.
 // The phase a tap-major block works on (see tap_major): its first map row and column, its
 // rows and columns, its taps per filter row and column, and the block's K split.
 struct Phase {
@@ -134,6 +124,16 @@ __device__ __forceinline__ Phase phase_of(const ConvParams& p) {
     return f;
 }
 
+// Forward (DATA false) and backward-data (DATA true). The columns are pixels (img, cy, cx)
+// of the output map (ch x cw); each reads the source map (sh x sw, `chans` planes per image)
+// at the pixel the step's tap (ky, kx) takes it to:
+//   forward        sy = cy*stride - pad + ky
+//   backward-data  sy = (cy + pad - ky) / stride where that divides exactly
+// Backward-data with stride > 1 runs by phases, so that no K step multiplies zeros: phase
+// (ry, rx) of dX holds the pixels with (cy + pad) % stride == ry (and likewise x), which only
+// the taps ky % stride == ry (kx % stride == rx) reach. blockIdx.z = phase * splits + split;
+// the phases write disjoint pixels of dX (or of each partial-sum slice), and a phase without
+// taps (a 1x1 filter's odd pixels) writes zeros. Forward and stride 1: one phase, all taps.
 template <bool DATA>
 __device__ __forceinline__ void tap_major(const ConvParams& p) {
     SHARED(float, as, 2 * TILE);  // as[buffer*TILE + kk*LDS + row]
