@@ -55,6 +55,31 @@ __device__ __forceinline__ float4 load4(const S& s, i64 i) {
 #define THREAD_INDEX (threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z))
 #define BLOCK_THREADS (blockDim.x * blockDim.y * blockDim.z)
 
+// A rounded product and sum that the compiler may not contract into a fused multiply-add, so
+// that a * b + c has the CPU's bits (Rust never contracts).
+__device__ __forceinline__ float mul_add(float a, float b, float c) {
+    return __fadd_rn(__fmul_rn(a, b), c);
+}
+
+// A grid-stride loop over [0, n) that takes four elements per thread per pass, i, i + s,
+// i + 2s, i + 3s (s the grid's threads, so each load instruction still reads consecutive
+// addresses across a warp): load(j) for all four first, then store(j, v), so four loads are
+// in flight per thread (a load may not move above a store through a pointer that could
+// alias). Every element once, whatever the grid.
+template <class T, class Load, class Store>
+__device__ __forceinline__ void grid_stride4(i64 n, Load load, Store store) {
+    const i64 s = (i64)blockDim.x * gridDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += 4 * s) {
+        T v[4];
+        UNROLL
+        for (int u = 0; u < 4; u++)
+            if (i + u * s < n) v[u] = load(i + u * s);
+        UNROLL
+        for (int u = 0; u < 4; u++)
+            if (i + u * s < n) store(i + u * s, v[u]);
+    }
+}
+
 // A grid-stride loop over [0, n): every element once, whatever the grid.
 #define GRID_STRIDE(i, n)                                                                        \
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (i64)(n);                     \

@@ -2,11 +2,12 @@
 // (LoFT's gather and scatter of filter slices).
 //
 // Launch geometry: 1-D grid-stride loops, 256 threads per block, blocks = min(ceil(n/256),
-// 4096) (src/backend/cuda/launch.rs, `elementwise`); copy_runs: one block of 256 threads
-// per run, grid.x = number of runs. No shared memory.
+// 4096) (src/backend/cuda/launch.rs, `elementwise`), four elements per thread per pass with
+// their loads issued together (grid_stride4 in common.cuh); copy_runs: one block of 256
+// threads per run, grid.x = number of runs. No shared memory.
 // CPU references: src/backend/cpu/elementwise.rs (fill/copy/scale/axpy/relu_forward/
 // relu_backward/add_forward/apply_mask/sgd_step/copy_runs), bit-identical: every element
-// is one f32 expression in the same order.
+// is one f32 expression in the same order, products and sums never fused (mul_add).
 #include "common.cuh"
 
 // x[i] = value
@@ -28,12 +29,17 @@ struct CopyParams {
     u32 accumulate;
     u32 pad;
 };
+struct Pair {
+    float a, b;
+};
+struct Triple {
+    float a, b, c;
+};
+
 LOFT_KERNEL(copy_forward_f32, CopyParams) {
-    GRID_STRIDE(i, p.n) {
-        float v = p.src[i];
-        if (p.accumulate) v = p.dst[i] + v;
-        p.dst[i] = v;
-    }
+    grid_stride4<Pair>(
+        p.n, [&](i64 i) { return Pair{p.src[i], p.accumulate ? p.dst[i] : 0.0f}; },
+        [&](i64 i, Pair v) { p.dst[i] = p.accumulate ? v.b + v.a : v.a; });
 }
 
 // x[i] *= a
@@ -44,7 +50,7 @@ struct ScaleParams {
     u32 pad;
 };
 LOFT_KERNEL(scale_forward_f32, ScaleParams) {
-    GRID_STRIDE(i, p.n) { p.x[i] = p.x[i] * p.a; }
+    grid_stride4<float>(p.n, [&](i64 i) { return p.x[i]; }, [&](i64 i, float v) { p.x[i] = v * p.a; });
 }
 
 // y[i] += a x[i]
@@ -56,7 +62,8 @@ struct AxpyParams {
     u32 pad;
 };
 LOFT_KERNEL(axpy_forward_f32, AxpyParams) {
-    GRID_STRIDE(i, p.n) { p.y[i] = p.y[i] + p.a * p.x[i]; }
+    grid_stride4<Pair>(
+        p.n, [&](i64 i) { return Pair{p.x[i], p.y[i]}; }, [&](i64 i, Pair v) { p.y[i] = mul_add(p.a, v.a, v.b); });
 }
 
 // y = max(x, 0)
@@ -66,10 +73,7 @@ struct ReluParams {
     i64 n;
 };
 LOFT_KERNEL(relu_forward_f32, ReluParams) {
-    GRID_STRIDE(i, p.n) {
-        float v = p.x[i];
-        p.y[i] = v > 0.0f ? v : 0.0f;
-    }
+    grid_stride4<float>(p.n, [&](i64 i) { return p.x[i]; }, [&](i64 i, float v) { p.y[i] = v > 0.0f ? v : 0.0f; });
 }
 
 // dx (+)= dy where y > 0
@@ -82,11 +86,12 @@ struct ReluBackwardParams {
     u32 pad;
 };
 LOFT_KERNEL(relu_backward_f32, ReluBackwardParams) {
-    GRID_STRIDE(i, p.n) {
-        float d = p.y[i] > 0.0f ? p.dy[i] : 0.0f;
-        if (p.accumulate) d = p.dx[i] + d;
-        p.dx[i] = d;
-    }
+    grid_stride4<Triple>(
+        p.n, [&](i64 i) { return Triple{p.y[i], p.dy[i], p.accumulate ? p.dx[i] : 0.0f}; },
+        [&](i64 i, Triple v) {
+            float d = v.a > 0.0f ? v.b : 0.0f;
+            p.dx[i] = p.accumulate ? v.c + d : d;
+        });
 }
 
 // y = a + b
@@ -97,7 +102,7 @@ struct AddParams {
     i64 n;
 };
 LOFT_KERNEL(add_forward_f32, AddParams) {
-    GRID_STRIDE(i, p.n) { p.y[i] = p.a[i] + p.b[i]; }
+    grid_stride4<Pair>(p.n, [&](i64 i) { return Pair{p.a[i], p.b[i]}; }, [&](i64 i, Pair v) { p.y[i] = v.a + v.b; });
 }
 
 // x *= mask (a 0/1 mask)
@@ -107,7 +112,7 @@ struct MaskParams {
     i64 n;
 };
 LOFT_KERNEL(mask_forward_f32, MaskParams) {
-    GRID_STRIDE(i, p.n) { p.x[i] = p.x[i] * p.mask[i]; }
+    grid_stride4<Pair>(p.n, [&](i64 i) { return Pair{p.x[i], p.mask[i]}; }, [&](i64 i, Pair v) { p.x[i] = v.a * v.b; });
 }
 
 // SGD with momentum and weight decay (PyTorch): g += wd p; m = mu m + g; p -= lr m
@@ -120,14 +125,15 @@ struct SgdParams {
     u32 pad;
 };
 LOFT_KERNEL(sgd_forward_f32, SgdParams) {
-    GRID_STRIDE(i, p.n) {
-        float w = p.params[i];
-        float d = p.grads[i] + p.wd * w;
-        float m = p.mu * p.momentum[i] + d;
-        p.grads[i] = d;
-        p.momentum[i] = m;
-        p.params[i] = w - p.lr * m;
-    }
+    grid_stride4<Triple>(
+        p.n, [&](i64 i) { return Triple{p.params[i], p.grads[i], p.momentum[i]}; },
+        [&](i64 i, Triple v) {
+            float d = mul_add(p.wd, v.a, v.b);
+            float m = mul_add(p.mu, v.c, d);
+            p.grads[i] = d;
+            p.momentum[i] = m;
+            p.params[i] = __fsub_rn(v.a, __fmul_rn(p.lr, m));
+        });
 }
 
 // For run r of the table (src, dst, len triples of i64): dst[dst_r + j] = src[src_r + j],

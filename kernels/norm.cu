@@ -51,9 +51,7 @@ struct NormParams {
 
 // The forward's pre-activation x a + b, as a product then a sum (never contracted into one
 // fused multiply-add), so the same bits as the CPU's and the backward's recomputed gate.
-__device__ __forceinline__ float affine(float x, float a, float b) {
-    return __fadd_rn(__fmul_rn(x, a), b);
-}
+__device__ __forceinline__ float affine(float x, float a, float b) { return mul_add(x, a, b); }
 
 // The forward's output value: through the fused ReLU when p.relu (NaN -> 0, as on the CPU).
 __device__ __forceinline__ float relu_if(const NormParams& p, float v) {

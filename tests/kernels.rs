@@ -524,8 +524,9 @@ fn elementwise_sgd_mask_and_run_copies_match_the_cpu_bit_for_bit() {
 
 fn check_elementwise<B: Backend>(e: &B, exact: bool) {
     let c = cpu();
-    // sizes around the grid: one element, a block and one, over the largest grid
-    for (i, n) in [1usize, 257, 5000, 256 * 4096 + 3].into_iter().enumerate() {
+    // sizes around the grid: one element, a block and one, three elements per thread of the
+    // largest grid and five more (all four of a pass's elements in use)
+    for (i, n) in [1usize, 257, 5000, 3 * 256 * 4096 + 5].into_iter().enumerate() {
         let mut rng = Rng::new(400 + i as u64);
         let a = rand_vec(&mut rng, n);
         let b = rand_vec(&mut rng, n);

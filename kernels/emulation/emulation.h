@@ -136,6 +136,7 @@ inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 // the emulation with -ffp-contract=off).
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 inline float atomicAdd(emu::gptr<float> a, float v) {
     if (!emu::check_global(a.raw, sizeof(float))) return 0.0f;
     return emu::atomic_add(a.raw, v);
