@@ -92,28 +92,50 @@ __device__ __forceinline__ double block_sum(double v, u32 tid) {
     return total;
 }
 
-// f(i) for every element index i of this block's slice of channel blockIdx.y. Planes of 256
-// pixels or more: the threads stride over each plane; smaller planes: 256 / hw images at a
-// time, a thread per (image, pixel), so no index is divided in the loop.
-template <class F>
-__device__ __forceinline__ void for_slice(const NormParams& p, u32 tid, F f) {
+// The element indices of this block's slice of channel blockIdx.y, as arithmetic sequences
+// seq(start, step, count) for the calling thread. Planes of 256 pixels or more: the threads
+// stride over each plane (a sequence per image); smaller planes: 256 / hw images at a time,
+// a thread per (image, pixel), one sequence over the images. No index divided per element.
+template <class Seq>
+__device__ __forceinline__ void slice_sequences(const NormParams& p, u32 tid, Seq seq) {
     const i64 c = blockIdx.y, hw = p.hw;
     const i64 img0 = (i64)blockIdx.x * p.slice_images;
     const i64 img1 = img0 + p.slice_images < p.n ? img0 + p.slice_images : p.n;
     if (hw >= NORM_THREADS) {
-        for (i64 img = img0; img < img1; img++) {
-            const i64 base = (img * p.c + c) * hw;
-            UNROLL_BY(4)
-            for (i64 px = tid; px < hw; px += NORM_THREADS) f(base + px);
-        }
+        const i64 count = tid < hw ? (hw - tid + NORM_THREADS - 1) / NORM_THREADS : 0;
+        for (i64 img = img0; img < img1; img++) seq((img * p.c + c) * hw + tid, (i64)NORM_THREADS, count);
     } else {
-        const i64 group = NORM_THREADS / hw;
-        if (tid < group * hw) {
-            const i64 px = tid % hw;
-            UNROLL_BY(4)
-            for (i64 img = img0 + tid / hw; img < img1; img += group) f((img * p.c + c) * hw + px);
-        }
+        const i64 group = NORM_THREADS / hw, first = img0 + tid / hw;
+        if (tid < group * hw && first < img1)
+            seq((first * p.c + c) * hw + tid % hw, group * p.c * hw, (img1 - first + group - 1) / group);
     }
+}
+
+// f(i) for every element index i of this block's slice (the reductions: loads only, which
+// the unrolled loop keeps several of in flight).
+template <class F>
+__device__ __forceinline__ void for_slice(const NormParams& p, u32 tid, F f) {
+    slice_sequences(p, tid, [&](i64 start, i64 step, i64 count) {
+        UNROLL_BY(4)
+        for (i64 k = 0; k < count; k++) f(start + k * step);
+    });
+}
+
+// store(i, load(i)) for every element index i of this block's slice, four at a time with
+// their loads issued first (a load may not pass a store through a possibly aliasing pointer).
+template <class T, class Load, class Store>
+__device__ __forceinline__ void stream_slice(const NormParams& p, u32 tid, Load load, Store store) {
+    slice_sequences(p, tid, [&](i64 start, i64 step, i64 count) {
+        for (i64 k = 0; k < count; k += 4) {
+            T v[4];
+            UNROLL
+            for (int u = 0; u < 4; u++)
+                if (k + u < count) v[u] = load(start + (k + u) * step);
+            UNROLL
+            for (int u = 0; u < 4; u++)
+                if (k + u < count) store(start + (k + u) * step, v[u]);
+        }
+    });
 }
 
 // Channel c's sum of quantity q (0 or 1) over the batch: its partials in slice order.
@@ -176,7 +198,7 @@ LOFT_KERNEL(batchnorm_apply_forward_f32, NormParams) {
         p.running_mean[c] = (float)((1.0 - mom) * (double)p.running_mean[c] + mom * mean);
         p.running_var[c] = (float)((1.0 - mom) * (double)p.running_var[c] + mom * unbiased);
     }
-    for_slice(p, tid, [&](i64 i) { p.y[i] = relu_if(p, affine(p.x[i], a, b)); });
+    stream_slice<float>(p, tid, [&](i64 i) { return p.x[i]; }, [&](i64 i, float x) { p.y[i] = relu_if(p, affine(x, a, b)); });
 }
 
 // Evaluation forward: scale and shift from the running statistics, once per block.
@@ -186,7 +208,7 @@ LOFT_KERNEL(batchnorm_eval_forward_f32, NormParams) {
     const double invstd = 1.0 / sqrt((double)p.running_var[c] + (double)p.eps);
     const double scale = (double)p.gamma[c] * invstd;
     const float a = (float)scale, b = (float)((double)p.beta[c] - (double)p.running_mean[c] * scale);
-    for_slice(p, tid, [&](i64 i) { p.y[i] = relu_if(p, affine(p.x[i], a, b)); });
+    stream_slice<float>(p, tid, [&](i64 i) { return p.x[i]; }, [&](i64 i, float x) { p.y[i] = relu_if(p, affine(x, a, b)); });
 }
 
 // Reductions of the backward: sum dy (quantity 0) and sum dy xhat (quantity 1) over the
@@ -230,8 +252,14 @@ LOFT_KERNEL(batchnorm_apply_backward_f32, NormParams) {
     const float c0 = (float)(k * (-sdy + sdyx * invstd * mean));
     float ga, gb;
     fused_affine(p, c, p.save_mean[c], p.save_invstd[c], &ga, &gb);
-    for_slice(p, tid, [&](i64 i) {
-        float v = a * grad_at(p, i, ga, gb) + bx * p.x[i] + c0;
-        p.y[i] = p.accumulate ? p.y[i] + v : v;
-    });
+    struct In {
+        float x, dy, dx;
+    };
+    stream_slice<In>(
+        p, tid, [&](i64 i) { return In{p.x[i], p.dy[i], p.accumulate ? p.y[i] : 0.0f}; },
+        [&](i64 i, In v) {
+            const float g = p.relu && !(affine(v.x, ga, gb) > 0.0f) ? 0.0f : v.dy;
+            const float d = a * g + bx * v.x + c0;
+            p.y[i] = p.accumulate ? v.dx + d : d;
+        });
 }
