@@ -66,6 +66,35 @@ __device__ __forceinline__ void multiply_step(float (&acc)[8][8], const S& as, c
     }
 }
 
+// The pipeline of one K step (step = its index from the block's first, 0, 1, ...): store the
+// step's loads (A and B element j at offset(j) of the step's buffer) while multiplying the
+// previous step's buffer, then the step's one barrier. finish_steps multiplies the last.
+template <class S, class Offset>
+__device__ __forceinline__ void pipeline_step(float (&acc)[8][8], S& as, S& bs, int step,
+                                              const float (&ra)[4], const float (&rb)[4], Offset offset, u32 tx,
+                                              u32 ty) {
+    const int buf = (step & 1) * TILE;
+    if (step > 0) multiply_step(acc, as, bs, TILE - buf, tx, ty);
+    UNROLL
+    for (int j = 0; j < 4; j++) {
+        as[buf + offset(j)] = ra[j];
+        bs[buf + offset(j)] = rb[j];
+    }
+    __syncthreads();
+}
+template <class S>
+__device__ __forceinline__ void finish_steps(float (&acc)[8][8], const S& as, const S& bs, int steps, u32 tx, u32 ty) {
+    if (steps > 0) multiply_step(acc, as, bs, ((steps - 1) & 1) * TILE, tx, ty);
+}
+
+// A thread's 8 x 8 block of C, zeroed.
+__device__ __forceinline__ void zero(float (&acc)[8][8]) {
+    UNROLL
+    for (int i = 0; i < 8; i++)
+        UNROLL
+        for (int j = 0; j < 8; j++) acc[i][j] = 0.0f;
+}
+
 // Row i (0..7) of a thread's block within the tile, and likewise its column j.
 __device__ __forceinline__ i64 local(u32 t, int i) { return (i < 4 ? 0 : 64 - 4) + t * 4 + i; }
 
@@ -171,10 +200,7 @@ __device__ __forceinline__ void tap_major(const ConvParams& p) {
     const int kw = (int)p.kw, tkx = f.tkx, tap0 = f.ry * kw + f.rx, tap_u = f.ps * kw, tap_v = f.ps;
 
     float acc[8][8];
-    UNROLL
-    for (int i = 0; i < 8; i++)
-        UNROLL
-        for (int j = 0; j < 8; j++) acc[i][j] = 0.0f;
+    zero(acc);
     float ra[4], rb[4];
     i64 first, last;
     split_range(p, f.split, (i64)f.tky * f.tkx * chunks, &first, &last);
@@ -192,17 +218,9 @@ __device__ __forceinline__ void tap_major(const ConvParams& p) {
             ra[j] = (a_in && c < chans) ? a_at[(tap * chans + c) * m] : 0.0f;
             rb[j] = (ok && c < chans) ? b_at[sy * sw + sx + c * plane] : 0.0f;
         }
-        // store them into this step's buffer; multiply the previous step meanwhile
-        const int buf = ((s - s0) & 1) * TILE;
-        if (s > s0) multiply_step(acc, as, bs, TILE - buf, tx, ty);
-        UNROLL
-        for (int j = 0; j < 4; j++) {
-            as[buf + (kq + 2 * j) * LDS + ld] = ra[j];
-            bs[buf + (kq + 2 * j) * LDS + ld] = rb[j];
-        }
-        __syncthreads();
+        pipeline_step(acc, as, bs, s - s0, ra, rb, [&](int j) { return (kq + 2 * j) * LDS + ld; }, tx, ty);
     }
-    if (s1 > s0) multiply_step(acc, as, bs, ((s1 - 1 - s0) & 1) * TILE, tx, ty);
+    finish_steps(acc, as, bs, s1 - s0, tx, ty);
 
     // the phase again (recomputed rather than held in registers through the loop)
     const Phase g = phase_of<DATA>(p);
@@ -237,10 +255,7 @@ __device__ __forceinline__ void filter_gradient(const ConvParams& p) {
     const int stride = (int)p.stride, pad = (int)p.pad;
 
     float acc[8][8];
-    UNROLL
-    for (int i = 0; i < 8; i++)
-        UNROLL
-        for (int j = 0; j < 8; j++) acc[i][j] = 0.0f;
+    zero(acc);
     float ra[4], rb[4];
     i64 s0, s1;
     split_range(p, blockIdx.z, p.steps, &s0, &s1);
@@ -259,16 +274,9 @@ __device__ __forceinline__ void filter_gradient(const ConvParams& p) {
             bool ok = k_in && c_off[j] >= 0 && iy >= 0 && iy < p.h && ix >= 0 && ix < p.w;
             rb[j] = ok ? p.b_src[b_img + c_off[j] + (i64)iy * p.w + ix] : 0.0f;
         }
-        const i64 buf = ((s - s0) & 1) * TILE;
-        if (s > s0) multiply_step(acc, as, bs, TILE - buf, tx, ty);
-        UNROLL
-        for (int j = 0; j < 4; j++) {
-            as[buf + kk * LDS + lr + 32 * j] = ra[j];
-            bs[buf + kk * LDS + lr + 32 * j] = rb[j];
-        }
-        __syncthreads();
+        pipeline_step(acc, as, bs, (int)(s - s0), ra, rb, [&](int j) { return kk * LDS + lr + 32 * j; }, tx, ty);
     }
-    if (s1 > s0) multiply_step(acc, as, bs, ((s1 - 1 - s0) & 1) * TILE, tx, ty);
+    finish_steps(acc, as, bs, (int)(s1 - s0), tx, ty);
 
     write_block(p, acc, m0, n0, p.ncols, blockIdx.z, tx, ty, [&](i64 m, i64 c) { return m * p.ncols + c; });
 }

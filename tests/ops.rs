@@ -1,5 +1,7 @@
 //! Every CPU op against a direct reference or finite differences in f64.
 
+mod common;
+
 use loft::backend::cpu::winograd::Tile;
 use loft::backend::cpu::{conv, CpuBackend};
 use loft::backend::{Backend, SumOverRanks};
@@ -291,26 +293,7 @@ fn fused_relu_backward_masks_exactly_where_the_forward_output_is_positive() {
             relu: true,
         };
         let f32s = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect::<Vec<f32>>();
-        // channel c: its exact mean m_c (dyadic) plus offsets d and -d on a grid of eighths,
-        // some 0: with beta 0, the inputs at the mean have pre-activations of a few units in
-        // the last place, whose signs any other rounding of scale and shift would change
-        let mut x = vec![0.0f32; s.len()];
-        for c in 0..s.c {
-            let m = (c as f64 - 7.5) / 8.0;
-            let half = s.n * s.hw / 2;
-            let d: Vec<f64> = (0..half).map(|_| (rng.uniform() * 9.0).floor() / 8.0 - 0.5).collect();
-            for i in 0..s.n * s.hw {
-                let v = if i < half {
-                    d[i]
-                } else if i < 2 * half {
-                    -d[i - half]
-                } else {
-                    0.0
-                };
-                let (b, p) = (i % s.n, i / s.n);
-                x[(b * s.c + c) * s.hw + p] = (m + v) as f32;
-            }
-        }
+        let x = common::inputs_at_the_kink(&mut rng, s.n, s.c, s.hw);
         let dy = f32s(rand_vec(&mut rng, s.len()));
         let gamma = f32s((0..s.c).map(|i| 0.5 + i as f64 * 0.3).collect());
         let beta = vec![0.0f32; s.c];

@@ -1,4 +1,5 @@
-//! Helpers shared by the integration tests: exit-status checks and metric logs without timings.
+//! Helpers shared by the integration tests: exit-status checks, metric logs without timings,
+//! and batch-norm inputs at the fused ReLU's kink.
 #![allow(dead_code)]
 
 use std::path::Path;
@@ -66,4 +67,29 @@ pub fn mpirun_loft<S: AsRef<std::ffi::OsStr>>(np: usize, args: &[S]) -> Output {
         .env("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
         .output()
         .expect("run mpirun")
+}
+
+/// Inputs of a batch norm with `n` images of `c` channels of `hw` pixels whose fused ReLU
+/// gates sit at the kink: channel c is its exact (dyadic) mean (c - 7.5) / 8 plus offsets d
+/// and -d on a grid of eighths, some 0, so that with beta 0 the inputs at the mean have
+/// pre-activations of a few units in the last place, whose signs any other rounding of the
+/// scale and shift (or of the product and sum) would change.
+pub fn inputs_at_the_kink(rng: &mut loft::rng::Rng, n: usize, c: usize, hw: usize) -> Vec<f32> {
+    let mut x = vec![0.0f32; n * c * hw];
+    for ch in 0..c {
+        let m = (ch as f64 - 7.5) / 8.0;
+        let half = n * hw / 2;
+        let d: Vec<f64> = (0..half).map(|_| (rng.uniform() * 9.0).floor() / 8.0 - 0.5).collect();
+        for i in 0..n * hw {
+            let v = if i < half {
+                d[i]
+            } else if i < 2 * half {
+                -d[i - half]
+            } else {
+                0.0
+            };
+            x[((i % n) * c + ch) * hw + i / n] = (m + v) as f32;
+        }
+    }
+    x
 }
